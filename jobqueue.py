@@ -1,0 +1,1629 @@
+"""jobqueue: a job queue for Python that fits in one file.
+
+Applications add tasks; workers on one machine or fifty fetch and run them.
+Tasks live in Redis (through redis-py, imported only when used) or in an
+embedded SQLite file, always as JSON, never pickled.
+
+The file reads top to bottom in the order data flows; each section uses only
+what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
+
+    Constants      names and defaults shared below
+    Errors         JobQueueError and its children
+    Domain         Status, profiles, Job, @job, Task and its JSON form
+    Events         EventDispatcher and the events a worker emits
+    Queue          the contract both backends implement
+    Queue: Redis   RedisQueue, Lua scripts over one hash-tagged keyspace
+    Queue: SQLite  SQLiteQueue, one WAL file, one connection per thread
+    DSN            queue_from_dsn, the only place that names a backend
+    Worker         fetch, run set_up/perform/tear_down, record the outcome
+    Configuration  Config.from_env and the ServiceContainer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import importlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Callable, Union
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Status", "Task", "Job", "job", "validate_profile", "resolve_job",
+    "JobQueueError", "ValidationError", "TaskNotFound", "ParameterNotFound",
+    "JobError", "BackendUnavailable", "ConfigurationError",
+    "EventDispatcher", "WorkerEvent", "TaskEvent",
+    "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED",
+    "Queue", "RedisQueue", "SQLiteQueue", "queue_from_dsn",
+    "Worker", "Config", "ServiceContainer",
+]
+
+# == Constants ===============================================================
+
+DEFAULT_PREFIX = "jobqueue"
+DEFAULT_DB = "jobqueue.db"
+PROFILE_PATTERN = re.compile(r"[_a-z0-9-]+")
+PROFILE_MAX_LENGTH = 64
+PROFILE_MESSAGE = (
+    "Profile name only allows lowercase alphanumerical, dash and underscore characters"
+)
+JOB_PATH_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*([.:][A-Za-z_]\w*)(\.[A-Za-z_]\w*)*")
+ORDERS = ("date", "profile", "status")
+ERROR_MAX_BYTES = 64 * 1024
+RESULT_MAX_BYTES = 1024 * 1024
+SQLITE_BUSY_TIMEOUT = 30.0
+
+Scalar = Union[str, int, float, bool, None]
+
+logger = logging.getLogger("jobqueue")
+
+# == Errors ==================================================================
+
+
+class JobQueueError(Exception):
+    """Root of every error jobqueue raises on purpose."""
+
+
+class ValidationError(JobQueueError, ValueError):
+    """Input jobqueue refuses: a bad status, profile, parameter, tag, job or order."""
+
+
+class _MessageKeyError(KeyError):
+    """A KeyError whose str() is its message, not the message's repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskNotFound(JobQueueError, _MessageKeyError):
+    """No task has this identifier in the queue."""
+
+    def __init__(self, identifier: str):
+        super().__init__(f"Task {identifier} does not exists")
+        self.identifier = identifier
+
+
+class ParameterNotFound(JobQueueError, _MessageKeyError):
+    """A task has no parameter of that name."""
+
+    def __init__(self, name: str):
+        super().__init__(f'There is no value for "{name}" key')
+        self.name = name
+
+
+class JobError(JobQueueError):
+    """A job path that cannot be run: not importable, or not a Job nor a @job function."""
+
+
+class BackendUnavailable(JobQueueError):
+    """The storage (Redis, the SQLite file) cannot be reached or used right now."""
+
+
+class ConfigurationError(JobQueueError):
+    """A DSN or setting jobqueue cannot use, or a missing optional dependency."""
+
+
+# == Domain ==================================================================
+
+
+class Status(str, Enum):
+    """Where a task is in its life, in the order ``order='status'`` sorts by."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Status:
+        raise ValidationError(f'Status "{value}" does not exists')
+
+    @property
+    def rank(self) -> int:
+        return _STATUS_RANKS[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_STATUS_RANKS = {status: rank for rank, status in enumerate(Status)}
+
+
+def validate_profile(name: object) -> str:
+    """Return ``name`` if it is a valid profile, else raise ValidationError."""
+    if (
+        not isinstance(name, str)
+        or len(name) > PROFILE_MAX_LENGTH
+        or not PROFILE_PATTERN.fullmatch(name)
+    ):
+        raise ValidationError(PROFILE_MESSAGE)
+    return name
+
+
+def _is_scalar(value: object) -> bool:
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def validate_parameters(parameters: object) -> dict[str, Scalar]:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        raise ValidationError("Malformed parameters")
+    for key, value in parameters.items():
+        if not isinstance(key, str):
+            raise ValidationError("The key must be a string")
+        if not _is_scalar(value):
+            raise ValidationError(f'The "{key}" value must be a scalar or null')
+    return dict(parameters)
+
+
+def validate_tags(tags: object) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, Iterable):
+        raise ValidationError("Tag value must be a string")
+    unique: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise ValidationError("Tag value must be a string")
+        if not tag:
+            raise ValidationError("Tag value must not be empty")
+        if tag not in unique:
+            unique.append(tag)
+    return unique
+
+
+def snake_case(name: str) -> str:
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower()
+
+
+def job_name(path: str) -> str:
+    """The human name of a job path: ``app.jobs.SendMailJob`` -> ``send_mail``."""
+    last = re.split(r"[.:]", path)[-1]
+    if last.endswith("Job") and len(last) > 3:
+        last = last[: -len("Job")]
+    return snake_case(last)
+
+
+class Job:
+    """Code a worker runs for a task: subclass it and implement ``perform``.
+
+    The worker builds one instance per task, sets ``logger``, then calls
+    ``set_up(task)``, ``perform(task)`` and, even when perform raised,
+    ``tear_down(task)``. What ``perform`` returns, if JSON-serialisable, is
+    stored as the task's ``result``.
+    """
+
+    logger: logging.Logger = logging.getLogger("jobqueue.job")
+
+    def set_up(self, task: Task) -> None:
+        """Prepare the job; called before ``perform``."""
+
+    def perform(self, task: Task) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement perform(task)")
+
+    def tear_down(self, task: Task) -> None:
+        """Clean up after ``perform``, whether it succeeded or not."""
+
+
+def job(function: Callable[[Task], Any]) -> Callable[[Task], Any]:
+    """Mark a module-level function as a job a worker may run as ``function(task)``."""
+    function.__jobqueue_job__ = True  # type: ignore[attr-defined]
+    return function
+
+
+def _is_job_function(target: object) -> bool:
+    return callable(target) and getattr(target, "__jobqueue_job__", False) is True
+
+
+def _module_name(target: Any) -> str:
+    module = target.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is not None and spec.name:
+            return spec.name
+    return module
+
+
+def job_path(target: object) -> str:
+    """The import path that names ``target``: a Job subclass or instance, a @job function or a path."""
+    if isinstance(target, str):
+        if not JOB_PATH_PATTERN.fullmatch(target):
+            raise ValidationError(
+                f'Job "{target}" must be an import path such as "myapp.jobs.SendMail"'
+            )
+        return target
+    if isinstance(target, Job):
+        target = type(target)
+    if (isinstance(target, type) and issubclass(target, Job)) or _is_job_function(target):
+        qualname = target.__qualname__  # type: ignore[union-attr]
+        if "<locals>" in qualname:
+            raise ValidationError(
+                f'Job "{qualname}" is defined inside a function; workers can only import module-level jobs'
+            )
+        return f"{_module_name(target)}.{qualname}"
+    raise ValidationError(
+        "Job must be a jobqueue.Job subclass, an instance of one, a @jobqueue.job function or an import path"
+    )
+
+
+def _import_job_module(module_name: str, path: str) -> Any:
+    """The module, or None when the module itself does not exist (a bug inside it is a JobError)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            return None
+        raise JobError(f'Job "{path}" cannot be imported: {error}') from error
+    except Exception as error:
+        raise JobError(f'Job "{path}" cannot be imported: {type(error).__name__}: {error}') from error
+
+
+def resolve_job(path: str) -> Any:
+    """Import the Job subclass or @job function that ``path`` names; nothing else is ever returned."""
+    if ":" in path:
+        module_name, _, attributes = path.partition(":")
+        candidates = [(module_name, attributes.split("."))]
+    else:
+        parts = path.split(".")
+        candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
+    imported = ((name, rest, _import_job_module(name, path)) for name, rest in candidates)
+    found = next((entry for entry in imported if entry[2] is not None), None)
+    if found is None:
+        raise JobError(f'Job "{path}" cannot be imported: no module named "{candidates[-1][0]}"')
+    module_name, names, target = found
+    for name in names:
+        try:
+            target = getattr(target, name)
+        except AttributeError:
+            raise JobError(f'Job "{path}" does not exist: "{module_name}" has nothing named "{name}"') from None
+    if (isinstance(target, type) and issubclass(target, Job)) or _is_job_function(target):
+        return target
+    raise JobError(f'"{path}" is neither a jobqueue.Job subclass nor a @jobqueue.job function')
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _from_timestamp(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    return datetime.fromtimestamp(float(value), timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_datetime(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            raise ValidationError(f'"{value}" is not a date') from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+@dataclass
+class Task:
+    """A unit of work: which ``job`` to run, for which ``profile``, with which ``parameters``.
+
+    ``job`` may be a Job subclass, an instance of one, a @job function or an
+    import path; it is kept as the path. The fields after ``tags`` are
+    filled in by queues and workers.
+    """
+
+    profile: str
+    job: Any
+    parameters: dict[str, Scalar] | None = None
+    tags: Sequence[str] | None = None
+    identifier: str = field(default_factory=lambda: str(uuid.uuid4()))
+    status: Status = Status.WAITING
+    created_at: datetime = field(default_factory=_utcnow)
+    attempts: int = 0
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    result: Any = None
+
+    def __post_init__(self) -> None:
+        self.profile = validate_profile(self.profile)
+        self.job = job_path(self.job)
+        self.parameters = validate_parameters(self.parameters)
+        self.tags = validate_tags(self.tags)
+        self.status = Status(self.status)
+        if not isinstance(self.identifier, str) or not self.identifier:
+            raise ValidationError("Task identifier must be a non-empty string")
+
+    @property
+    def job_name(self) -> str:
+        return job_name(self.job)
+
+    @property
+    def date(self) -> str:
+        """The creation date in RFC 2822 form, as the seed's JSON shows it."""
+        return email.utils.format_datetime(self.created_at.astimezone(timezone.utc))
+
+    def get_parameter(self, name: str) -> Scalar:
+        try:
+            return self.parameters[name]  # type: ignore[index]
+        except KeyError:
+            raise ParameterNotFound(name) from None
+
+    def has_parameter(self, name: str) -> bool:
+        return name in self.parameters  # type: ignore[operator]
+
+    def has_tag(self, tag: str) -> bool:
+        return tag in self.tags  # type: ignore[operator]
+
+    def to_json(self) -> dict[str, Any]:
+        """The task as the API and ``--json`` show it: the seed's fields, then ours."""
+        return {
+            "identifier": self.identifier,
+            "status": self.status.value,
+            "profile": self.profile,
+            "job": self.job,
+            "date": self.date,
+            "parameters": dict(self.parameters),  # type: ignore[arg-type]
+            "tags": list(self.tags),  # type: ignore[arg-type]
+            "job_name": self.job_name,
+            "created_at": _iso(self.created_at),
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "error": self.error,
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Build a task from its JSON form (``to_json``), validating every field."""
+        if not isinstance(data, Mapping):
+            raise ValidationError("A task must be a JSON object")
+        if "profile" not in data:
+            raise ValidationError("Missing profile")
+        if "job" not in data:
+            raise ValidationError("Missing job")
+        extra: dict[str, Any] = {}
+        for name in ("identifier", "status", "worker", "error", "result"):
+            if data.get(name) is not None:
+                extra[name] = data[name]
+        if "attempts" in data:
+            extra["attempts"] = int(data["attempts"])
+        for name in ("started_at", "finished_at"):
+            extra[name] = _parse_datetime(data.get(name))
+        created = _parse_datetime(data.get("created_at") or data.get("date"))
+        if created is not None:
+            extra["created_at"] = created
+        return cls(data["profile"], data["job"], data.get("parameters"), data.get("tags"), **extra)
+
+
+def _encode_task(task: Task) -> dict[str, Any]:
+    """The storage form both backends share: JSON text and epoch floats, never pickle."""
+    return {
+        "identifier": task.identifier,
+        "profile": task.profile,
+        "job": task.job,
+        "parameters": json.dumps(task.parameters),
+        "tags": json.dumps(task.tags),
+        "created_at": repr(task.created_at.timestamp()),
+    }
+
+
+def _decode_task(fields: Mapping[str, Any]) -> Task:
+    """Rebuild a stored task; the fields were validated when it was added."""
+    task = Task.__new__(Task)
+    task.identifier = fields["identifier"]
+    task.profile = fields["profile"]
+    task.job = fields["job"]
+    task.parameters = json.loads(fields["parameters"])
+    task.tags = json.loads(fields["tags"])
+    task.status = Status(fields["status"])
+    task.created_at = _from_timestamp(fields["created_at"])  # type: ignore[assignment]
+    task.attempts = int(fields.get("attempts") or 0)
+    task.worker = fields.get("worker") or None
+    task.started_at = _from_timestamp(fields.get("started_at"))
+    task.finished_at = _from_timestamp(fields.get("finished_at"))
+    task.error = fields.get("error") or None
+    result = fields.get("result")
+    task.result = None if result is None or result == "" else json.loads(result)
+    return task
+
+
+# == Events ==================================================================
+
+WORKER_START = "worker.start"
+WORKER_FINISHED = "worker.finished"
+TASK_FETCHED = "task.fetched"
+TASK_EXECUTED = "task.executed"
+TASK_FAILED = "task.failed"
+
+
+@dataclass
+class WorkerEvent:
+    """``worker.start`` and ``worker.finished``: ``event.worker`` is the Worker."""
+
+    name: str
+    worker: Any
+
+
+@dataclass
+class TaskEvent:
+    """``task.fetched``, ``task.executed`` and ``task.failed``: ``event.task`` is the Task."""
+
+    name: str
+    task: Task
+    worker: Any = None
+
+
+class EventDispatcher:
+    """Listeners by event name; higher ``priority`` first, then in the order added.
+
+    A listener that raises is logged and skipped: an event never stops a worker.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[tuple]] = {}
+        self._order = itertools.count()
+
+    def add_listener(self, name: str, listener: Callable[[Any], Any], priority: int = 0) -> None:
+        entries = self._listeners.setdefault(name, [])
+        entries.append((-priority, next(self._order), listener))
+        entries.sort(key=lambda entry: entry[:2])
+
+    def remove_listener(self, name: str, listener: Callable[[Any], Any]) -> None:
+        entries = self._listeners.get(name, [])
+        entries[:] = [entry for entry in entries if entry[2] != listener]
+
+    def listeners(self, name: str) -> list[Callable[[Any], Any]]:
+        return [entry[2] for entry in self._listeners.get(name, [])]
+
+    def dispatch(self, name: str, event: Any = None) -> Any:
+        for listener in self.listeners(name):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception('A listener of "%s" raised; carrying on', name)
+        return event
+
+
+# == Queue ===================================================================
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What ``search`` and ``count`` select, validated once for both backends."""
+
+    profile: str | None = None
+    status: Status | None = None
+    tags: tuple = ()
+    order: str = "status"
+    limit: int | None = None
+    offset: int = 0
+
+
+def _build_filter(profile, status, tags, order="status", limit=None, offset=0) -> Filter:
+    if order not in ORDERS:
+        raise ValidationError(f'Impossible to order by "{order}"')
+    for name, value in (("limit", limit), ("offset", offset)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValidationError(f"{name} must be a whole number, 0 or more")
+    return Filter(
+        profile=None if profile is None else validate_profile(profile),
+        status=None if status is None else Status(status),
+        tags=tuple(validate_tags(tags)),
+        order=order,
+        limit=limit,
+        offset=offset or 0,
+    )
+
+
+def _default_worker_name() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+class Queue:
+    """The contract every backend keeps; the public methods validate, the ``_hooks`` store.
+
+    - ``add(*tasks)``: enqueue as ``waiting``, FIFO per profile, one round trip per call.
+    - ``fetch(profile, timeout=None, worker=None)``: claim the oldest waiting task
+      of the profile (it becomes ``running``), blocking up to ``timeout``
+      seconds (forever if None); None on timeout. One task, one worker.
+    - ``find(identifier)``: the task, or TaskNotFound.
+    - ``update_status(task, status)``: move a task by hand; ``running`` is refused;
+      back to ``waiting`` re-enqueues it at the back of its profile.
+    - ``complete(task)``: record what a worker's run ended with (``finished``
+      or ``failed``, result, error); False if the task was no longer its own.
+    - ``search(...)`` and ``count(...)``: tasks matching every filter given
+      (``tags``: at least one of them), served from indexes.
+    - ``delete(identifier)``, ``flush()``: remove one task, or all of this queue's data.
+    - ``restore()``: every task not finished goes back to ``waiting``.
+    - ``stats()``: ``{profile: {status: count}}``, all four statuses present.
+
+    Every state change is one atomic step in the backend. Driver errors come
+    out as BackendUnavailable, with the driver's exception as the cause.
+    """
+
+    def add(self, *tasks: Task) -> None:
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise ValidationError(f"Only Task objects can be added, not {type(task).__name__}")
+        if len(set(task.identifier for task in tasks)) != len(tasks):
+            raise ValidationError("The same task is added twice")
+        for task in tasks:
+            task.status, task.attempts, task.worker = Status.WAITING, 0, None
+            task.started_at = task.finished_at = task.error = task.result = None
+        if tasks:
+            with self._errors():
+                self._add(tasks)
+
+    def fetch(self, profile: str, timeout: float | None = None, worker: str | None = None) -> Task | None:
+        validate_profile(profile)
+        if timeout is not None and timeout < 0:
+            raise ValidationError("timeout must be 0 or more seconds")
+        with self._errors():
+            return self._fetch(profile, timeout, worker or _default_worker_name())
+
+    def find(self, identifier: str) -> Task:
+        with self._errors():
+            task = self._find(str(identifier))
+        if task is None:
+            raise TaskNotFound(identifier)
+        return task
+
+    def update_status(self, task: Task | str, status: Status | str) -> Task:
+        status = Status(status)
+        if status is Status.RUNNING:
+            raise ValidationError('A task can not be marked as "running"')
+        identifier = task.identifier if isinstance(task, Task) else str(task)
+        with self._errors():
+            updated = self._update_status(identifier, status, time.time())
+        if updated is None:
+            raise TaskNotFound(identifier)
+        if isinstance(task, Task):
+            task.__dict__.update(updated.__dict__)
+        return updated
+
+    def complete(self, task: Task) -> bool:
+        if task.status not in (Status.FINISHED, Status.FAILED):
+            raise ValidationError("A task is completed as finished or failed")
+        if task.finished_at is None:
+            task.finished_at = _utcnow()
+        with self._errors():
+            return self._complete(task)
+
+    def search(
+        self,
+        profile: str | None = None,
+        status: Status | str | None = None,
+        tags: Iterable[str] = (),
+        order: str = "status",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Task]:
+        query = _build_filter(profile, status, tags, order, limit, offset)
+        if query.limit == 0:
+            return []
+        with self._errors():
+            return self._search(query)
+
+    def count(
+        self,
+        profile: str | None = None,
+        status: Status | str | None = None,
+        tags: Iterable[str] = (),
+    ) -> int:
+        with self._errors():
+            return self._count(_build_filter(profile, status, tags))
+
+    def delete(self, identifier: str) -> None:
+        with self._errors():
+            deleted = self._delete(str(identifier))
+        if not deleted:
+            raise TaskNotFound(identifier)
+
+    def flush(self) -> None:
+        with self._errors():
+            self._flush()
+
+    def restore(self) -> int:
+        """Put every task that is not finished back to waiting; return how many moved."""
+        with self._errors():
+            return self._restore()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._errors():
+            counts = self._stats()
+        table: dict[str, dict[str, int]] = {}
+        for (profile, status), number in sorted(counts.items()):
+            table.setdefault(profile, {s.value: 0 for s in Status})[status] = number
+        return table
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless the backend answers."""
+        with self._errors():
+            self._ping()
+
+    def close(self) -> None:
+        """Release connections; the queue reconnects if used again."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+    def describe(self) -> str:
+        """Where the data lives, for messages (no password)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        yield
+
+    def _add(self, tasks: Sequence[Task]) -> None:
+        raise NotImplementedError
+
+    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+        raise NotImplementedError
+
+    def _find(self, identifier: str) -> Task | None:
+        raise NotImplementedError
+
+    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
+        raise NotImplementedError
+
+    def _complete(self, task: Task) -> bool:
+        raise NotImplementedError
+
+    def _search(self, query: Filter) -> list[Task]:
+        raise NotImplementedError
+
+    def _count(self, query: Filter) -> int:
+        raise NotImplementedError
+
+    def _delete(self, identifier: str) -> bool:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _restore(self) -> int:
+        raise NotImplementedError
+
+    def _stats(self) -> dict[tuple, int]:
+        raise NotImplementedError
+
+    def _ping(self) -> None:
+        raise NotImplementedError
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+# == Queue: Redis ============================================================
+
+# Every key of one queue starts with "{prefix}:", one cluster hash tag, so
+# each script touches a single slot. A task is a hash; indexes are sorted sets
+# scored by creation time; each profile has a FIFO list of waiting ids.
+_LUA_KEYS = """
+local base = KEYS[1]
+local STATUSES = {'waiting', 'running', 'finished', 'failed'}
+local ALL, PROFILES, TAGS = base .. ':all', base .. ':profiles', base .. ':tags'
+local function task_key(id) return base .. ':task:' .. id end
+local function queue_key(p) return base .. ':queue:' .. p end
+local function claimed_key(p) return base .. ':claimed:' .. p end
+local function status_key(s) return base .. ':status:' .. s end
+local function profile_key(p) return base .. ':profile:' .. p end
+local function pair_key(p, s) return base .. ':pair:' .. p .. ':' .. s end
+local function tag_key(t) return base .. ':tag:' .. t end
+
+local function move(id, profile, score, old, new)
+  redis.call('ZREM', status_key(old), id)
+  redis.call('ZREM', pair_key(profile, old), id)
+  redis.call('ZADD', status_key(new), score, id)
+  redis.call('ZADD', pair_key(profile, new), score, id)
+  redis.call('HSET', task_key(id), 'status', new)
+end
+
+local function claim(id, profile, worker, now)
+  local key = task_key(id)
+  local f = redis.call('HMGET', key, 'status', 'created_at')
+  if f[1] ~= 'waiting' then return false end
+  move(id, profile, f[2], 'waiting', 'running')
+  redis.call('HSET', key, 'worker', worker, 'started_at', now)
+  redis.call('HINCRBY', key, 'attempts', 1)
+  return redis.call('HGETALL', key)
+end
+
+local function unqueue(id, profile)
+  redis.call('LREM', queue_key(profile), 0, id)
+  redis.call('LREM', claimed_key(profile), 0, id)
+end
+
+local function requeue(id, profile, score, old)
+  move(id, profile, score, old, 'waiting')
+  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result')
+  redis.call('LPUSH', queue_key(profile), id)
+end
+"""
+
+_REDIS_SCRIPTS = {
+    # ARGV: identifier, profile, job, parameters, tags, created_at; repeated per task.
+    "add": """
+for i = 1, #ARGV, 6 do
+  if redis.call('EXISTS', task_key(ARGV[i])) == 1 then
+    return redis.error_reply('EXISTS ' .. ARGV[i])
+  end
+end
+for i = 1, #ARGV, 6 do
+  local id, profile, tags, created = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 5]
+  redis.call('HSET', task_key(id), 'identifier', id, 'profile', profile, 'job', ARGV[i + 2],
+    'parameters', ARGV[i + 3], 'tags', tags, 'status', 'waiting', 'created_at', created, 'attempts', 0)
+  redis.call('LPUSH', queue_key(profile), id)
+  redis.call('ZADD', ALL, created, id)
+  redis.call('ZADD', profile_key(profile), created, id)
+  redis.call('ZADD', status_key('waiting'), created, id)
+  redis.call('ZADD', pair_key(profile, 'waiting'), created, id)
+  redis.call('SADD', PROFILES, profile)
+  for _, tag in ipairs(cjson.decode(tags)) do
+    redis.call('ZADD', tag_key(tag), created, id)
+    redis.call('SADD', TAGS, tag)
+  end
+end
+return #ARGV / 6
+""",
+    # ARGV: profile, worker, now. Claims the oldest waiting task, if any.
+    "claim": """
+local id = redis.call('RPOP', queue_key(ARGV[1]))
+while id do
+  local task = claim(id, ARGV[1], ARGV[2], ARGV[3])
+  if task then return task end
+  id = redis.call('RPOP', queue_key(ARGV[1]))
+end
+return false
+""",
+    # ARGV: profile, identifier, worker, now. Finishes a claim that BLMOVE started.
+    "mark": """
+if redis.call('LREM', claimed_key(ARGV[1]), 1, ARGV[2]) == 0 then return false end
+return claim(ARGV[2], ARGV[1], ARGV[3], ARGV[4])
+""",
+    # ARGV: identifier, new status, now.
+    "update": """
+local id, new = ARGV[1], ARGV[2]
+local key = task_key(id)
+local f = redis.call('HMGET', key, 'profile', 'status', 'created_at')
+if not f[1] then return false end
+local profile, old, score = f[1], f[2], f[3]
+if old ~= new then
+  if old == 'waiting' then unqueue(id, profile) end
+  if new == 'waiting' then
+    requeue(id, profile, score, old)
+  else
+    move(id, profile, score, old, new)
+    redis.call('HSET', key, 'finished_at', ARGV[3])
+  end
+end
+return redis.call('HGETALL', key)
+""",
+    # ARGV: identifier, worker, status, finished_at, error, result ('' for none).
+    "complete": """
+local id = ARGV[1]
+local key = task_key(id)
+local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'worker')
+if f[2] ~= 'running' or f[4] ~= ARGV[2] then return 0 end
+move(id, f[1], f[3], 'running', ARGV[3])
+redis.call('HSET', key, 'finished_at', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', key, 'error', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', key, 'result', ARGV[6]) end
+return 1
+""",
+    # ARGV: identifier.
+    "delete": """
+local id = ARGV[1]
+local key = task_key(id)
+local f = redis.call('HMGET', key, 'profile', 'status', 'tags')
+if not f[1] then return 0 end
+local profile, status = f[1], f[2]
+if status == 'waiting' then unqueue(id, profile) end
+redis.call('ZREM', ALL, id)
+redis.call('ZREM', status_key(status), id)
+redis.call('ZREM', pair_key(profile, status), id)
+redis.call('ZREM', profile_key(profile), id)
+if redis.call('ZCARD', profile_key(profile)) == 0 then redis.call('SREM', PROFILES, profile) end
+for _, tag in ipairs(cjson.decode(f[3])) do
+  redis.call('ZREM', tag_key(tag), id)
+  if redis.call('ZCARD', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
+end
+redis.call('DEL', key)
+return 1
+""",
+    # ARGV: mode ('search' or 'count'), order, offset, limit (-1: none), profile, status, tags...
+    # Each group is one sorted set; groups are walked in the order's sequence.
+    "search": """
+local mode, order, offset, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local profile, status = ARGV[5], ARGV[6]
+local groups = {}
+local function profiles()
+  local names = redis.call('SMEMBERS', PROFILES)
+  table.sort(names)
+  return names
+end
+if profile ~= '' and status ~= '' then
+  groups = {pair_key(profile, status)}
+elseif status ~= '' then
+  if order == 'profile' then
+    for _, p in ipairs(profiles()) do table.insert(groups, pair_key(p, status)) end
+  else
+    groups = {status_key(status)}
+  end
+elseif profile ~= '' then
+  if order == 'status' then
+    for _, s in ipairs(STATUSES) do table.insert(groups, pair_key(profile, s)) end
+  else
+    groups = {profile_key(profile)}
+  end
+elseif order == 'status' then
+  for _, s in ipairs(STATUSES) do table.insert(groups, status_key(s)) end
+elseif order == 'profile' then
+  for _, p in ipairs(profiles()) do table.insert(groups, profile_key(p)) end
+else
+  groups = {ALL}
+end
+local scratch = {}
+if #ARGV > 6 then
+  local tagged = base .. ':tmp:tagged'
+  local sources = {}
+  for i = 7, #ARGV do table.insert(sources, tag_key(ARGV[i])) end
+  redis.call('ZUNIONSTORE', tagged, #sources, unpack(sources))
+  table.insert(scratch, tagged)
+  for i, group in ipairs(groups) do
+    local narrowed = base .. ':tmp:group:' .. i
+    redis.call('ZINTERSTORE', narrowed, 2, group, tagged, 'WEIGHTS', 1, 0)
+    table.insert(scratch, narrowed)
+    groups[i] = narrowed
+  end
+end
+local result
+if mode == 'count' then
+  result = 0
+  for _, group in ipairs(groups) do result = result + redis.call('ZCARD', group) end
+else
+  result = {}
+  for _, group in ipairs(groups) do
+    local size = redis.call('ZCARD', group)
+    if offset >= size then
+      offset = offset - size
+    else
+      local stop = -1
+      if limit >= 0 then stop = offset + limit - 1 end
+      local ids = redis.call('ZRANGE', group, offset, stop)
+      offset = 0
+      for _, id in ipairs(ids) do table.insert(result, redis.call('HGETALL', task_key(id))) end
+      if limit >= 0 then
+        limit = limit - #ids
+        if limit <= 0 then break end
+      end
+    end
+  end
+end
+if #scratch > 0 then redis.call('DEL', unpack(scratch)) end
+return result
+""",
+    "stats": """
+local result = {}
+for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
+  for _, s in ipairs(STATUSES) do
+    table.insert(result, p)
+    table.insert(result, s)
+    table.insert(result, redis.call('ZCARD', pair_key(p, s)))
+  end
+end
+return result
+""",
+    # Claims cut short by a crash between BLMOVE and 'mark' go back to the head
+    # of their queue; then running and failed tasks join the tail, oldest first.
+    "restore": """
+local moved = 0
+for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
+  while redis.call('LMOVE', claimed_key(p), queue_key(p), 'LEFT', 'RIGHT') do end
+end
+local stale = {}
+for _, s in ipairs({'running', 'failed'}) do
+  local entries = redis.call('ZRANGE', status_key(s), 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    table.insert(stale, {entries[i], tonumber(entries[i + 1]), entries[i + 1], s})
+  end
+end
+table.sort(stale, function(a, b) return a[2] < b[2] end)
+for _, entry in ipairs(stale) do
+  local profile = redis.call('HGET', task_key(entry[1]), 'profile')
+  requeue(entry[1], profile, entry[3], entry[4])
+  moved = moved + 1
+end
+return moved
+""",
+    "flush": """
+local ids = redis.call('ZRANGE', ALL, 0, -1)
+for _, id in ipairs(ids) do redis.call('DEL', task_key(id)) end
+for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
+  redis.call('DEL', queue_key(p), claimed_key(p), profile_key(p))
+  for _, s in ipairs(STATUSES) do redis.call('DEL', pair_key(p, s)) end
+end
+for _, t in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(t)) end
+for _, s in ipairs(STATUSES) do redis.call('DEL', status_key(s)) end
+redis.call('DEL', ALL, PROFILES, TAGS)
+return #ids
+""",
+}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _pairs(reply: Sequence[Any] | Mapping[Any, Any]) -> dict[str, str]:
+    """A hash as a str dict, from a script's flat reply or redis-py's HGETALL dict."""
+    if isinstance(reply, Mapping):
+        return {_text(key): _text(value) for key, value in reply.items()}
+    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError as error:
+        raise ConfigurationError("The Redis backend needs redis-py: pip install redis") from error
+    return redis
+
+
+class RedisQueue(Queue):
+    """A queue in Redis: every state change is one Lua script, Cluster-safe.
+
+    ``client`` is a ``redis.Redis``; ``prefix`` names the queue, so two
+    prefixes on one server never see each other's tasks.
+    """
+
+    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX):
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError("A Redis prefix is a non-empty name without braces")
+        self._redis = _import_redis()
+        self.client = client
+        self.prefix = prefix
+        self._base = f"{{{prefix}}}"
+        self._scripts = {
+            name: client.register_script(_LUA_KEYS + source)
+            for name, source in _REDIS_SCRIPTS.items()
+        }
+
+    def describe(self) -> str:
+        kwargs = self.client.connection_pool.connection_kwargs
+        if "path" in kwargs:
+            where = f"unix://{kwargs['path']}"
+        else:
+            where = f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+        return f"Redis at {where} (prefix {self.prefix})"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        exceptions = self._redis.exceptions
+        try:
+            yield
+        except (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.BusyLoadingError) as error:
+            raise BackendUnavailable(f"{self.describe()} is unavailable: {error}") from error
+        except exceptions.ResponseError as error:
+            if str(error).startswith("EXISTS "):
+                raise ValidationError(f"Task {str(error)[7:]} already exists") from None
+            raise BackendUnavailable(f"{self.describe()} refused a command: {error}") from error
+
+    def _run(self, script: str, *args: Any) -> Any:
+        return self._scripts[script](keys=[self._base], args=args)
+
+    def _task(self, flat: Sequence[Any] | None) -> Task | None:
+        return _decode_task(_pairs(flat)) if flat else None
+
+    def _add(self, tasks: Sequence[Task]) -> None:
+        args: list[Any] = []
+        for task in tasks:
+            stored = _encode_task(task)
+            args += [stored["identifier"], stored["profile"], stored["job"],
+                     stored["parameters"], stored["tags"], stored["created_at"]]
+        self._run("add", *args)
+
+    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self._task(self._run("claim", profile, worker, repr(time.time())))
+            if task is not None:
+                return task
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining < 0.001:
+                return None
+            identifier = self.client.blmove(
+                f"{self._base}:queue:{profile}", f"{self._base}:claimed:{profile}",
+                0 if remaining is None else remaining, "RIGHT", "LEFT",
+            )
+            if identifier is None:
+                return None
+            task = self._task(self._run("mark", profile, identifier, worker, repr(time.time())))
+            if task is not None:
+                return task
+
+    def _find(self, identifier: str) -> Task | None:
+        return self._task(self.client.hgetall(f"{self._base}:task:{identifier}"))
+
+    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
+        return self._task(self._run("update", identifier, status.value, repr(now)))
+
+    def _complete(self, task: Task) -> bool:
+        result = "" if task.result is None else json.dumps(task.result)
+        return bool(self._run(
+            "complete", task.identifier, task.worker or "", task.status.value,
+            repr(task.finished_at.timestamp()), task.error or "", result,  # type: ignore[union-attr]
+        ))
+
+    def _query_args(self, mode: str, query: Filter) -> list[Any]:
+        limit = -1 if query.limit is None else query.limit
+        status = query.status.value if query.status else ""
+        return [mode, query.order, query.offset, limit, query.profile or "", status, *query.tags]
+
+    def _search(self, query: Filter) -> list[Task]:
+        return [_decode_task(_pairs(flat)) for flat in self._run("search", *self._query_args("search", query))]
+
+    def _count(self, query: Filter) -> int:
+        return int(self._run("search", *self._query_args("count", query)))
+
+    def _delete(self, identifier: str) -> bool:
+        return bool(self._run("delete", identifier))
+
+    def _flush(self) -> None:
+        self._run("flush")
+
+    def _restore(self) -> int:
+        return int(self._run("restore"))
+
+    def _stats(self) -> dict[tuple, int]:
+        flat = self._run("stats")
+        return {(_text(flat[i]), _text(flat[i + 1])): int(flat[i + 2]) for i in range(0, len(flat), 3)}
+
+    def _ping(self) -> None:
+        self.client.ping()
+
+    def close(self) -> None:
+        self.client.connection_pool.disconnect()
+
+
+# == Queue: SQLite ===========================================================
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobqueue_tasks (
+    seq INTEGER PRIMARY KEY,
+    identifier TEXT NOT NULL UNIQUE,
+    profile TEXT NOT NULL,
+    job TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_rank INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobqueue_waiting ON jobqueue_tasks (profile, position)
+    WHERE status = 'waiting';
+CREATE INDEX IF NOT EXISTS jobqueue_by_date ON jobqueue_tasks (created_at);
+CREATE INDEX IF NOT EXISTS jobqueue_by_status ON jobqueue_tasks (status_rank, created_at);
+CREATE INDEX IF NOT EXISTS jobqueue_by_profile ON jobqueue_tasks (profile, created_at);
+CREATE INDEX IF NOT EXISTS jobqueue_by_profile_status
+    ON jobqueue_tasks (profile, status_rank, created_at);
+CREATE TABLE IF NOT EXISTS jobqueue_tags (
+    tag TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tag, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobqueue_tags_by_task ON jobqueue_tags (seq);
+CREATE TABLE IF NOT EXISTS jobqueue_counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
+"""
+
+_SQLITE_ORDERS = {
+    "date": "created_at, seq",
+    "status": "status_rank, created_at, seq",
+    "profile": "profile, created_at, seq",
+}
+
+_SQLITE_CLAIM = """
+UPDATE jobqueue_tasks
+SET status = 'running', status_rank = 1, attempts = attempts + 1, worker = ?, started_at = ?
+WHERE seq = (
+    SELECT seq FROM jobqueue_tasks WHERE status = 'waiting' AND profile = ?
+    ORDER BY position LIMIT 1
+)
+RETURNING *
+"""
+
+_SQLITE_REQUEUE = """
+UPDATE jobqueue_tasks
+SET status = 'waiting', status_rank = 0, position = ?,
+    worker = NULL, started_at = NULL, finished_at = NULL, error = NULL, result = NULL
+WHERE seq = ?
+"""
+
+
+def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
+    return {column[0]: value for column, value in zip(cursor.description, row)}
+
+
+class SQLiteQueue(Queue):
+    """A queue in one SQLite file: WAL, a busy timeout, one connection per thread.
+
+    Several worker processes and the server can share the file. ``fetch``
+    polls, backing off from 1 ms up to ``poll_interval`` seconds while idle.
+    """
+
+    def __init__(self, path: str | os.PathLike, poll_interval: float = 0.05):
+        self.path = os.fspath(path)
+        self.poll_interval = poll_interval
+        self._local = threading.local()
+        with self._errors():
+            self._connection()
+
+    def describe(self) -> str:
+        return f"SQLite database {self.path}"
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            connection = sqlite3.connect(
+                self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            connection.row_factory = _row_dict
+            connection.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.executescript(_SQLITE_SCHEMA)
+            local.connection, local.pid = connection, os.getpid()
+        return local.connection
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as error:
+            raise ValidationError(f"{self.describe()} refused the change: {error}") from error
+        except sqlite3.Error as error:
+            raise BackendUnavailable(f"{self.describe()} is unavailable: {error}") from error
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def _positions(self, connection: sqlite3.Connection, count: int) -> range:
+        """Reserve ``count`` places at the back of the FIFO (inside a write transaction)."""
+        last = connection.execute(
+            "UPDATE jobqueue_counters SET value = value + ? WHERE name = 'position' RETURNING value",
+            (count,),
+        ).fetchone()["value"]
+        return range(last - count + 1, last + 1)
+
+    def _add(self, tasks: Sequence[Task]) -> None:
+        rows = [_encode_task(task) for task in tasks]
+        with self._write() as connection:
+            positions = self._positions(connection, len(rows))
+            try:
+                connection.executemany(
+                    "INSERT INTO jobqueue_tasks (identifier, profile, job, parameters, tags, status,"
+                    " status_rank, position, created_at) VALUES (?, ?, ?, ?, ?, 'waiting', 0, ?, ?)",
+                    [(r["identifier"], r["profile"], r["job"], r["parameters"], r["tags"], position,
+                      float(r["created_at"])) for r, position in zip(rows, positions)],
+                )
+            except sqlite3.IntegrityError:
+                raise ValidationError("A task with the same identifier already exists") from None
+            connection.executemany(
+                "INSERT INTO jobqueue_tags (tag, seq)"
+                " SELECT ?, seq FROM jobqueue_tasks WHERE identifier = ?",
+                [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
+            )
+
+    def _claim(self, profile: str, worker: str) -> Task | None:
+        connection = self._connection()
+        waiting = connection.execute(
+            "SELECT 1 FROM jobqueue_tasks WHERE status = 'waiting' AND profile = ? LIMIT 1", (profile,)
+        ).fetchone()
+        if waiting is None:
+            return None
+        with self._write() as connection:
+            row = connection.execute(_SQLITE_CLAIM, (worker, time.time(), profile)).fetchone()
+        return None if row is None else _decode_task(row)
+
+    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            task = self._claim(profile, worker)
+            if task is not None:
+                return task
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                return None
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, self.poll_interval)
+
+    def _find(self, identifier: str) -> Task | None:
+        row = self._connection().execute(
+            "SELECT * FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
+        ).fetchone()
+        return None if row is None else _decode_task(row)
+
+    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row["status"] != status.value:
+                if status is Status.WAITING:
+                    connection.execute(_SQLITE_REQUEUE, (self._positions(connection, 1)[0], row["seq"]))
+                else:
+                    connection.execute(
+                        "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ? WHERE seq = ?",
+                        (status.value, status.rank, now, row["seq"]),
+                    )
+            updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
+        return _decode_task(updated)
+
+    def _complete(self, task: Task) -> bool:
+        result = None if task.result is None else json.dumps(task.result)
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ?, error = ?, result = ?"
+                " WHERE identifier = ? AND status = 'running' AND worker IS ?",
+                (task.status.value, task.status.rank, task.finished_at.timestamp(),  # type: ignore[union-attr]
+                 task.error, result, task.identifier, task.worker),
+            )
+        return cursor.rowcount == 1
+
+    def _where(self, query: Filter) -> tuple:
+        clauses, args = [], []
+        if query.profile is not None:
+            clauses.append("profile = ?")
+            args.append(query.profile)
+        if query.status is not None:
+            clauses.append("status_rank = ?")
+            args.append(query.status.rank)
+        if query.tags:
+            marks = ", ".join("?" * len(query.tags))
+            clauses.append(f"seq IN (SELECT seq FROM jobqueue_tags WHERE tag IN ({marks}))")
+            args.extend(query.tags)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+    def _search(self, query: Filter) -> list[Task]:
+        where, args = self._where(query)
+        limit = -1 if query.limit is None else query.limit
+        rows = self._connection().execute(
+            f"SELECT * FROM jobqueue_tasks{where} ORDER BY {_SQLITE_ORDERS[query.order]} LIMIT ? OFFSET ?",
+            (*args, limit, query.offset),
+        ).fetchall()
+        return [_decode_task(row) for row in rows]
+
+    def _count(self, query: Filter) -> int:
+        where, args = self._where(query)
+        return self._connection().execute(f"SELECT COUNT(*) AS n FROM jobqueue_tasks{where}", args).fetchone()["n"]
+
+    def _delete(self, identifier: str) -> bool:
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT seq FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
+            ).fetchone()
+            if row is None:
+                return False
+            connection.execute("DELETE FROM jobqueue_tags WHERE seq = ?", (row["seq"],))
+            connection.execute("DELETE FROM jobqueue_tasks WHERE seq = ?", (row["seq"],))
+        return True
+
+    def _flush(self) -> None:
+        with self._write() as connection:
+            connection.execute("DELETE FROM jobqueue_tags")
+            connection.execute("DELETE FROM jobqueue_tasks")
+
+    def _restore(self) -> int:
+        with self._write() as connection:
+            stale = connection.execute(
+                "SELECT seq FROM jobqueue_tasks WHERE status IN ('running', 'failed') ORDER BY created_at, seq"
+            ).fetchall()
+            positions = self._positions(connection, len(stale))
+            connection.executemany(_SQLITE_REQUEUE, [(p, row["seq"]) for p, row in zip(positions, stale)])
+        return len(stale)
+
+    def _stats(self) -> dict[tuple, int]:
+        rows = self._connection().execute(
+            "SELECT profile, status, COUNT(*) AS n FROM jobqueue_tasks GROUP BY profile, status_rank"
+        ).fetchall()
+        return {(row["profile"], row["status"]): row["n"] for row in rows}
+
+    def _ping(self) -> None:
+        self._connection().execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.__dict__.clear()
+
+
+# == DSN =====================================================================
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp")
+
+
+def redact(dsn: str) -> str:
+    """The DSN with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _redis_queue(dsn: str) -> RedisQueue:
+    redis = _import_redis()
+    parts = urlsplit(dsn)
+    query = parse_qsl(parts.query)
+    prefix = dict(query).get("prefix", DEFAULT_PREFIX)
+    rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+    scheme = "redis" if parts.scheme == "tcp" else parts.scheme
+    url = f"{scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    try:
+        client = redis.Redis.from_url(url)
+    except ValueError as error:
+        raise ConfigurationError(f'Invalid Redis DSN "{redact(dsn)}": {error}') from error
+    return RedisQueue(client, prefix=prefix)
+
+
+def queue_from_dsn(dsn: str) -> Queue:
+    """Build a queue from a DSN.
+
+    ``redis://``, ``rediss://``, ``unix://`` and ``tcp://host:port`` select Redis
+    (``?prefix=name`` names the queue); ``sqlite:///relative.db``,
+    ``sqlite:////absolute.db`` or a bare path select SQLite.
+    """
+    if not isinstance(dsn, str) or not dsn.strip():
+        raise ConfigurationError("A queue DSN is needed, such as redis://localhost:6379 or jobqueue.db")
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme in _REDIS_SCHEMES:
+        return _redis_queue(dsn)
+    if scheme == "sqlite":
+        path = dsn[len("sqlite:///"):] if dsn.lower().startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigurationError(f'"{dsn}" names no file: use sqlite:///path/to/jobqueue.db')
+        return SQLiteQueue(path)
+    if scheme:
+        raise ConfigurationError(
+            f'Unsupported DSN "{redact(dsn)}": use redis://, rediss://, unix://, tcp://host:port or sqlite:///path'
+        )
+    return SQLiteQueue(dsn)
+
+
+# == Worker ==================================================================
+
+
+def format_error(error: BaseException) -> str:
+    """The stored error: type and message, then the traceback, at most 64 KiB."""
+    text = f"{type(error).__name__}: {error}\n" + "".join(
+        traceback.format_exception(type(error), error, error.__traceback__)
+    )
+    encoded = text.encode("utf-8")
+    if len(encoded) <= ERROR_MAX_BYTES:
+        return text
+    marker = "\n[... cut to 64 KiB ...]"
+    return encoded[: ERROR_MAX_BYTES - len(marker)].decode("utf-8", "ignore") + marker
+
+
+def _encode_result(value: Any) -> Any:
+    """Check that a job's return value can be stored; raise JobError saying why not."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise JobError(f"The job returned a result that is not JSON-serialisable: {error}") from None
+    if len(text.encode("utf-8")) > RESULT_MAX_BYTES:
+        raise JobError("The job returned a result over 1 MiB of JSON")
+    return value
+
+
+class Worker:
+    """Takes tasks of one profile from a queue and runs them, one at a time.
+
+    ``consume(quantity)`` loops until ``quantity`` tasks ran (forever if None),
+    or until the profile is empty with ``burst=True``, or until ``stop()``.
+    ``run(task)`` handles one fetched task and returns it, so tests can drive
+    a worker in-process.
+    """
+
+    def __init__(
+        self,
+        name: str | None,
+        queue: Queue,
+        profile: str,
+        dispatcher: EventDispatcher | None = None,
+        *,
+        poll: float = 1.0,
+    ):
+        self.name = name or _default_worker_name()
+        self.queue = queue
+        self.profile = validate_profile(profile)
+        self.dispatcher = dispatcher if dispatcher is not None else EventDispatcher()
+        self.poll = poll
+        self.logger = logging.getLogger("jobqueue.worker")
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the worker to stop once the current task is done."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def consume(self, quantity: int | None = None, *, burst: bool = False) -> int:
+        """Run tasks until one of the stop conditions; return how many ran."""
+        self.dispatcher.dispatch(WORKER_START, WorkerEvent(WORKER_START, self))
+        done = 0
+        try:
+            while not self.stopping and (quantity is None or done < quantity):
+                task = self.queue.fetch(self.profile, timeout=0 if burst else self.poll, worker=self.name)
+                if task is None:
+                    if burst:
+                        break
+                    continue
+                self.run(task)
+                done += 1
+        finally:
+            self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
+        return done
+
+    def run(self, task: Task) -> Task:
+        """Run one fetched task, record its outcome and emit its events."""
+        self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
+        started = time.monotonic()
+        try:
+            task.result = _encode_result(self._execute(task))
+            task.status = Status.FINISHED
+        except Exception as error:  # noqa: BLE001 - any error a job raises fails its task
+            task.status, task.error, task.result = Status.FAILED, format_error(error), None
+        task.finished_at = _utcnow()
+        if not self.queue.complete(task):
+            self.logger.warning("Task %s was taken from worker %s before it ended", task.identifier, self.name)
+        seconds = time.monotonic() - started
+        if task.status is Status.FINISHED:
+            self.logger.info("%s %s finished in %.3fs", task.identifier, task.job_name, seconds)
+            self.dispatcher.dispatch(TASK_EXECUTED, TaskEvent(TASK_EXECUTED, task, self))
+        else:
+            summary = (task.error or "").split("\n", 1)[0]
+            self.logger.error("%s %s failed in %.3fs: %s", task.identifier, task.job_name, seconds, summary)
+            self.dispatcher.dispatch(TASK_FAILED, TaskEvent(TASK_FAILED, task, self))
+        return task
+
+    def _execute(self, task: Task) -> Any:
+        target = resolve_job(task.job)
+        if not isinstance(target, type):
+            return target(task)
+        instance = target()
+        instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
+        instance.set_up(task)
+        try:
+            return instance.perform(task)
+        finally:
+            instance.tear_down(task)
+
+
+# == Configuration ===========================================================
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings read from the environment in one place (``Config.from_env``)."""
+
+    redis_dsn: str | None = None
+    db: str = DEFAULT_DB
+    env: str = "dev"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        environ = os.environ if environ is None else environ
+        return cls(
+            redis_dsn=environ.get("JOBQUEUE_REDIS_DSN") or None,
+            db=environ.get("JOBQUEUE_DB") or DEFAULT_DB,
+            env=environ.get("JOBQUEUE_ENV") or "dev",
+        )
+
+    @property
+    def dsn(self) -> str:
+        return self.redis_dsn or self.db
+
+    def queue(self) -> Queue:
+        return queue_from_dsn(self.dsn)
+
+
+class ServiceContainer:
+    """The configured queue and the shared event dispatcher, for user code.
+
+    ``ServiceContainer.get_instance()`` is the one documented global: workers
+    started from the command line dispatch their events on its dispatcher, so
+    a module loaded with ``--import`` can listen to them. ``reset()`` drops it.
+    """
+
+    _instance: ServiceContainer | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, config: Config | None = None):
+        self.config = config if config is not None else Config.from_env()
+        self.dispatcher = EventDispatcher()
+        self._queue: Queue | None = None
+
+    @property
+    def queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = self.config.queue()
+        return self._queue
+
+    @classmethod
+    def get_instance(cls) -> ServiceContainer:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    @classmethod
+    def reset(cls) -> None:
+        with cls._lock:
+            cls._instance = None

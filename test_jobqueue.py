@@ -1,0 +1,952 @@
+"""The jobqueue test suite, in the module's section order.
+
+Fixtures first: a private redis-server on a free port (never the machine's
+shared one), queues parametrised over both backends, and subprocess helpers.
+Jobs used by subprocess workers live at module level so workers import them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import jobqueue
+from jobqueue import (
+    BackendUnavailable,
+    ConfigurationError,
+    EventDispatcher,
+    Job,
+    JobError,
+    ParameterNotFound,
+    RedisQueue,
+    ServiceContainer,
+    SQLiteQueue,
+    Status,
+    Task,
+    TaskNotFound,
+    ValidationError,
+    Worker,
+    queue_from_dsn,
+)
+
+HERE = Path(__file__).resolve().parent
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+# == Jobs the workers run ====================================================
+
+
+def _record(task: Task, step: str) -> None:
+    if task.has_parameter("log"):
+        with open(task.get_parameter("log"), "a") as log:
+            log.write(f"{step} {task.identifier}\n")
+
+
+class RecordingJob(Job):
+    """Writes each step it runs to the file named by the ``log`` parameter."""
+
+    def set_up(self, task):
+        _record(task, "set_up")
+
+    def perform(self, task):
+        _record(task, "perform")
+        self.logger.info("performing %s", task.identifier)
+        return {"echo": task.parameters.get("value")}
+
+    def tear_down(self, task):
+        _record(task, "tear_down")
+
+
+class FailingJob(RecordingJob):
+    def perform(self, task):
+        _record(task, "perform")
+        raise RuntimeError("boom")
+
+
+class UnserialisableJob(Job):
+    def perform(self, task):
+        return object()
+
+
+@jobqueue.job
+def add_numbers(task):
+    return task.get_parameter("a") + task.get_parameter("b")
+
+
+@jobqueue.job
+def count_execution(task):
+    with open(task.get_parameter("log"), "a") as log:
+        log.write(f"{task.identifier} {os.getpid()}\n")
+
+
+def plain_function(task):
+    raise AssertionError("a function without @job must never run")
+
+
+NOT_A_JOB = 42
+
+
+# == Fixtures ================================================================
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the tests' own, on a free port, in a temp dir, saving nothing."""
+
+    def __init__(self, binary: str, directory: Path):
+        self.binary, self.directory = binary, directory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.directory / "redis.log", "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.directory / 'redis.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
+                    connection.sendall(b"PING\r\n")
+                    if connection.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+
+def redis_missing_reason() -> str | None:
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (apt-get install redis-server): the Redis half is skipped"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis-py is not installed (pip install redis): the Redis half is skipped"
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    reason = redis_missing_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; with CI=true the Redis tests must run", pytrace=False)
+        pytest.skip(reason)
+    server = RedisServer(shutil.which("redis-server"), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_dsn(request, tmp_path):
+    """Make DSNs of fresh, separate queues on the parametrised backend."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+
+        def make() -> str:
+            return f"redis://127.0.0.1:{server.port}/0?prefix=test-{uuid.uuid4().hex[:8]}"
+
+        yield make
+        server.client().flushall()
+    else:
+
+        def make() -> str:
+            return str(tmp_path / f"queue-{uuid.uuid4().hex[:8]}.db")
+
+        yield make
+
+
+@pytest.fixture
+def dsn(make_dsn):
+    return make_dsn()
+
+
+@pytest.fixture
+def queue(dsn):
+    queue = queue_from_dsn(dsn)
+    yield queue
+    queue.close()
+
+
+def worker_process(dsn: str, profile: str, *extra: str) -> subprocess.Popen:
+    """A real worker process draining ``profile`` until it is empty."""
+    code = (
+        "import sys, jobqueue\n"
+        "queue = jobqueue.queue_from_dsn(sys.argv[1])\n"
+        "jobqueue.Worker(None, queue, sys.argv[2]).consume(burst=True)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, dsn, profile, *extra],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+# == Domain ==================================================================
+
+
+def test_status_values_in_order():
+    assert [s.value for s in Status] == ["waiting", "running", "finished", "failed"]
+    assert Status("finished") is Status.FINISHED
+    assert Status.FAILED == "failed"
+
+
+def test_unknown_status_message():
+    with pytest.raises(ValueError, match='^Status "foo" does not exists$'):
+        Status("foo")
+
+
+@pytest.mark.parametrize("name", ["Upper", "with space", "dot.ted", "", "a" * 65, "tail\n", 3])
+def test_bad_profile_message(name):
+    with pytest.raises(ValueError) as caught:
+        Task(name, RecordingJob)
+    assert str(caught.value) == jobqueue.PROFILE_MESSAGE
+
+
+def test_good_profiles():
+    for name in ("foobar", "a-b_c-9", "x" * 64):
+        assert Task(name, RecordingJob).profile == name
+
+
+def test_parameter_key_must_be_a_string():
+    with pytest.raises(ValueError, match="^The key must be a string$"):
+        Task("p", RecordingJob, {1: "x"})
+
+
+@pytest.mark.parametrize("value", [[1], {"a": 1}, object(), float("nan")])
+def test_parameter_value_must_be_scalar(value):
+    with pytest.raises(ValueError, match='^The "erroneous" value must be a scalar or null$'):
+        Task("p", RecordingJob, {"fine": 1, "erroneous": value})
+
+
+def test_scalar_parameters_accepted():
+    task = Task("p", RecordingJob, {"s": "x", "i": 1, "f": 1.5, "b": True, "n": None})
+    assert task.parameters == {"s": "x", "i": 1, "f": 1.5, "b": True, "n": None}
+
+
+def test_tags_must_be_strings():
+    with pytest.raises(ValueError, match="^Tag value must be a string$"):
+        Task("p", RecordingJob, tags=["ok", 3])
+
+
+def test_get_parameter_and_has_helpers():
+    task = Task("p", RecordingJob, {"foo": "bar"}, ["tag1"])
+    assert task.get_parameter("foo") == "bar"
+    assert task.has_parameter("foo") and not task.has_parameter("nope")
+    assert task.has_tag("tag1") and not task.has_tag("tag2")
+    with pytest.raises(KeyError) as caught:
+        task.get_parameter("missing")
+    assert isinstance(caught.value, ParameterNotFound)
+    assert str(caught.value) == 'There is no value for "missing" key'
+
+
+class DummyJob(Job):
+    def perform(self, task):
+        return None
+
+
+class ComplexTOSnakeCASEJob(Job):
+    def perform(self, task):
+        return None
+
+
+def test_job_name_examples():
+    assert Task("p", DummyJob).job_name == "dummy"
+    assert Task("p", ComplexTOSnakeCASEJob).job_name == "complex_to_snake_case"
+    assert Task("p", add_numbers).job_name == "add_numbers"
+    assert Task("p", "myapp.jobs:SendMailJob").job_name == "send_mail"
+
+
+def test_job_is_stored_as_its_import_path():
+    assert Task("p", RecordingJob).job == "test_jobqueue.RecordingJob"
+    assert Task("p", RecordingJob()).job == "test_jobqueue.RecordingJob"
+    assert Task("p", add_numbers).job == "test_jobqueue.add_numbers"
+    assert Task("p", "myapp.jobs.SendMail").job == "myapp.jobs.SendMail"
+
+
+@pytest.mark.parametrize("bad", [plain_function, 42, "no_dots", "bad path.Job", object])
+def test_job_that_is_not_a_job_is_refused(bad):
+    with pytest.raises(ValidationError):
+        Task("p", bad)
+
+
+def test_local_job_is_refused_with_a_reason():
+    class LocalJob(Job):
+        def perform(self, task):
+            return None
+
+    with pytest.raises(ValidationError, match="inside a function"):
+        Task("p", LocalJob)
+
+
+def test_resolve_job_runs_only_jobs():
+    assert jobqueue.resolve_job("test_jobqueue.RecordingJob") is RecordingJob
+    assert jobqueue.resolve_job("test_jobqueue:add_numbers") is add_numbers
+    with pytest.raises(JobError, match="neither a jobqueue.Job subclass nor"):
+        jobqueue.resolve_job("test_jobqueue.NOT_A_JOB")
+    with pytest.raises(JobError, match="neither"):
+        jobqueue.resolve_job("test_jobqueue.plain_function")
+    with pytest.raises(JobError, match="nothing named"):
+        jobqueue.resolve_job("test_jobqueue.Missing")
+    with pytest.raises(JobError, match='no module named "no_such_package'):
+        jobqueue.resolve_job("no_such_package.jobs.Job")
+
+
+def test_json_form_matches_the_seed():
+    task = Task("foobar", RecordingJob, {"name_1": "value_1"}, ["tag1"])
+    task.created_at = datetime(2018, 2, 23, 13, 45, 22, tzinfo=timezone.utc)
+    data = task.to_json()
+    assert list(data)[:7] == ["identifier", "status", "profile", "job", "date", "parameters", "tags"]
+    assert UUID.fullmatch(data["identifier"])
+    assert data["date"] == "Fri, 23 Feb 2018 13:45:22 +0000"
+    assert data["status"] == "waiting"
+    assert data["job"] == "test_jobqueue.RecordingJob"
+    assert data["parameters"] == {"name_1": "value_1"}
+    assert json.loads(json.dumps(data)) == data
+    again = Task.from_json(data)
+    assert again.identifier == task.identifier and again.created_at == task.created_at
+
+
+def test_from_json_reports_what_is_missing():
+    with pytest.raises(ValidationError, match="^Missing job$"):
+        Task.from_json({"profile": "p"})
+    with pytest.raises(ValidationError, match="^Missing profile$"):
+        Task.from_json({"job": "a.B"})
+
+
+# == Events ==================================================================
+
+
+def test_listeners_run_by_priority_then_insertion():
+    dispatcher, calls = EventDispatcher(), []
+    dispatcher.add_listener("x", lambda e: calls.append("low"), priority=-5)
+    dispatcher.add_listener("x", lambda e: calls.append("first0"))
+    dispatcher.add_listener("x", lambda e: calls.append("high"), priority=10)
+    dispatcher.add_listener("x", lambda e: calls.append("second0"))
+    dispatcher.dispatch("x", object())
+    assert calls == ["high", "first0", "second0", "low"]
+
+
+def test_remove_listener():
+    dispatcher, calls = EventDispatcher(), []
+
+    def listener(event):
+        calls.append(event)
+
+    dispatcher.add_listener("x", listener)
+    dispatcher.remove_listener("x", listener)
+    dispatcher.dispatch("x", 1)
+    assert calls == [] and dispatcher.listeners("x") == []
+
+
+def test_raising_listener_is_logged_and_others_still_run(caplog):
+    dispatcher, calls = EventDispatcher(), []
+
+    def broken(event):
+        raise RuntimeError("listener bug")
+
+    dispatcher.add_listener("x", broken, priority=1)
+    dispatcher.add_listener("x", calls.append)
+    with caplog.at_level(logging.ERROR, logger="jobqueue"):
+        dispatcher.dispatch("x", "event")
+    assert calls == ["event"]
+    assert "listener bug" in caplog.text
+
+
+# == Queue contract (both backends) ==========================================
+
+
+def test_seed_scenario(queue):
+    """The PHP component's own queue scenario, step by step."""
+    first = Task("profile1", RecordingJob, {"name_1": "value_1", "name_2": "value_2"}, ["tag1", "tag2"])
+    second = Task("profile1", RecordingJob, {}, ["tag2", "tag3"])
+    third = Task("profile2", RecordingJob, {}, ["tag4"])
+    queue.add(first, second, third)
+
+    found = queue.find(first.identifier)
+    assert found.identifier == first.identifier
+    assert found.status is Status.WAITING
+    assert found.parameters == {"name_1": "value_1", "name_2": "value_2"}
+    assert found.tags == ["tag1", "tag2"]
+    assert found.job == "test_jobqueue.RecordingJob"
+
+    fetched = queue.fetch("profile1", timeout=0)
+    assert fetched.identifier == first.identifier
+    assert fetched.status is Status.RUNNING
+    assert queue.find(first.identifier).status is Status.RUNNING
+
+    assert len(queue.search(profile="profile1")) == 2
+    assert len(queue.search(profile="profile2")) == 1
+    assert len(queue.search(status="waiting")) == 2
+    assert len(queue.search(status="running")) == 1
+    assert [t.identifier for t in queue.search(tags=["tag1"])] == [first.identifier]
+    assert len(queue.search(tags=["tag2"])) == 2
+    assert {t.identifier for t in queue.search(tags=["tag1", "tag4"])} == {first.identifier, third.identifier}
+
+    queue.update_status(second, Status.FINISHED)
+    assert second.status is Status.FINISHED
+    assert queue.find(second.identifier).status is Status.FINISHED
+
+    queue.delete(third.identifier)
+    with pytest.raises(TaskNotFound, match=f"^Task {third.identifier} does not exists$"):
+        queue.find(third.identifier)
+
+    queue.restore()
+    statuses = {t.identifier: t.status for t in queue.search()}
+    assert set(statuses.values()) <= {Status.WAITING, Status.FINISHED}
+    assert statuses == {first.identifier: Status.WAITING, second.identifier: Status.FINISHED}
+
+    queue.flush()
+    assert queue.search() == [] and queue.count() == 0 and queue.stats() == {}
+
+
+def test_fetch_is_fifo_per_profile(queue):
+    a = [Task("alpha", RecordingJob, {"n": i}) for i in range(5)]
+    b = [Task("beta", RecordingJob, {"n": i}) for i in range(3)]
+    for task in (a[0], b[0], a[1], a[2], b[1], a[3], b[2], a[4]):
+        queue.add(task)
+    assert [queue.fetch("alpha", timeout=0).get_parameter("n") for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert [queue.fetch("beta", timeout=0).get_parameter("n") for _ in range(3)] == [0, 1, 2]
+    assert queue.fetch("alpha", timeout=0) is None
+
+
+def test_fetch_records_the_claim(queue):
+    queue.add(Task("p", RecordingJob))
+    fetched = queue.fetch("p", timeout=0, worker="web1-42")
+    stored = queue.find(fetched.identifier)
+    assert stored.worker == "web1-42" and stored.attempts == 1 and stored.started_at is not None
+
+
+def test_fetch_times_out_with_none(queue):
+    started = time.monotonic()
+    assert queue.fetch("empty", timeout=0.3) is None
+    assert 0.25 <= time.monotonic() - started < 5
+
+
+def test_blocking_fetch_wakes_when_a_task_arrives(queue, dsn):
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(queue_from_dsn(dsn).fetch("late", timeout=10)))
+    waiter.start()
+    time.sleep(0.2)
+    task = Task("late", RecordingJob)
+    queue.add(task)
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert got[0].identifier == task.identifier
+
+
+def test_one_task_is_never_handed_to_two_fetchers(queue, dsn):
+    queue.add(*[Task("race", RecordingJob) for _ in range(200)])
+    claimed: list[str] = []
+
+    def drain():
+        mine = queue_from_dsn(dsn)
+        while (task := mine.fetch("race", timeout=0)) is not None:
+            claimed.append(task.identifier)
+
+    threads = [threading.Thread(target=drain) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+def test_find_unknown_task(queue):
+    with pytest.raises(KeyError) as caught:
+        queue.find("nope")
+    assert isinstance(caught.value, TaskNotFound)
+    assert str(caught.value) == "Task nope does not exists"
+
+
+def test_running_cannot_be_set_by_hand(queue):
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    with pytest.raises(ValueError, match='^A task can not be marked as "running"$'):
+        queue.update_status(task, "running")
+    with pytest.raises(ValueError, match='^Status "done" does not exists$'):
+        queue.update_status(task, "done")
+    assert queue.find(task.identifier).status is Status.WAITING
+
+
+def test_update_status_of_unknown_task(queue):
+    with pytest.raises(TaskNotFound):
+        queue.update_status("nope", Status.FINISHED)
+
+
+def test_back_to_waiting_requeues_at_the_back(queue):
+    first, second = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(first, second)
+    claimed = queue.fetch("p", timeout=0)
+    queue.update_status(claimed, Status.FAILED)
+    assert queue.find(first.identifier).finished_at is not None
+    queue.update_status(first.identifier, Status.WAITING)
+    again = queue.find(first.identifier)
+    assert again.status is Status.WAITING and again.finished_at is None and again.worker is None
+    assert queue.fetch("p", timeout=0).identifier == second.identifier
+    assert queue.fetch("p", timeout=0).identifier == first.identifier
+
+
+def test_finished_task_is_not_fetched(queue):
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    queue.update_status(task, "finished")
+    assert queue.fetch("p", timeout=0) is None
+
+
+def _ordered_tasks(queue):
+    base = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
+    specs = [("beta", "t1"), ("alpha", "t2"), ("beta", "t2"), ("alpha", "t1"), ("gamma", "t3")]
+    tasks = []
+    for i, (profile, tag) in enumerate(specs):
+        task = Task(profile, RecordingJob, {"i": i}, [tag])
+        task.created_at = datetime.fromtimestamp(base + i, timezone.utc)
+        tasks.append(task)
+    queue.add(*tasks)
+    return tasks
+
+
+def test_search_orders(queue):
+    tasks = _ordered_tasks(queue)
+    running = queue.fetch("beta", timeout=0)
+    assert running.identifier == tasks[0].identifier
+    queue.update_status(tasks[3], Status.FAILED)
+    queue.update_status(tasks[4], Status.FINISHED)
+
+    def order(**kwargs):
+        return [t.get_parameter("i") for t in queue.search(**kwargs)]
+
+    assert order(order="date") == [0, 1, 2, 3, 4]
+    assert order(order="profile") == [1, 3, 0, 2, 4]
+    assert order(order="status") == [1, 2, 0, 4, 3]
+    assert order() == order(order="status")
+    assert order(profile="alpha", order="status") == [1, 3]
+    assert order(status="waiting", order="profile") == [1, 2]
+    assert order(tags=["t1"], order="profile") == [3, 0]
+
+
+def test_search_filters_combine(queue):
+    _ordered_tasks(queue)
+    assert [t.get_parameter("i") for t in queue.search(profile="beta", status="waiting")] == [0, 2]
+    assert [t.get_parameter("i") for t in queue.search(profile="alpha", tags=["t1", "t3"])] == [3]
+    assert [t.get_parameter("i") for t in queue.search(tags=["t1", "t3"], order="date")] == [0, 3, 4]
+    assert queue.search(tags=["unknown"]) == []
+    assert queue.search(profile="nobody") == []
+
+
+def test_search_limit_and_offset(queue):
+    _ordered_tasks(queue)
+    page = [t.get_parameter("i") for t in queue.search(order="date", limit=2, offset=1)]
+    assert page == [1, 2]
+    assert [t.get_parameter("i") for t in queue.search(order="profile", limit=3, offset=2)] == [0, 2, 4]
+    assert queue.search(order="date", offset=10) == []
+    assert queue.search(limit=0) == []
+
+
+def test_search_rejects_bad_arguments(queue):
+    with pytest.raises(ValueError, match='^Impossible to order by "foobar"$'):
+        queue.search(order="foobar")
+    with pytest.raises(ValueError, match='^Status "foo" does not exists$'):
+        queue.search(status="foo")
+    with pytest.raises(ValueError, match="^Profile name only allows"):
+        queue.search(profile="Bad Profile")
+    with pytest.raises(ValueError, match="limit"):
+        queue.search(limit=-1)
+
+
+def test_count_matches_search(queue):
+    _ordered_tasks(queue)
+    queue.fetch("alpha", timeout=0)
+    for filters in ({}, {"profile": "alpha"}, {"status": "waiting"}, {"tags": ["t1", "t2"]},
+                    {"profile": "beta", "status": "waiting", "tags": ["t2"]}):
+        assert queue.count(**filters) == len(queue.search(**filters))
+    assert queue.count(status="running") == 1
+
+
+def test_stats_lists_every_status_for_each_profile(queue):
+    _ordered_tasks(queue)
+    queue.fetch("alpha", timeout=0)
+    assert queue.stats() == {
+        "alpha": {"waiting": 1, "running": 1, "finished": 0, "failed": 0},
+        "beta": {"waiting": 2, "running": 0, "finished": 0, "failed": 0},
+        "gamma": {"waiting": 1, "running": 0, "finished": 0, "failed": 0},
+    }
+
+
+def test_delete_removes_the_task_everywhere(queue):
+    keep, gone = Task("p", RecordingJob, tags=["x"]), Task("q", RecordingJob, tags=["x", "y"])
+    queue.add(keep, gone)
+    queue.delete(gone.identifier)
+    assert queue.search(tags=["y"]) == [] and queue.count(tags=["x"]) == 1
+    assert queue.fetch("q", timeout=0) is None
+    assert "q" not in queue.stats()
+    with pytest.raises(TaskNotFound):
+        queue.delete(gone.identifier)
+    assert queue.find(keep.identifier).status is Status.WAITING
+
+
+def test_flush_leaves_other_queues_alone(make_dsn):
+    mine, theirs = queue_from_dsn(make_dsn()), queue_from_dsn(make_dsn())
+    mine.add(Task("p", RecordingJob, tags=["t"]))
+    kept = Task("p", RecordingJob, tags=["t"])
+    theirs.add(kept)
+    assert mine.count() == 1 and theirs.count() == 1
+    mine.flush()
+    assert mine.count() == 0 and mine.fetch("p", timeout=0) is None
+    assert [t.identifier for t in theirs.search(tags=["t"])] == [kept.identifier]
+    assert theirs.fetch("p", timeout=0).identifier == kept.identifier
+
+
+def test_restore_requeues_running_and_failed_oldest_first(queue):
+    tasks = [Task("p", RecordingJob, {"i": i}) for i in range(4)]
+    queue.add(*tasks)
+    for _ in range(3):
+        queue.fetch("p", timeout=0)
+    queue.update_status(tasks[0], Status.FAILED)
+    queue.update_status(tasks[1], Status.FINISHED)
+    assert queue.restore() == 2
+    statuses = {t.get_parameter("i"): t.status for t in queue.search()}
+    assert statuses == {0: Status.WAITING, 1: Status.FINISHED, 2: Status.WAITING, 3: Status.WAITING}
+    assert [queue.fetch("p", timeout=0).get_parameter("i") for _ in range(3)] == [3, 0, 2]
+
+
+def test_adding_a_task_twice_is_refused_and_changes_nothing(queue):
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    fresh = Task("p", RecordingJob)
+    with pytest.raises(ValidationError, match="already exists"):
+        queue.add(fresh, task)
+    with pytest.raises(ValidationError, match="twice"):
+        queue.add(fresh, fresh)
+    assert queue.count() == 1
+    with pytest.raises(TaskNotFound):
+        queue.find(fresh.identifier)
+    assert queue.fetch("p", timeout=0).identifier == task.identifier
+    assert queue.fetch("p", timeout=0) is None
+
+
+def test_parameters_round_trip_exactly(queue):
+    parameters = {"s": "héllo ✓", "i": 2**53 + 1, "f": 0.1, "t": True, "n": None, "e": ""}
+    task = Task("p", RecordingJob, parameters, ["ünï", "a:b"])
+    queue.add(task)
+    found = queue.find(task.identifier)
+    assert found.parameters == parameters and found.tags == ["ünï", "a:b"]
+    assert queue.search(tags=["a:b"])[0].identifier == task.identifier
+    assert found.created_at == task.created_at
+
+
+def test_tasks_are_stored_as_json(dsn, queue):
+    task = Task("p", RecordingJob, {"k": "v"}, ["t"])
+    queue.add(task)
+    if isinstance(queue, RedisQueue):
+        stored = queue.client.hgetall(f"{{{queue.prefix}}}:task:{task.identifier}")
+        parameters, tags = stored[b"parameters"], stored[b"tags"]
+    else:
+        with sqlite3.connect(dsn) as connection:
+            parameters, tags = connection.execute(
+                "SELECT parameters, tags FROM jobqueue_tasks WHERE identifier = ?", (task.identifier,)
+            ).fetchone()
+    assert json.loads(parameters) == {"k": "v"} and json.loads(tags) == ["t"]
+
+
+def test_redis_keys_share_one_hash_tag(redis_server):
+    queue = RedisQueue(redis_server.client(), prefix="tagged")
+    task = Task("p", RecordingJob, tags=["t"])
+    queue.add(task)
+    queue.fetch("p", timeout=0)
+    queue.search(tags=["t"])
+    keys = [key.decode() for key in redis_server.client().scan_iter(match="*")]
+    assert keys and all(key.startswith("{tagged}:") for key in keys)
+    queue.flush()
+    assert list(redis_server.client().scan_iter(match="{tagged}:*")) == []
+
+
+@pytest.mark.parametrize("filters", [
+    {"status": "waiting"}, {"profile": "p"}, {"profile": "p", "status": "failed"}, {"tags": ["t"]}, {},
+])
+def test_sqlite_search_uses_an_index(tmp_path, filters):
+    queue = SQLiteQueue(tmp_path / "plan.db")
+    query = jobqueue._build_filter(filters.get("profile"), filters.get("status"), filters.get("tags", ()))
+    where, args = queue._where(query)
+    plan = queue._connection().execute(
+        f"EXPLAIN QUERY PLAN SELECT * FROM jobqueue_tasks{where} ORDER BY {jobqueue._SQLITE_ORDERS['status']}",
+        args,
+    ).fetchall()
+    details = [row["detail"] for row in plan]
+    table_scans = [d for d in details if d.startswith("SCAN jobqueue_tasks") and "INDEX" not in d]
+    assert table_scans == [], details
+
+
+# == DSN and configuration ===================================================
+
+
+def test_queue_from_dsn_picks_the_backend(tmp_path):
+    pytest.importorskip("redis")
+    assert isinstance(queue_from_dsn("redis://127.0.0.1:1/0"), RedisQueue)
+    assert isinstance(queue_from_dsn("tcp://127.0.0.1:6380"), RedisQueue)
+    assert isinstance(queue_from_dsn("unix:///tmp/redis.sock"), RedisQueue)
+    assert queue_from_dsn("redis://127.0.0.1:1/0?prefix=app").prefix == "app"
+    assert isinstance(queue_from_dsn(f"sqlite:///{tmp_path}/a.db"), SQLiteQueue)
+    assert queue_from_dsn(str(tmp_path / "b.db")).path == str(tmp_path / "b.db")
+    with pytest.raises(ConfigurationError, match="Unsupported DSN"):
+        queue_from_dsn("mysql://x")
+
+
+def test_unreachable_redis_names_the_backend_and_hides_the_password():
+    pytest.importorskip("redis")
+    port = free_port()
+    queue = queue_from_dsn(f"redis://:s3cret@127.0.0.1:{port}/0")
+    with pytest.raises(BackendUnavailable) as caught:
+        queue.add(Task("p", RecordingJob))
+    assert f"127.0.0.1:{port}" in str(caught.value) and "s3cret" not in str(caught.value)
+    assert jobqueue.redact(f"redis://:s3cret@127.0.0.1:{port}/0") == f"redis://:***@127.0.0.1:{port}/0"
+
+
+def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
+    (tmp_path / "not-a-db").write_text("this is not a database" * 100)
+    with pytest.raises(BackendUnavailable, match="not-a-db"):
+        SQLiteQueue(tmp_path / "not-a-db")
+
+
+def test_import_without_redis_and_clear_message_when_it_is_needed(tmp_path):
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'redis': raise ImportError('no redis here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import jobqueue\n"
+        "q = jobqueue.queue_from_dsn(sys.argv[1])\n"
+        "q.add(jobqueue.Task('p', 'a.B'))\n"
+        "print('sqlite ok', q.count())\n"
+        "try:\n"
+        "    jobqueue.queue_from_dsn('redis://localhost')\n"
+        "except jobqueue.ConfigurationError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.db")],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "sqlite ok 1" in result.stdout
+    assert "The Redis backend needs redis-py: pip install redis" in result.stdout
+
+
+def test_config_from_env_and_service_container(tmp_path):
+    config = jobqueue.Config.from_env({"JOBQUEUE_DB": str(tmp_path / "c.db"), "JOBQUEUE_ENV": "prod"})
+    assert config.env == "prod" and config.dsn == str(tmp_path / "c.db")
+    assert jobqueue.Config.from_env({}).dsn == "jobqueue.db"
+    assert jobqueue.Config.from_env({"JOBQUEUE_REDIS_DSN": "tcp://h:1", "JOBQUEUE_DB": "x"}).dsn == "tcp://h:1"
+    container = ServiceContainer(config)
+    assert isinstance(container.queue, SQLiteQueue) and container.queue is container.queue
+    assert container.queue.path == str(tmp_path / "c.db")
+    assert isinstance(container.dispatcher, EventDispatcher)
+
+
+def test_service_container_is_one_shared_instance(monkeypatch, tmp_path):
+    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "shared.db"))
+    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
+    ServiceContainer.reset()
+    try:
+        first = ServiceContainer.get_instance()
+        assert ServiceContainer.get_instance() is first
+        assert first.queue.path == str(tmp_path / "shared.db")
+    finally:
+        ServiceContainer.reset()
+
+
+# == Worker ==================================================================
+
+
+def test_worker_runs_set_up_perform_tear_down_and_finishes(queue, tmp_path):
+    log = tmp_path / "steps.log"
+    task = Task("w", RecordingJob, {"log": str(log), "value": "v"})
+    queue.add(task)
+    assert Worker("w1", queue, "w").consume(quantity=1) == 1
+    stored = queue.find(task.identifier)
+    assert stored.status is Status.FINISHED and stored.result == {"echo": "v"}
+    assert stored.worker == "w1" and stored.finished_at >= stored.started_at
+    assert log.read_text().split() == ["set_up", task.identifier, "perform", task.identifier,
+                                       "tear_down", task.identifier]
+
+
+def test_worker_records_a_failure_and_still_tears_down(queue, tmp_path):
+    log = tmp_path / "steps.log"
+    task = Task("w", FailingJob, {"log": str(log)})
+    queue.add(task)
+    Worker("w1", queue, "w").consume(quantity=1)
+    stored = queue.find(task.identifier)
+    assert stored.status is Status.FAILED
+    assert stored.error.startswith("RuntimeError: boom\n")
+    assert "Traceback" in stored.error and "in perform" in stored.error
+    assert "tear_down" in log.read_text()
+
+
+def test_worker_runs_job_functions_and_stores_results(queue):
+    task = Task("w", add_numbers, {"a": 2, "b": 3})
+    queue.add(task)
+    Worker("w1", queue, "w").consume(quantity=1)
+    assert queue.find(task.identifier).result == 5
+
+
+@pytest.mark.parametrize("job_path, message", [
+    ("test_jobqueue.NOT_A_JOB", "neither a jobqueue.Job subclass nor"),
+    ("test_jobqueue.plain_function", "neither a jobqueue.Job subclass nor"),
+    ("no_such_module.Job", "cannot be imported"),
+    ("test_jobqueue.UnserialisableJob", "not JSON-serialisable"),
+])
+def test_worker_fails_tasks_it_must_not_or_cannot_run(queue, job_path, message):
+    task = Task("w", job_path)
+    ok = Task("w", add_numbers, {"a": 1, "b": 1})
+    queue.add(task, ok)
+    assert Worker("w1", queue, "w").consume(burst=True) == 2
+    failed = queue.find(task.identifier)
+    assert failed.status is Status.FAILED and message in failed.error
+    assert queue.find(ok.identifier).status is Status.FINISHED
+
+
+def test_worker_events_fire_in_order_with_payloads(queue):
+    dispatcher, seen = EventDispatcher(), []
+    for name in ("worker.start", "worker.finished"):
+        dispatcher.add_listener(name, lambda e, n=name: seen.append((n, e.worker.name)))
+    for name in ("task.fetched", "task.executed", "task.failed"):
+        dispatcher.add_listener(name, lambda e, n=name: seen.append((n, e.task.identifier, e.task.status.value)))
+    good, bad = Task("w", add_numbers, {"a": 1, "b": 2}), Task("w", FailingJob)
+    queue.add(good, bad)
+    Worker("events", queue, "w", dispatcher).consume(quantity=2)
+    assert seen == [
+        ("worker.start", "events"),
+        ("task.fetched", good.identifier, "running"),
+        ("task.executed", good.identifier, "finished"),
+        ("task.fetched", bad.identifier, "running"),
+        ("task.failed", bad.identifier, "failed"),
+        ("worker.finished", "events"),
+    ]
+
+
+def test_a_raising_listener_does_not_stop_the_worker(queue, caplog):
+    dispatcher = EventDispatcher()
+
+    def broken(event):
+        raise RuntimeError("listener exploded")
+
+    for name in ("worker.start", "task.fetched", "task.executed"):
+        dispatcher.add_listener(name, broken)
+    tasks = [Task("w", add_numbers, {"a": i, "b": 0}) for i in range(3)]
+    queue.add(*tasks)
+    with caplog.at_level(logging.ERROR):
+        assert Worker("w1", queue, "w", dispatcher).consume(burst=True) == 3
+    assert all(queue.find(t.identifier).status is Status.FINISHED for t in tasks)
+    assert "listener exploded" in caplog.text
+
+
+def test_consume_stops_after_quantity_and_burst_stops_when_empty(queue):
+    queue.add(*[Task("w", add_numbers, {"a": 1, "b": 1}) for _ in range(3)])
+    worker = Worker("w1", queue, "w")
+    assert worker.consume(quantity=2) == 2
+    assert queue.count(status="waiting") == 1
+    assert worker.consume(burst=True) == 1
+    assert worker.consume(burst=True) == 0
+
+
+def test_stop_ends_consume_after_the_current_task(queue):
+    queue.add(*[Task("w", add_numbers, {"a": 1, "b": 1}) for _ in range(3)])
+    dispatcher = EventDispatcher()
+    worker = Worker("w1", queue, "w", dispatcher)
+    dispatcher.add_listener("task.executed", lambda event: worker.stop())
+    assert worker.consume() == 1
+    assert queue.count(status="waiting") == 2
+
+
+def test_default_worker_name_is_host_and_pid(queue):
+    name = Worker(None, queue, "w").name
+    assert name == f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def test_four_worker_processes_run_each_task_exactly_once(queue, dsn, tmp_path):
+    log = tmp_path / "executions.log"
+    tasks = [Task("bulk", count_execution, {"log": str(log)}) for _ in range(2000)]
+    queue.add(*tasks)
+    workers = [worker_process(dsn, "bulk") for _ in range(4)]
+    try:
+        for process in workers:
+            process.wait(240)
+    finally:
+        for process in workers:
+            process.kill()
+    assert [p.returncode for p in workers] == [0, 0, 0, 0], [p.stderr.read() for p in workers]
+    executions = [line.split()[0] for line in log.read_text().splitlines()]
+    assert len(executions) == 2000
+    assert set(executions) == {t.identifier for t in tasks}
+    assert queue.count(status="finished") == 2000
+    assert len({line.split()[1] for line in log.read_text().splitlines()}) > 1
+
+
+# == Test set-up =============================================================
+
+
+def test_missing_redis_server_skips_locally_and_fails_under_ci(tmp_path):
+    """Without a redis-server binary the Redis half skips with a reason, except with CI=true."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    env.pop("CI", None)
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
+               str(HERE / "test_jobqueue.py"), "-k", "test_seed_scenario"]
+    local = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stdout
+    assert "1 passed, 1 skipped" in local.stdout
+    assert "redis-server is not installed" in local.stdout
+    ci = subprocess.run(command, env={**env, "CI": "true"}, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120)
+    assert ci.returncode == 1, ci.stdout
+    assert "CI=true the Redis tests must run" in ci.stdout
+
+
+def test_code_is_ruff_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ruff is not installed; pip install -e '.[test]' brings it", pytrace=False)
+        pytest.skip("ruff is not installed (pip install ruff)")
+    result = subprocess.run([ruff, "check", "jobqueue.py", "test_jobqueue.py"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
