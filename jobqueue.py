@@ -17,10 +17,12 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
     Configuration  Config.from_env and the ServiceContainer
+    CLI            python jobqueue.py worker|manager, main(argv) -> exit code
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import email.utils
 import importlib
@@ -30,8 +32,10 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -49,11 +53,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Status", "Task", "Job", "job", "validate_profile", "resolve_job",
     "JobQueueError", "ValidationError", "TaskNotFound", "ParameterNotFound",
-    "JobError", "BackendUnavailable", "ConfigurationError",
+    "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED",
     "Queue", "RedisQueue", "SQLiteQueue", "queue_from_dsn",
-    "Worker", "Config", "ServiceContainer",
+    "Worker", "Config", "ServiceContainer", "main",
 ]
 
 # == Constants ===============================================================
@@ -119,6 +123,36 @@ class BackendUnavailable(JobQueueError):
 
 class ConfigurationError(JobQueueError):
     """A DSN or setting jobqueue cannot use, or a missing optional dependency."""
+
+
+class JobNotAllowed(JobQueueError):
+    """A job path outside the ``JOBQUEUE_JOBS`` allow-list."""
+
+
+class UsageError(JobQueueError):
+    """A command used in a way it refuses, such as ``flush`` with nobody to confirm it."""
+
+
+# What each error means to an HTTP client and to a shell: (HTTP status, exit code).
+# The HTTP layer and the CLI both read this table; anything not in it is a bug (500, exit 1).
+ERROR_CODES: dict[type, tuple[int, int]] = {
+    ValidationError: (400, 2),
+    TaskNotFound: (404, 2),
+    ParameterNotFound: (400, 2),
+    JobError: (400, 2),
+    JobNotAllowed: (403, 2),
+    UsageError: (400, 2),
+    ConfigurationError: (500, 2),
+    BackendUnavailable: (503, 1),
+}
+
+
+def error_codes(error: BaseException) -> tuple[int, int]:
+    """The (HTTP status, exit code) of an error, by the first class in its MRO that the table knows."""
+    for cls in type(error).__mro__:
+        if cls in ERROR_CODES:
+            return ERROR_CODES[cls]
+    return 500, 1
 
 
 # == Domain ==================================================================
@@ -306,6 +340,10 @@ def resolve_job(path: str) -> Any:
     raise JobError(f'"{path}" is neither a jobqueue.Job subclass nor a @jobqueue.job function')
 
 
+def _rfc2822(value: datetime) -> str:
+    return email.utils.format_datetime(value.astimezone(timezone.utc))
+
+
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -374,7 +412,7 @@ class Task:
     @property
     def date(self) -> str:
         """The creation date in RFC 2822 form, as the seed's JSON shows it."""
-        return email.utils.format_datetime(self.created_at.astimezone(timezone.utc))
+        return _rfc2822(self.created_at)
 
     def get_parameter(self, name: str) -> Scalar:
         try:
@@ -655,9 +693,10 @@ class Queue:
         if not deleted:
             raise TaskNotFound(identifier)
 
-    def flush(self) -> None:
+    def flush(self) -> int:
+        """Remove every task of this queue; return how many there were."""
         with self._errors():
-            self._flush()
+            return self._flush()
 
     def restore(self) -> int:
         """Put every task that is not finished back to waiting; return how many moved."""
@@ -715,7 +754,7 @@ class Queue:
     def _delete(self, identifier: str) -> bool:
         raise NotImplementedError
 
-    def _flush(self) -> None:
+    def _flush(self) -> int:
         raise NotImplementedError
 
     def _restore(self) -> int:
@@ -1107,8 +1146,8 @@ class RedisQueue(Queue):
     def _delete(self, identifier: str) -> bool:
         return bool(self._run("delete", identifier))
 
-    def _flush(self) -> None:
-        self._run("flush")
+    def _flush(self) -> int:
+        return int(self._run("flush"))
 
     def _restore(self) -> int:
         return int(self._run("restore"))
@@ -1368,10 +1407,10 @@ class SQLiteQueue(Queue):
             connection.execute("DELETE FROM jobqueue_tasks WHERE seq = ?", (row["seq"],))
         return True
 
-    def _flush(self) -> None:
+    def _flush(self) -> int:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_tags")
-            connection.execute("DELETE FROM jobqueue_tasks")
+            return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
     def _restore(self) -> int:
         with self._write() as connection:
@@ -1540,6 +1579,9 @@ class Worker:
             task.status = Status.FINISHED
         except Exception as error:  # noqa: BLE001 - any error a job raises fails its task
             task.status, task.error, task.result = Status.FAILED, format_error(error), None
+        except BaseException:
+            self._give_back(task)
+            raise
         task.finished_at = _utcnow()
         if not self.queue.complete(task):
             self.logger.warning("Task %s was taken from worker %s before it ended", task.identifier, self.name)
@@ -1552,6 +1594,14 @@ class Worker:
             self.logger.error("%s %s failed in %.3fs: %s", task.identifier, task.job_name, seconds, summary)
             self.dispatcher.dispatch(TASK_FAILED, TaskEvent(TASK_FAILED, task, self))
         return task
+
+    def _give_back(self, task: Task) -> None:
+        """An interrupted job is not a failed one: its task goes back to waiting."""
+        try:
+            self.queue.update_status(task, Status.WAITING)
+            self.logger.warning("%s %s interrupted; back to waiting", task.identifier, task.job_name)
+        except JobQueueError as error:
+            self.logger.error("%s %s interrupted and not given back: %s", task.identifier, task.job_name, error)
 
     def _execute(self, task: Task) -> Any:
         target = resolve_job(task.job)
@@ -1569,6 +1619,11 @@ class Worker:
 # == Configuration ===========================================================
 
 
+def _split_list(value: str | None) -> tuple:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+
 @dataclass(frozen=True)
 class Config:
     """Settings read from the environment in one place (``Config.from_env``)."""
@@ -1576,6 +1631,8 @@ class Config:
     redis_dsn: str | None = None
     db: str = DEFAULT_DB
     env: str = "dev"
+    jobs: tuple = ()
+    imports: tuple = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -1584,7 +1641,16 @@ class Config:
             redis_dsn=environ.get("JOBQUEUE_REDIS_DSN") or None,
             db=environ.get("JOBQUEUE_DB") or DEFAULT_DB,
             env=environ.get("JOBQUEUE_ENV") or "dev",
+            jobs=_split_list(environ.get("JOBQUEUE_JOBS")),
+            imports=_split_list(environ.get("JOBQUEUE_IMPORTS")),
         )
+
+    def check_job(self, target: object) -> str:
+        """The job's path, if ``JOBQUEUE_JOBS`` (when set) allows it; else JobNotAllowed."""
+        path = job_path(target)
+        if self.jobs and not any(path.replace(":", ".").startswith(prefix) for prefix in self.jobs):
+            raise JobNotAllowed(f'Job "{path}" is not allowed: JOBQUEUE_JOBS allows {", ".join(self.jobs)}')
+        return path
 
     @property
     def dsn(self) -> str:
@@ -1627,3 +1693,530 @@ class ServiceContainer:
     def reset(cls) -> None:
         with cls._lock:
             cls._instance = None
+
+
+# == CLI =====================================================================
+
+STATUS_COLOURS = {Status.WAITING: "34", Status.RUNNING: "33", Status.FINISHED: "32", Status.FAILED: "31"}
+MARK = "\u25a0"
+ORDER_KEYS: dict[str, Callable[[Task], Any]] = {
+    "date": lambda task: task.created_at,
+    "status": lambda task: (task.status.rank, task.created_at),
+    "profile": lambda task: (task.profile, task.created_at),
+}
+GROUP_KEYS: dict[str, Callable[[Task], Any]] = {
+    "date": lambda task: None,
+    "status": lambda task: task.status,
+    "profile": lambda task: task.profile,
+}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def use_colour(stream: Any) -> bool:
+    """Colour only on a terminal, never with NO_COLOR; FORCE_COLOR asks for it anywhere."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _paint(text: str, status: Status, colour: bool) -> str:
+    return f"\033[{STATUS_COLOURS[status]}m{text}\033[0m" if colour else text
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_task(task: Task) -> str:
+    """The task block that ``add``, ``show`` and ``edit`` print."""
+    lines = [
+        f"Identifier : {task.identifier}",
+        f"Date : {task.date}",
+        f"Job class : {task.job}",
+        f"Job name : {task.job_name}",
+        f"Profile : {task.profile}",
+        f"Status : {task.status.value}",
+        f"Tags : {', '.join(task.tags) if task.tags else '(none)'}",
+    ]
+    parameters = [f"{number}) {name}: {_shown(value)}"
+                  for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
+    lines.append("Parameters : " + (parameters[0] if parameters else "(none)"))
+    lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
+    if task.attempts:
+        lines.append(f"Attempts : {task.attempts}")
+    for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
+        if value is not None:
+            lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
+    if task.result is not None:
+        lines.append(f"Result : {json.dumps(task.result)}")
+    if task.error:
+        lines.append("Error : " + task.error.rstrip("\n").replace("\n", "\n        "))
+    return "\n".join(lines)
+
+
+def parse_parameter(text: str) -> tuple:
+    """``name:value`` gives a string; ``name:=JSON`` a number, boolean, null or quoted string."""
+    name, colon, value = text.partition(":")
+    if not colon or not name:
+        raise ValidationError(
+            f'Malformed parameter "{text}": use name:value, or name:=JSON for numbers, booleans and null'
+        )
+    if not value.startswith("="):
+        return name, value
+    try:
+        parsed = json.loads(value[1:])
+    except ValueError:
+        raise ValidationError(
+            f'Malformed parameter "{text}": after ":=" comes JSON, such as 3, true, null or "text"'
+        ) from None
+    if not _is_scalar(parsed):
+        raise ValidationError(f'The "{name}" value must be a scalar or null')
+    return name, parsed
+
+
+def confirm(question: str, refusal: str) -> bool:
+    """Ask ``question [y/N]`` on the terminal; without one, refuse with ``refusal``."""
+    if not sys.stdin.isatty():
+        raise UsageError(refusal)
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _queue() -> Queue:
+    queue = ServiceContainer.get_instance().queue
+    queue.ping()
+    return queue
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# -- manager ------------------------------------------------------------------
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    config = ServiceContainer.get_instance().config
+    parameters = dict(parse_parameter(text) for text in args.parameters)
+    task = Task(args.profile, config.check_job(args.job), parameters, args.tags)
+    _queue().add(task)
+    print(format_task(task))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    task = _queue().find(args.identifier)
+    if args.json:
+        _print_json(task.to_json())
+    else:
+        print(format_task(task))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    print(format_task(_queue().update_status(args.identifier, args.status)))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _queue().delete(args.identifier)
+    print(f"Task {args.identifier} deleted")
+    return 0
+
+
+def listed_tasks(queue: Queue, args: argparse.Namespace) -> tuple:
+    """The tasks ``list`` shows and how many match; finished ones only when asked by ``--status``."""
+    statuses = [args.status] if args.status else [Status.WAITING, Status.RUNNING, Status.FAILED]
+    tasks: list[Task] = []
+    for status in statuses:
+        tasks += queue.search(args.profile, status, args.tags, args.order, args.limit)
+    tasks.sort(key=ORDER_KEYS[args.order])
+    total = sum(queue.count(args.profile, status, args.tags) for status in statuses)
+    return tasks[: args.limit], total
+
+
+def render_list(tasks: list[Task], total: int, args: argparse.Namespace, colour: bool) -> str:
+    tags = list(args.tags)
+    header = ["Job", "Profile", "Date", *[f"T{n}" for n in range(1, len(tags) + 1)], "Identifier"]
+    if not colour:
+        header.insert(1, "Status")
+    rows = []
+    for task in tasks:
+        row = [f"{MARK} {task.job_name}", task.profile, _when(task.created_at),
+               *["\u2714" if task.has_tag(tag) else "\u2718" for tag in tags], task.identifier]
+        if not colour:
+            row.insert(1, task.status.value)
+        rows.append((task, row))
+    widths = [max([len(header[i])] + [len(row[i]) for _, row in rows]) for i in range(len(header))]
+    separator = "  ".join("-" * width for width in widths)
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip(), separator]
+    group = GROUP_KEYS[args.order]
+    for index, (task, row) in enumerate(rows):
+        if index and group(task) != group(rows[index - 1][0]):
+            lines.append(separator)
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        cells[0] = _paint(MARK, task.status, colour) + cells[0][len(MARK):]
+        lines.append("  ".join(cells).rstrip())
+    lines += ["", f"There is {total} tasks in queue"]
+    if total > len(tasks) and args.limit is not None and len(tasks) == args.limit:
+        lines.append(f"(showing the first {len(tasks)}; use --limit to see more)")
+    if args.legend:
+        lines += ["", "Legend:"]
+        lines += [f"  {_paint(MARK, status, colour)} {status.value}" for status in Status]
+        lines += [f'  T{n}: tag "{tag}"' for n, tag in enumerate(tags, 1)]
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    queue = _queue()
+    colour = use_colour(sys.stdout)
+    while True:
+        tasks, total = listed_tasks(queue, args)
+        if args.json:
+            _print_json([task.to_json() for task in tasks])
+        else:
+            if args.follow and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(render_list(tasks, total, args, colour), flush=True)
+        if not args.follow:
+            return 0
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+        if not sys.stdout.isatty():
+            print()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = _queue().stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    statuses = [status.value for status in Status]
+    totals = {status: sum(counts[status] for counts in stats.values()) for status in statuses}
+    rows = [[profile, *[str(counts[s]) for s in statuses], str(sum(counts.values()))]
+            for profile, counts in stats.items()]
+    rows.append(["Total", *[str(totals[s]) for s in statuses], str(sum(totals.values()))])
+    header = ["Profile", *statuses, "total"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [header, *rows[:-1], ["-" * width for width in widths], rows[-1]]
+    for line in lines:
+        print("  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]))
+    return 0
+
+
+def _go_ahead(args: argparse.Namespace, verb: str, question: str) -> bool:
+    """True with ``--force`` or a yes on the terminal; without a terminal, UsageError."""
+    if args.force or confirm(
+        question, f"Refusing to {verb} without confirmation: no terminal to ask on. Add --force to {verb} anyway."
+    ):
+        return True
+    print(f"Nothing done: {verb} cancelled.")
+    return False
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    queue = _queue()
+    if not _go_ahead(args, "restore", "Put every task that is not finished (running and failed too) back to waiting?"):
+        return 1
+    print(f"{queue.restore()} tasks restored to waiting")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    queue = _queue()
+    if not _go_ahead(args, "flush", f"Delete every task of {queue.describe()}?"):
+        return 1
+    print(f"Queue flushed: {queue.flush()} tasks deleted")
+    return 0
+
+
+# -- worker -------------------------------------------------------------------
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def _import_modules(names: Iterable[str]) -> None:
+    """Load user modules (``--import``, JOBQUEUE_IMPORTS) so they can register listeners."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise ConfigurationError(f'Cannot import "{name}": {type(error).__name__}: {error}') from error
+
+
+def _stop_on_signals(worker: Worker) -> None:
+    """First SIGINT/SIGTERM: finish the current task, then stop. Second: interrupt the job."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if worker.stopping:
+            raise KeyboardInterrupt
+        worker.logger.warning(
+            "%s received: worker %s stops after the current task (again to interrupt it)",
+            signal.Signals(signum).name, worker.name,
+        )
+        worker.stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    services = ServiceContainer.get_instance()
+    validate_profile(args.profile)
+    _import_modules([*services.config.imports, *args.imports])
+    queue = _queue()
+    if args.concurrency > 1:
+        return supervise(args)
+    worker = Worker(args.name, queue, args.profile, services.dispatcher)
+    _stop_on_signals(worker)
+    print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
+    worker.consume(args.quantity, burst=args.burst)
+    print(f"Worker {worker.name} is done.", flush=True)
+    return 0
+
+
+def _child_command(args: argparse.Namespace, name: str) -> list[str]:
+    command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name]
+    if args.quantity is not None:
+        command += ["--quantity", str(args.quantity)]
+    if args.burst:
+        command.append("--burst")
+    for module in args.imports:
+        command += ["--import", module]
+    if args.verbose:
+        command.append("-v")
+    if args.quiet:
+        command.append("-q")
+    return command
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Run ``--concurrency`` worker processes; start again any that dies unexpectedly.
+
+    Children run in their own session, so a terminal's Ctrl-C reaches only the
+    supervisor, which passes on SIGTERM (finish the task) and, the second
+    time, SIGINT (interrupt it).
+    """
+    log = logging.getLogger("jobqueue.supervisor")
+    base = args.name or _default_worker_name()
+    children: dict[str, subprocess.Popen] = {}
+    signals: list[int] = []
+
+    def start(name: str) -> None:
+        children[name] = subprocess.Popen(_child_command(args, name), start_new_session=True)
+        log.info("Started worker %s (pid %d)", name, children[name].pid)
+
+    def handle(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        forwarded = signal.SIGTERM if len(signals) == 1 else signal.SIGINT
+        for child in list(children.values()):
+            if child.poll() is None:
+                child.send_signal(forwarded)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    for number in range(1, args.concurrency + 1):
+        start(f"{base}-{number}")
+    status = 0
+    while children:
+        time.sleep(0.1)
+        for name, child in list(children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            del children[name]
+            if signals or code == 0:
+                continue
+            if code == 2:
+                log.error("Worker %s refused its arguments; stopping", name)
+                status = 2
+                handle(signal.SIGTERM, None)
+                continue
+            log.warning("Worker %s died (exit status %s); starting it again", name, code)
+            start(name)
+    return status
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _command(subparsers: Any, name: str, handler: Callable, help: str, *examples: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=help, description=help, epilog=_examples(*examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a whole number of 1 or more')
+    return value
+
+
+def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that keeps our validation message."""
+
+    def check(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValidationError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    check.__name__ = convert.__name__
+    return check
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", type=_checked(validate_profile), metavar="P", help="only tasks of this profile")
+    parser.add_argument("--status", type=_checked(Status), metavar="S", help="waiting, running, finished or failed")
+    parser.add_argument("--tags", nargs="+", default=[], metavar="T", help="only tasks with any of these tags")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="jobqueue",
+        description="Distribute tasks to workers; see and steer the queue.",
+        epilog=_examples(
+            "jobqueue worker mail                  # run tasks of profile 'mail'",
+            "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+            "jobqueue manager list --legend",
+        ) + "\n\nThe queue is SQLite at $JOBQUEUE_DB (./jobqueue.db), or Redis at $JOBQUEUE_REDIS_DSN.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"jobqueue {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    worker = _command(
+        commands, "worker", cmd_worker, "Run tasks of one profile until stopped.",
+        "jobqueue worker mail",
+        "jobqueue worker mail --name mailer-1 --quantity 100",
+        "jobqueue worker mail --burst                 # stop when 'mail' has no waiting task",
+        "jobqueue worker mail --concurrency 4 --import myapp.listeners",
+    )
+    worker.add_argument("profile", help="the profile whose tasks to run")
+    worker.add_argument("--name", help="worker name (default: host-pid)")
+    worker.add_argument("--quantity", type=_positive, metavar="N", help="stop after N tasks")
+    worker.add_argument("--burst", action="store_true", help="stop when the profile has no waiting task")
+    worker.add_argument("--concurrency", type=_positive, default=1, metavar="N",
+                        help="run N worker processes under one supervisor")
+    worker.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, e.g. to add listeners (repeatable; also $JOBQUEUE_IMPORTS)")
+    noise = worker.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    noise.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    manager = commands.add_parser(
+        "manager", help="See and change tasks.", description="See and change tasks.",
+        epilog=_examples("jobqueue manager list", "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+                         "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = manager.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = _command(
+        actions, "add", cmd_add, "Add a task. Parameters are name:value (a string) or name:=JSON (3, true, null).",
+        "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+        "jobqueue manager add reports myapp.jobs:Build year:=2024 draft:=true --tags nightly finance",
+    )
+    add.add_argument("profile")
+    add.add_argument("job", help="import path of a Job subclass or @job function")
+    add.add_argument("parameters", nargs="*", metavar="name:value")
+    add.add_argument("--tags", nargs="+", default=[], metavar="T")
+
+    show = _command(actions, "show", cmd_show, "Show one task.",
+                    "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
+    show.add_argument("identifier")
+    show.add_argument("--json", action="store_true", help="print the task's JSON form")
+
+    listing = _command(
+        actions, "list", cmd_list, "List tasks (finished ones only with --status finished).",
+        "jobqueue manager list --profile mail --order date",
+        "jobqueue manager list --tags urgent nightly --legend",
+        "jobqueue manager list --status failed --json",
+        "jobqueue manager list --follow              # redraw every second; Ctrl-C to stop",
+    )
+    _add_filters(listing)
+    listing.add_argument("--order", choices=ORDERS, default="status", help="sort order (default: status)")
+    listing.add_argument("--limit", type=_positive, default=1000, metavar="N", help="show at most N (default 1000)")
+    listing.add_argument("--follow", action="store_true", help="redraw every second until Ctrl-C")
+    listing.add_argument("--legend", action="store_true", help="explain the colours and tag columns")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of tasks")
+
+    edit = _command(actions, "edit", cmd_edit, "Set a task's status (waiting re-enqueues it).",
+                    "jobqueue manager edit 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 waiting")
+    edit.add_argument("identifier")
+    edit.add_argument("status", type=_checked(Status), help="waiting, finished or failed")
+
+    delete = _command(actions, "delete", cmd_delete, "Delete a task.",
+                      "jobqueue manager delete 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
+    delete.add_argument("identifier")
+
+    restore = _command(actions, "restore", cmd_restore,
+                       "Put every task that is not finished back to waiting (crash repair).",
+                       "jobqueue manager restore", "jobqueue manager restore --force   # no question")
+    restore.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+    flush = _command(actions, "flush", cmd_flush, "Delete every task of the queue.",
+                     "jobqueue manager flush", "jobqueue manager flush --force     # no question")
+    flush.add_argument("--force", action="store_true", help="do not ask for confirmation")
+
+    stats = _command(actions, "stats", cmd_stats, "Count tasks per profile and status.",
+                     "jobqueue manager stats", "jobqueue manager stats --json")
+    stats.add_argument("--json", action="store_true", help="print {profile: {status: count}}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad input, 1 backend or other failure)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except JobQueueError as error:
+        print(f"jobqueue: {error}", file=sys.stderr)
+        return error_codes(error)[1]
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    # Run as a script, this module is __main__; user code that imports jobqueue
+    # must get this very module (one Job class, one ServiceContainer), not a copy.
+    sys.modules.setdefault("jobqueue", sys.modules[__name__])
+    sys.exit(main())

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -91,6 +92,15 @@ def add_numbers(task):
 def count_execution(task):
     with open(task.get_parameter("log"), "a") as log:
         log.write(f"{task.identifier} {os.getpid()}\n")
+
+
+class SlowJob(Job):
+    """Touches the ``started`` file, then sleeps ``seconds``: a job to stop workers in."""
+
+    def perform(self, task):
+        Path(task.get_parameter("started")).write_text(str(os.getpid()))
+        time.sleep(task.get_parameter("seconds"))
+        return "slept"
 
 
 def plain_function(task):
@@ -919,6 +929,459 @@ def test_four_worker_processes_run_each_task_exactly_once(queue, dsn, tmp_path):
     assert len({line.split()[1] for line in log.read_text().splitlines()}) > 1
 
 
+# == CLI =====================================================================
+
+
+def backend_env(dsn: str) -> dict:
+    """The environment that points jobqueue's configuration at ``dsn``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR", "JOBQUEUE_IMPORTS")}
+    if dsn.startswith("redis"):
+        return {**env, "JOBQUEUE_REDIS_DSN": dsn}
+    return {**env, "JOBQUEUE_REDIS_DSN": "", "JOBQUEUE_DB": dsn}
+
+
+def jobqueue_command(*args: str) -> list:
+    return [sys.executable, str(HERE / "jobqueue.py"), *args]
+
+
+def cli(dsn: str, *args: str, env: dict | None = None, cwd: Path = HERE, timeout: float = 60):
+    return subprocess.run(jobqueue_command(*args), env={**backend_env(dsn), **(env or {})}, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class Running:
+    """A jobqueue process whose output is read as it comes, with bounded waits on it."""
+
+    def __init__(self, dsn: str, *args: str, env: dict | None = None, cwd: Path = HERE):
+        self.process = subprocess.Popen(
+            jobqueue_command(*args), env={**backend_env(dsn), **(env or {})}, cwd=cwd, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, lines=lines: lines.extend(iter(s.readline, "")),
+                             daemon=True).start()
+
+    def wait_for(self, pattern: str, stream: str = "out", timeout: float = 20) -> re.Match:
+        lines = self.out if stream == "out" else self.err
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if match := re.search(pattern, line):
+                    return match
+            time.sleep(0.02)
+        raise AssertionError(f"no {pattern!r} on std{stream} within {timeout}s: {''.join(lines)}")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.process.wait(timeout)
+        time.sleep(0.05)
+        return code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def running():
+    started: list[Running] = []
+
+    def start(*args, **kwargs) -> Running:
+        process = Running(*args, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def wait_for_file(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.02)
+
+
+def added_identifier(result) -> str:
+    assert result.returncode == 0, result.stderr
+    return re.search(rf"^Identifier : ({UUID.pattern})$", result.stdout, re.M).group(1)
+
+
+def test_cli_add_and_show_seed_scenario(dsn):
+    added = cli(dsn, "manager", "add", "test1", "test_jobqueue.RecordingJob", "param1:value1", "param2:value2",
+                "--tags", "tag1", "tag2")
+    identifier = added_identifier(added)
+    assert "Status : waiting" in added.stdout and "Profile : test1" in added.stdout
+    assert "Job class : test_jobqueue.RecordingJob" in added.stdout and "Job name : recording" in added.stdout
+    shown = cli(dsn, "manager", "show", identifier)
+    assert shown.returncode == 0
+    assert "Parameters : 1) param1: value1\n             2) param2: value2" in shown.stdout
+    assert "Tags : tag1, tag2" in shown.stdout
+    assert re.search(r"^Date : \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000$", shown.stdout, re.M)
+
+
+def test_cli_add_typed_parameters(dsn):
+    identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B", "count:=3", "flag:=true", "none:=null",
+                                      "url:http://x.org/a:b", 'quoted:="7"'))
+    task = json.loads(cli(dsn, "manager", "show", identifier, "--json").stdout)
+    assert task["parameters"] == {"count": 3, "flag": True, "none": None, "url": "http://x.org/a:b", "quoted": "7"}
+
+
+def test_cli_list_filters_legend_and_footer(dsn):
+    first = added_identifier(cli(dsn, "manager", "add", "test1", "a.DummyJob", "--tags", "tag1"))
+    second = added_identifier(cli(dsn, "manager", "add", "test2", "a.OtherJob", "--tags", "tag2"))
+    listed = cli(dsn, "manager", "list")
+    assert first in listed.stdout and second in listed.stdout
+    assert listed.stdout.rstrip().endswith("There is 2 tasks in queue")
+    assert "\u25a0 dummy" in listed.stdout
+    legend = cli(dsn, "manager", "list", "--tags", "tag1", "--legend")
+    assert 'T1: tag "tag1"' in legend.stdout
+    assert first in legend.stdout and second not in legend.stdout
+    both = cli(dsn, "manager", "list", "--tags", "tag1", "tag2", "--legend").stdout
+    assert 'T1: tag "tag1"' in both and 'T2: tag "tag2"' in both
+    first_row = next(line for line in both.splitlines() if first in line)
+    second_row = next(line for line in both.splitlines() if second in line)
+    assert re.search("\u2714 +\u2718", first_row) and re.search("\u2718 +\u2714", second_row)
+    only = cli(dsn, "manager", "list", "--profile", "test2")
+    assert second in only.stdout and first not in only.stdout
+    assert "There is 1 tasks in queue" in only.stdout
+
+
+def test_cli_list_separates_groups_of_the_order(dsn):
+    waiting = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    failed = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    cli(dsn, "manager", "edit", failed, "failed")
+    lines = cli(dsn, "manager", "list").stdout.splitlines()
+    at_waiting = next(i for i, line in enumerate(lines) if waiting in line)
+    at_failed = next(i for i, line in enumerate(lines) if failed in line)
+    assert at_failed == at_waiting + 2 and set(lines[at_waiting + 1]) <= {"-", " "}
+
+
+def test_cli_edit_hides_finished_from_list(dsn):
+    identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    edited = cli(dsn, "manager", "edit", identifier, "finished")
+    assert edited.returncode == 0 and "Status : finished" in edited.stdout
+    assert identifier not in cli(dsn, "manager", "list").stdout
+    assert identifier in cli(dsn, "manager", "list", "--status", "finished").stdout
+
+
+def test_cli_delete(dsn):
+    identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    assert cli(dsn, "manager", "delete", identifier).returncode == 0
+    gone = cli(dsn, "manager", "show", identifier)
+    assert gone.returncode == 2 and gone.stderr.strip() == f"jobqueue: Task {identifier} does not exists"
+
+
+def test_cli_restore_and_flush_with_force(dsn, queue):
+    tasks = [Task("p", RecordingJob) for _ in range(3)]
+    queue.add(*tasks)
+    queue.fetch("p", timeout=0)
+    queue.update_status(tasks[1], "finished")
+    queue.fetch("p", timeout=0)
+    queue.update_status(tasks[2], "failed")
+    restored = cli(dsn, "manager", "restore", "--force")
+    assert restored.returncode == 0 and "2 tasks restored" in restored.stdout
+    assert {t.status for t in queue.search()} == {Status.WAITING, Status.FINISHED}
+    flushed = cli(dsn, "manager", "flush", "--force")
+    assert flushed.returncode == 0 and "3 tasks deleted" in flushed.stdout
+    assert queue.count() == 0
+
+
+def test_cli_restore_and_flush_refuse_without_terminal(dsn, queue):
+    queue.add(Task("p", RecordingJob))
+    queue.fetch("p", timeout=0)
+    for action in ("restore", "flush"):
+        refused = cli(dsn, "manager", action)
+        assert refused.returncode == 2, refused
+        assert "no terminal" in refused.stderr and "--force" in refused.stderr
+    assert queue.count(status="running") == 1
+
+
+class FakeTerminal:
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def isatty(self):
+        return True
+
+    def readline(self):
+        return self.answer
+
+
+@pytest.mark.parametrize("answer, code, left", [("y\n", 0, 0), ("\n", 1, 1), ("no\n", 1, 1)])
+def test_cli_flush_asks_on_a_terminal(monkeypatch, capsys, tmp_path, answer, code, left):
+    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "ask.db"))
+    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
+    monkeypatch.setattr(sys, "stdin", FakeTerminal(answer))
+    ServiceContainer.reset()
+    try:
+        SQLiteQueue(tmp_path / "ask.db").add(Task("p", RecordingJob))
+        assert jobqueue.main(["manager", "flush"]) == code
+        assert "[y/N]" in capsys.readouterr().out
+        assert SQLiteQueue(tmp_path / "ask.db").count() == left
+    finally:
+        ServiceContainer.reset()
+
+
+def test_cli_stats_table_and_json(dsn, queue):
+    queue.add(Task("mail", RecordingJob), Task("mail", RecordingJob), Task("sms", RecordingJob))
+    queue.fetch("mail", timeout=0)
+    table = cli(dsn, "manager", "stats").stdout.splitlines()
+    assert table[0].split() == ["Profile", "waiting", "running", "finished", "failed", "total"]
+    assert table[1].split() == ["mail", "1", "1", "0", "0", "2"]
+    assert table[2].split() == ["sms", "1", "0", "0", "0", "1"]
+    assert table[-1].split() == ["Total", "2", "1", "0", "0", "3"]
+    assert json.loads(cli(dsn, "manager", "stats", "--json").stdout) == queue.stats()
+
+
+def test_cli_json_output_parses_back(dsn, queue):
+    task = Task("p", RecordingJob, {"k": "v"}, ["t"])
+    queue.add(task)
+    listed = json.loads(cli(dsn, "manager", "list", "--json").stdout)
+    assert [Task.from_json(item).identifier for item in listed] == [task.identifier]
+    shown = json.loads(cli(dsn, "manager", "show", task.identifier, "--json").stdout)
+    assert shown == task.to_json() | {"created_at": shown["created_at"]}
+    assert Task.from_json(shown).created_at == queue.find(task.identifier).created_at
+
+
+@pytest.mark.parametrize("args, message", [
+    (["manager", "edit", "ID", "foo"], 'Status "foo" does not exists'),
+    (["manager", "list", "--status", "foo"], 'Status "foo" does not exists'),
+    (["manager", "add", "Bad Profile", "a.B"], "Profile name only allows lowercase alphanumerical"),
+    (["manager", "list", "--profile", "UPPER"], "Profile name only allows lowercase alphanumerical"),
+    (["manager", "show", "nope"], "Task nope does not exists"),
+    (["manager", "add", "p", "a.B", "novalue"], 'Malformed parameter "novalue"'),
+    (["manager", "add", "p", "a.B", "n:=[1]"], 'The "n" value must be a scalar or null'),
+    (["manager", "add", "p", "a.B", "n:=nope"], 'Malformed parameter "n:=nope"'),
+    (["manager", "add", "p", "not a path"], "must be an import path"),
+    (["manager", "frobnicate"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+    (["worker", "Bad"], "Profile name only allows"),
+    (["worker", "p", "--quantity", "0"], "not a whole number of 1 or more"),
+])
+def test_cli_bad_input_exits_2_with_one_line(dsn, args, message):
+    result = cli(dsn, *args)
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_cli_running_cannot_be_set_by_hand(dsn):
+    identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    result = cli(dsn, "manager", "edit", identifier, "running")
+    assert result.returncode == 2
+    assert result.stderr.strip() == 'jobqueue: A task can not be marked as "running"'
+
+
+def test_cli_unreachable_backend_exits_1_naming_it_without_password():
+    pytest.importorskip("redis")
+    port = free_port()
+    for args in (["manager", "list"], ["worker", "p", "--burst"]):
+        result = cli(f"redis://:hunter2@127.0.0.1:{port}/0", *args)
+        assert result.returncode == 1, result
+        assert f"127.0.0.1:{port}" in result.stderr and "hunter2" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_cli_allow_list_of_jobs(dsn):
+    env = {"JOBQUEUE_JOBS": "test_jobqueue.,myapp.jobs."}
+    assert cli(dsn, "manager", "add", "p", "myapp.jobs:Send", env=env).returncode == 0
+    refused = cli(dsn, "manager", "add", "p", "os.system", env=env)
+    assert refused.returncode == 2 and 'Job "os.system" is not allowed' in refused.stderr
+
+
+def test_cli_colour_only_on_request_and_never_with_no_color(dsn):
+    added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    assert "\033[" not in cli(dsn, "manager", "list").stdout
+    coloured = cli(dsn, "manager", "list", "--legend", env={"FORCE_COLOR": "1"}).stdout
+    assert "\033[34m\u25a0\033[0m" in coloured
+    assert "\033[" not in cli(dsn, "manager", "list", env={"FORCE_COLOR": "1", "NO_COLOR": "1"}).stdout
+
+
+def test_cli_every_help_has_an_example(dsn):
+    for command in ([], ["worker"], ["manager"], *[["manager", a] for a in
+                    ("add", "show", "list", "edit", "delete", "restore", "flush", "stats")]):
+        result = cli(dsn, *command, "--help")
+        assert result.returncode == 0 and "examples:" in result.stdout, command
+        assert "jobqueue " in result.stdout.split("examples:")[1]
+
+
+def test_cli_follow_redraws_until_ctrl_c(dsn, running):
+    identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
+    follow = running(dsn, "manager", "list", "--follow")
+    follow.wait_for("There is 1 tasks in queue")
+    cli(dsn, "manager", "add", "p", "a.B")
+    follow.wait_for("There is 2 tasks in queue")
+    follow.signal(signal.SIGINT)
+    assert follow.wait() == 0
+    assert identifier in "".join(follow.out) and "Traceback" not in "".join(follow.err)
+
+
+def test_cli_worker_seed_scenario(dsn, queue):
+    good, bad = Task("test", add_numbers, {"a": 1, "b": 2}), Task("test", FailingJob)
+    queue.add(good)
+    result = cli(dsn, "worker", "test", "--name", "foobar", "--quantity", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ['Worker foobar handles "test" tasks...', "Worker foobar is done."]
+    queue.add(bad)
+    assert cli(dsn, "worker", "test", "--name", "foobar", "--quantity", "1").returncode == 0
+    assert queue.find(good.identifier).status is Status.FINISHED
+    failed = queue.find(bad.identifier)
+    assert failed.status is Status.FAILED and "RuntimeError: boom" in failed.error
+
+
+def test_cli_worker_logs_one_line_per_task(dsn, queue):
+    good, bad = Task("test", add_numbers, {"a": 1, "b": 2}), Task("test", FailingJob)
+    queue.add(good, bad)
+    result = cli(dsn, "worker", "test", "--burst")
+    task_lines = [line for line in result.stderr.splitlines() if "jobqueue.worker" in line]
+    assert len(task_lines) == 2
+    assert re.match(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO jobqueue.worker: {good.identifier} add_numbers"
+                    r" finished in \d+\.\d{3}s$", task_lines[0])
+    assert f"{bad.identifier} failing failed in" in task_lines[1] and "RuntimeError: boom" in task_lines[1]
+    assert "jobqueue.job.recording" not in result.stderr
+    quiet = cli(dsn, "worker", "test", "--burst", "-q")
+    assert "INFO" not in quiet.stderr
+
+
+def test_cli_job_logger_writes_through_the_worker_logging(dsn, queue):
+    task = Task("test", RecordingJob)
+    queue.add(task)
+    result = cli(dsn, "worker", "test", "--burst")
+    assert f"INFO jobqueue.job.recording: performing {task.identifier}" in result.stderr
+
+
+def test_cli_worker_burst_stops_when_profile_is_empty(dsn, queue):
+    queue.add(*[Task("test", add_numbers, {"a": i, "b": 0}) for i in range(5)], Task("other", add_numbers))
+    result = cli(dsn, "worker", "test", "--burst", "--name", "b")
+    assert result.returncode == 0 and result.stdout.endswith("Worker b is done.\n")
+    assert queue.count(profile="test", status="finished") == 5
+    assert queue.count(profile="other", status="waiting") == 1
+
+
+def test_cli_worker_concurrency_drains_a_profile(dsn, queue, tmp_path):
+    log = tmp_path / "runs.log"
+    queue.add(*[Task("multi", count_execution, {"log": str(log)}) for _ in range(300)])
+    result = cli(dsn, "worker", "multi", "--concurrency", "2", "--burst", "--name", "pair", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == sorted([
+        'Worker pair-1 handles "multi" tasks...', 'Worker pair-2 handles "multi" tasks...',
+        "Worker pair-1 is done.", "Worker pair-2 is done.",
+    ])
+    runs = log.read_text().splitlines()
+    assert len(runs) == 300 and len({line.split()[0] for line in runs}) == 300
+    assert queue.count(status="finished") == 300
+
+
+def test_cli_supervisor_restarts_a_dead_worker_and_stops_all(dsn, running):
+    supervisor = running(dsn, "worker", "idle", "--concurrency", "2", "--name", "sup")
+    first_pid = int(supervisor.wait_for(r"Started worker sup-1 \(pid (\d+)\)", "err").group(1))
+    other_pid = int(supervisor.wait_for(r"Started worker sup-2 \(pid (\d+)\)", "err").group(1))
+    supervisor.wait_for('Worker sup-1 handles "idle" tasks')
+    os.kill(first_pid, signal.SIGKILL)
+    supervisor.wait_for(r"Worker sup-1 died \(exit status -9\)", "err")
+    new_pid = int(supervisor.wait_for(rf"Started worker sup-1 \(pid (?!{first_pid}\))(\d+)\)", "err").group(1))
+    supervisor.wait_for('Worker sup-1 handles "idle" tasks.*', timeout=20)
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+    for pid in (new_pid, other_pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_cli_sigterm_finishes_the_current_task_then_exits_0(dsn, queue, tmp_path, running):
+    started = tmp_path / "started"
+    task = Task("slow", SlowJob, {"started": str(started), "seconds": 1})
+    queue.add(task, Task("slow", SlowJob, {"started": str(tmp_path / "second"), "seconds": 1}))
+    worker = running(dsn, "worker", "slow", "--name", "graceful")
+    wait_for_file(started)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert "Worker graceful is done." in "".join(worker.out)
+    done = queue.find(task.identifier)
+    assert done.status is Status.FINISHED and done.result == "slept"
+    assert queue.count(status="waiting") == 1
+
+
+def test_cli_second_ctrl_c_puts_the_task_back(dsn, queue, tmp_path, running):
+    started = tmp_path / "started"
+    task = Task("slow", SlowJob, {"started": str(started), "seconds": 60})
+    queue.add(task)
+    worker = running(dsn, "worker", "slow")
+    wait_for_file(started)
+    worker.signal(signal.SIGINT)
+    worker.wait_for("stops after the current task", "err")
+    worker.signal(signal.SIGINT)
+    assert worker.wait(20) == 130
+    back = queue.find(task.identifier)
+    assert back.status is Status.WAITING and back.attempts == 1
+    assert "interrupted; back to waiting" in "".join(worker.err)
+
+
+LISTENER_MODULE = '''
+import jobqueue
+
+def record(event):
+    with open(event.task.get_parameter("log"), "a") as log:
+        log.write("listened " + event.task.identifier + "\\n")
+
+jobqueue.ServiceContainer.get_instance().dispatcher.add_listener("task.executed", record)
+'''
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_import_registers_listeners_from_the_current_directory(dsn, queue, tmp_path, how):
+    (tmp_path / "mylisteners.py").write_text(LISTENER_MODULE)
+    log = tmp_path / "listened.log"
+    task = Task("test", count_execution, {"log": str(log)})
+    queue.add(task)
+    args, env = (["--import", "mylisteners"], {}) if how == "flag" else ([], {"JOBQUEUE_IMPORTS": "mylisteners"})
+    result = cli(dsn, "worker", "test", "--burst", *args, cwd=tmp_path,
+                 env={**env, "PYTHONPATH": str(HERE)})
+    assert result.returncode == 0, result.stderr
+    assert f"listened {task.identifier}" in log.read_text()
+
+
+def test_cli_jobs_resolve_from_the_current_directory(dsn, queue, tmp_path):
+    package = tmp_path / "myapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text(
+        "import jobqueue\n\nclass SendMail(jobqueue.Job):\n    def perform(self, task):\n        return 'sent'\n"
+    )
+    task = Task("mail", "myapp.jobs.SendMail")
+    queue.add(task)
+    result = cli(dsn, "worker", "mail", "--burst", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert queue.find(task.identifier).result == "sent"
+
+
+def test_cli_bad_import_is_a_clear_error(dsn):
+    result = cli(dsn, "worker", "p", "--import", "no_such_listeners")
+    assert result.returncode == 2
+    assert 'Cannot import "no_such_listeners"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_installed_jobqueue_command(dsn):
+    command = shutil.which("jobqueue")
+    if command is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the jobqueue command is not installed: pip install -e '.[test]'", pytrace=False)
+        pytest.skip("the jobqueue command is not installed (pip install -e .)")
+    result = subprocess.run([command, "manager", "add", "p", "a.B"], env=backend_env(dsn),
+                            capture_output=True, text=True, timeout=60)
+    identifier = added_identifier(result)
+    shown = subprocess.run([command, "manager", "show", identifier], env=backend_env(dsn),
+                           capture_output=True, text=True, timeout=60)
+    assert f"Identifier : {identifier}" in shown.stdout
+
+
 # == Test set-up =============================================================
 
 
@@ -950,3 +1413,19 @@ def test_code_is_ruff_clean():
     result = subprocess.run([ruff, "check", "jobqueue.py", "test_jobqueue.py"], cwd=HERE,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_first_run_commands_work(tmp_path, running):
+    """README's "Run it": add the example task, then the worker runs it."""
+    env = {"JOBQUEUE_DB": str(tmp_path / "first.db")}
+    readme = (HERE / "README.md").read_text()
+    add = "python jobqueue.py manager add hello examples.hello.GreetJob name:Ada"
+    assert add in readme and "python jobqueue.py worker hello " in readme
+    identifier = added_identifier(cli(str(tmp_path / "first.db"), *add.split()[2:], env=env))
+    worker = running(str(tmp_path / "first.db"), "worker", "hello", env=env)
+    worker.wait_for(r'Worker \S+ handles "hello" tasks\.\.\.')
+    worker.wait_for(f"{identifier} greet finished", "err")
+    worker.signal(signal.SIGINT)
+    assert worker.wait() == 0
+    done = SQLiteQueue(tmp_path / "first.db").find(identifier)
+    assert done.status is Status.FINISHED and done.result == "Hello, Ada!"
