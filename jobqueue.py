@@ -17,7 +17,8 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
     Configuration  Config.from_env and the ServiceContainer
-    CLI            python jobqueue.py worker|manager, main(argv) -> exit code
+    HTTP           WebService (routes, auth, errors as JSON) on a threaded http.server
+    CLI            python jobqueue.py worker|manager|serve, main(argv) -> exit code
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
+import hmac
 import importlib
 import itertools
 import json
@@ -45,8 +47,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Union
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 __version__ = "0.1.0"
 
@@ -57,7 +61,7 @@ __all__ = [
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED",
     "Queue", "RedisQueue", "SQLiteQueue", "queue_from_dsn",
-    "Worker", "Config", "ServiceContainer", "main",
+    "Worker", "Config", "ServiceContainer", "WebService", "Server", "main",
 ]
 
 # == Constants ===============================================================
@@ -216,7 +220,7 @@ def validate_tags(tags: object) -> list[str]:
         return []
     if isinstance(tags, str):
         tags = [tags]
-    if not isinstance(tags, Iterable):
+    if not isinstance(tags, (list, tuple, set, frozenset)):
         raise ValidationError("Tag value must be a string")
     unique: list[str] = []
     for tag in tags:
@@ -610,6 +614,9 @@ class Queue:
     - ``delete(identifier)``, ``flush()``: remove one task, or all of this queue's data.
     - ``restore()``: every task not finished goes back to ``waiting``.
     - ``stats()``: ``{profile: {status: count}}``, all four statuses present.
+    - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
+      workers completed since the queue began (or was flushed); counters, so
+      deleting tasks does not lower them.
 
     Every state change is one atomic step in the backend. Driver errors come
     out as BackendUnavailable, with the driver's exception as the cause.
@@ -711,6 +718,14 @@ class Queue:
             table.setdefault(profile, {s.value: 0 for s in Status})[status] = number
         return table
 
+    def completed(self) -> dict[str, dict[str, int]]:
+        with self._errors():
+            counts = self._completed()
+        table: dict[str, dict[str, int]] = {}
+        for (profile, outcome), number in sorted(counts.items()):
+            table.setdefault(profile, {"finished": 0, "failed": 0})[outcome] = number
+        return table
+
     def ping(self) -> None:
         """Raise BackendUnavailable unless the backend answers."""
         with self._errors():
@@ -763,6 +778,9 @@ class Queue:
     def _stats(self) -> dict[tuple, int]:
         raise NotImplementedError
 
+    def _completed(self) -> dict[tuple, int]:
+        raise NotImplementedError
+
     def _ping(self) -> None:
         raise NotImplementedError
 
@@ -780,6 +798,7 @@ _LUA_KEYS = """
 local base = KEYS[1]
 local STATUSES = {'waiting', 'running', 'finished', 'failed'}
 local ALL, PROFILES, TAGS = base .. ':all', base .. ':profiles', base .. ':tags'
+local COMPLETED = base .. ':completed'
 local function task_key(id) return base .. ':task:' .. id end
 local function queue_key(p) return base .. ':queue:' .. p end
 local function claimed_key(p) return base .. ':claimed:' .. p end
@@ -883,6 +902,7 @@ local key = task_key(id)
 local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'worker')
 if f[2] ~= 'running' or f[4] ~= ARGV[2] then return 0 end
 move(id, f[1], f[3], 'running', ARGV[3])
+redis.call('HINCRBY', COMPLETED, f[1] .. ':' .. ARGV[3], 1)
 redis.call('HSET', key, 'finished_at', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', key, 'error', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', key, 'result', ARGV[6]) end
@@ -1022,7 +1042,7 @@ for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
 end
 for _, t in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(t)) end
 for _, s in ipairs(STATUSES) do redis.call('DEL', status_key(s)) end
-redis.call('DEL', ALL, PROFILES, TAGS)
+redis.call('DEL', ALL, PROFILES, TAGS, COMPLETED)
 return #ids
 """,
 }
@@ -1155,6 +1175,10 @@ class RedisQueue(Queue):
     def _stats(self) -> dict[tuple, int]:
         flat = self._run("stats")
         return {(_text(flat[i]), _text(flat[i + 1])): int(flat[i + 2]) for i in range(0, len(flat), 3)}
+
+    def _completed(self) -> dict[tuple, int]:
+        counts = _pairs(self.client.hgetall(f"{self._base}:completed"))
+        return {tuple(name.split(":", 1)): int(number) for name, number in counts.items()}
 
     def _ping(self) -> None:
         self.client.ping()
@@ -1367,6 +1391,12 @@ class SQLiteQueue(Queue):
                 (task.status.value, task.status.rank, task.finished_at.timestamp(),  # type: ignore[union-attr]
                  task.error, result, task.identifier, task.worker),
             )
+            if cursor.rowcount == 1:
+                connection.execute(
+                    "INSERT INTO jobqueue_counters (name, value) VALUES (?, 1)"
+                    " ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                    (f"completed:{task.profile}:{task.status.value}",),
+                )
         return cursor.rowcount == 1
 
     def _where(self, query: Filter) -> tuple:
@@ -1410,6 +1440,7 @@ class SQLiteQueue(Queue):
     def _flush(self) -> int:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_tags")
+            connection.execute("DELETE FROM jobqueue_counters WHERE name LIKE 'completed:%'")
             return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
     def _restore(self) -> int:
@@ -1426,6 +1457,12 @@ class SQLiteQueue(Queue):
             "SELECT profile, status, COUNT(*) AS n FROM jobqueue_tasks GROUP BY profile, status_rank"
         ).fetchall()
         return {(row["profile"], row["status"]): row["n"] for row in rows}
+
+    def _completed(self) -> dict[tuple, int]:
+        rows = self._connection().execute(
+            "SELECT name, value FROM jobqueue_counters WHERE name LIKE 'completed:%'"
+        ).fetchall()
+        return {tuple(row["name"].split(":")[1:]): row["value"] for row in rows}
 
     def _ping(self) -> None:
         self._connection().execute("SELECT 1").fetchone()
@@ -1463,7 +1500,12 @@ def _redis_queue(dsn: str) -> RedisQueue:
     scheme = "redis" if parts.scheme == "tcp" else parts.scheme
     url = f"{scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
     try:
-        client = redis.Redis.from_url(url)
+        # redis-py's default retries (10, with backoff) hold a request for seconds when
+        # Redis is down; callers here get BackendUnavailable within a fraction of one.
+        retry = importlib.import_module("redis.retry").Retry(
+            importlib.import_module("redis.backoff").ExponentialBackoff(cap=0.2, base=0.02), 3
+        )
+        client = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5)
     except ValueError as error:
         raise ConfigurationError(f'Invalid Redis DSN "{redact(dsn)}": {error}') from error
     return RedisQueue(client, prefix=prefix)
@@ -1633,6 +1675,7 @@ class Config:
     env: str = "dev"
     jobs: tuple = ()
     imports: tuple = ()
+    token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -1643,6 +1686,7 @@ class Config:
             env=environ.get("JOBQUEUE_ENV") or "dev",
             jobs=_split_list(environ.get("JOBQUEUE_JOBS")),
             imports=_split_list(environ.get("JOBQUEUE_IMPORTS")),
+            token=environ.get("JOBQUEUE_TOKEN") or None,
         )
 
     def check_job(self, target: object) -> str:
@@ -1693,6 +1737,463 @@ class ServiceContainer:
     def reset(cls) -> None:
         with cls._lock:
             cls._instance = None
+
+
+# == HTTP ====================================================================
+
+MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10000
+REQUEST_TIMEOUT = 30.0
+http_log = logging.getLogger("jobqueue.http")
+
+
+class HTTPError(JobQueueError):
+    """An answer decided by the HTTP layer itself: 401, 404, 405, 411, 413…"""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+@dataclass
+class Request:
+    """What a route handler sees of an HTTP request."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    body_error: HTTPError | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+    def arg(self, name: str) -> str | None:
+        """The last value of a query parameter; an empty value counts as absent."""
+        values = self.query.get(name)
+        return values[-1] if values and values[-1] != "" else None
+
+    def list_arg(self, name: str) -> list[str]:
+        """A list parameter, comma-separated (``tags=a,b``) or repeated (``tags=a&tags=b``)."""
+        return [item for value in self.query.get(name, []) for item in value.split(",") if item]
+
+    def int_arg(self, name: str, default: int, most: int | None = None) -> int:
+        text = self.arg(name)
+        if text is None:
+            return default
+        if not text.isdigit() or (most is not None and int(text) > most):
+            bound = f"from 0 to {most}" if most is not None else "0 or more"
+            raise ValidationError(f"{name} must be a whole number {bound}")
+        return int(text)
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object, or ValidationError with the message a client can act on."""
+        try:
+            data = json.loads(self.body)
+        except (ValueError, RecursionError):
+            raise ValidationError("Malformed JSON") from None
+        if not isinstance(data, dict):
+            raise ValidationError("The JSON body must be an object")
+        return data
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+    def payload(self) -> bytes:
+        if self.status == 204 or self.body is None:
+            return b""
+        if isinstance(self.body, str):
+            return self.body.encode("utf-8")
+        return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    handler: str
+    public: bool = False
+
+    @property
+    def pattern(self) -> re.Pattern:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
+
+
+ROUTES = (
+    Route("GET", "/tasks", "list_tasks"),
+    Route("POST", "/tasks", "create_task"),
+    Route("GET", "/task/{identifier}", "show_task"),
+    Route("PATCH", "/task/{identifier}", "patch_task"),
+    Route("DELETE", "/task/{identifier}", "delete_task"),
+    Route("GET", "/stats", "stats"),
+    Route("GET", "/health", "health", public=True),
+    Route("GET", "/metrics", "metrics"),
+    Route("GET", "/openapi.json", "openapi"),
+)
+
+
+class WebService:
+    """The JSON API over a queue: one routing table, one place that turns errors into answers."""
+
+    def __init__(self, queue: Queue, config: Config | None = None):
+        self.queue = queue
+        self.config = config if config is not None else Config()
+        self.requests: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+        self._routes = [(route, route.pattern) for route in ROUTES]
+
+    def handle(self, request: Request) -> Response:
+        matches = [(route, match) for route, pattern in self._routes if (match := pattern.match(request.path))]
+        template = matches[0][0].template if matches else "unmatched"
+        try:
+            route, params = self._route(request, matches)
+            if not route.public:
+                self._authorize(request)
+            if request.body_error is not None:
+                raise request.body_error
+            request.params = params
+            response = getattr(self, route.handler)(request)
+        except Exception as error:  # noqa: BLE001 - the one choke point: every error becomes JSON
+            response = self.error_response(error)
+        with self._lock:
+            key = (request.method, template, response.status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+        return response
+
+    def error_response(self, error: BaseException) -> Response:
+        production = self.config.env == "prod"
+        headers: dict[str, str] = {}
+        if isinstance(error, HTTPError):
+            status, message, headers = error.status, str(error), error.headers
+        elif isinstance(error, JobQueueError):
+            status, message = error_codes(error)[0], str(error)
+            if status >= 500:
+                http_log.warning("%s", error)
+                if production:
+                    message = "The queue's storage is unavailable" if status == 503 else "Internal server error"
+        else:
+            status = 500
+            http_log.error("Unexpected error", exc_info=error)
+            message = "Internal server error"
+            if not production:
+                message += f": {type(error).__name__}: {error}"
+        return Response(status, {"message": message, "code": status}, headers)
+
+    def _route(self, request: Request, matches: list) -> tuple:
+        for route, match in matches:
+            if route.method == request.method:
+                return route, match.groupdict()
+        if matches:
+            allowed = ", ".join(route.method for route, _ in matches)
+            raise HTTPError(405, f"Method {request.method} is not allowed on {request.path}", {"Allow": allowed})
+        raise HTTPError(404, f"No route for {request.path}")
+
+    def _authorize(self, request: Request) -> None:
+        token = self.config.token
+        if not token:
+            return
+        given = request.headers.get("Authorization") or ""
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), token.encode()):
+            raise HTTPError(401, "A valid bearer token is required", {"WWW-Authenticate": 'Bearer realm="jobqueue"'})
+
+    # -- routes
+
+    def list_tasks(self, request: Request) -> Response:
+        filters = {"profile": request.arg("profile"), "status": request.arg("status"), "tags": request.list_arg("tags")}
+        limit = request.int_arg("limit", DEFAULT_PAGE, MAX_PAGE)
+        offset = request.int_arg("offset", 0)
+        tasks = self.queue.search(**filters, order=request.arg("order") or "status", limit=limit, offset=offset)
+        total = self.queue.count(**filters)
+        return Response(200, [task.to_json() for task in tasks], {"X-Total-Count": str(total)})
+
+    def create_task(self, request: Request) -> Response:
+        data = request.json()
+        if data.get("job") in (None, ""):
+            raise ValidationError("Missing job")
+        if data.get("profile") in (None, ""):
+            raise ValidationError("Missing profile")
+        if not isinstance(data["job"], str):
+            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMail"')
+        task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"))
+        self.queue.add(task)
+        return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
+
+    def show_task(self, request: Request) -> Response:
+        return Response(200, self.queue.find(request.params["identifier"]).to_json())
+
+    def patch_task(self, request: Request) -> Response:
+        data = request.json()
+        if "status" not in data:
+            raise ValidationError("Missing status")
+        if not isinstance(data["status"], str):
+            raise ValidationError(f'Status "{data["status"]}" does not exists')
+        return Response(200, self.queue.update_status(request.params["identifier"], data["status"]).to_json())
+
+    def delete_task(self, request: Request) -> Response:
+        self.queue.delete(request.params["identifier"])
+        return Response(204)
+
+    def stats(self, request: Request) -> Response:
+        return Response(200, self.queue.stats())
+
+    def health(self, request: Request) -> Response:
+        self.queue.ping()
+        return Response(200, {"status": "ok"})
+
+    def metrics(self, request: Request) -> Response:
+        lines = [
+            "# HELP jobqueue_tasks Tasks stored, by profile and status.",
+            "# TYPE jobqueue_tasks gauge",
+        ]
+        for profile, counts in self.queue.stats().items():
+            lines += [f'jobqueue_tasks{{profile="{profile}",status="{s}"}} {n}' for s, n in counts.items()]
+        completed = self.queue.completed()
+        for outcome, name in (("finished", "executed"), ("failed", "failed")):
+            lines += [f"# HELP jobqueue_tasks_{name}_total Task runs that ended {outcome}, by profile.",
+                      f"# TYPE jobqueue_tasks_{name}_total counter"]
+            lines += [f'jobqueue_tasks_{name}_total{{profile="{p}"}} {c[outcome]}' for p, c in completed.items()]
+        lines += ["# HELP jobqueue_http_requests_total HTTP requests answered, by method, route and code.",
+                  "# TYPE jobqueue_http_requests_total counter"]
+        with self._lock:
+            requests = sorted(self.requests.items())
+        lines += [f'jobqueue_http_requests_total{{method="{m}",route="{r}",code="{c}"}} {n}'
+                  for (m, r, c), n in requests]
+        return Response(200, "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self, request: Request) -> Response:
+        return Response(200, openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ROUTES."""
+    error = {"description": "An error",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    task = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}}}
+    identifier = {"name": "identifier", "in": "path", "required": True, "schema": {"type": "string"}}
+    statuses = [s.value for s in Status]
+
+    def query(name: str, schema: dict, description: str) -> dict:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+    def answers(**codes: Any) -> dict:
+        result = {code.lstrip("_"): value for code, value in codes.items()}
+        result.setdefault("401", {"$ref": "#/components/responses/Unauthorized"})
+        result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
+        return result
+
+    counts = {"type": "object", "additionalProperties": {
+        "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobqueue", "version": __version__,
+                 "description": "Tasks for workers: list, create, inspect and steer them."},
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required on every route but /health when JOBQUEUE_TOKEN is set"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["message", "code"],
+                          "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
+                "Task": {"type": "object", "required": ["identifier", "status", "profile", "job", "date",
+                                                        "parameters", "tags"],
+                         "properties": {
+                             "identifier": {"type": "string", "format": "uuid"},
+                             "status": {"type": "string", "enum": statuses},
+                             "profile": {"type": "string", "pattern": "^[_a-z0-9-]+$", "maxLength": PROFILE_MAX_LENGTH},
+                             "job": {"type": "string"}, "date": {"type": "string", "description": "RFC 2822"},
+                             "parameters": {"type": "object", "additionalProperties": {
+                                 "type": ["string", "number", "integer", "boolean", "null"]}},
+                             "tags": {"type": "array", "items": {"type": "string"}},
+                             "job_name": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
+                             "attempts": {"type": "integer"}, "worker": {"type": ["string", "null"]},
+                             "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
+                             "error": {"type": ["string", "null"]}, "result": {},
+                         }},
+                "NewTask": {"type": "object", "required": ["profile", "job"], "properties": {
+                    "profile": {"type": "string"}, "job": {"type": "string"},
+                    "parameters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}}}},
+            },
+            "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/tasks": {
+                "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
+                    query("profile", {"type": "string"}, "only this profile"),
+                    query("status", {"type": "string", "enum": statuses}, "only this status"),
+                    query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
+                    query("order", {"type": "string", "enum": list(ORDERS)}, "sort order, default status"),
+                    query("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
+                    query("offset", {"type": "integer", "minimum": 0}, "tasks to skip"),
+                ], "responses": answers(
+                    _200={"description": "Tasks", "headers": {"X-Total-Count": {
+                        "description": "how many match", "schema": {"type": "integer"}}},
+                        "content": {"application/json": {"schema": {
+                            "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}},
+                    _400=error)},
+                "post": {"summary": "Create a task", "operationId": "createTask",
+                         "requestBody": {"required": True, "content": {"application/json": {
+                             "schema": {"$ref": "#/components/schemas/NewTask"}}}},
+                         "responses": answers(_201={"description": "Created", **task}, _400=error, _403=error,
+                                              _411=error, _413=error)},
+            },
+            "/task/{identifier}": {
+                "parameters": [identifier],
+                "get": {"summary": "Show a task", "operationId": "showTask",
+                        "responses": answers(_200={"description": "The task", **task}, _404=error)},
+                "patch": {"summary": "Set a task's status", "operationId": "patchTask",
+                          "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                              "type": "object", "required": ["status"],
+                              "properties": {"status": {"type": "string", "enum": statuses}}}}}},
+                          "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
+                "delete": {"summary": "Delete a task", "operationId": "deleteTask",
+                           "responses": answers(_204={"description": "Deleted"}, _404=error)},
+            },
+            "/stats": {"get": {"summary": "Counts per profile and status", "operationId": "stats",
+                               "responses": answers(_200={"description": "Counts", "content": {
+                                   "application/json": {"schema": counts}}})}},
+            "/health": {"get": {"summary": "Whether the backend answers", "operationId": "health", "security": [],
+                                "responses": {"200": {"description": "Healthy", "content": {"application/json": {
+                                    "schema": {"type": "object"}}}},
+                                    "503": {"$ref": "#/components/responses/Unavailable"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                                 "responses": answers(_200={"description": "Prometheus text format", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}})}},
+            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                      "responses": answers(_200={"description": "OpenAPI 3.1", "content": {
+                                          "application/json": {"schema": {"type": "object"}}}})}},
+        },
+    }
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """Reads one request at a time off a keep-alive connection and hands it to the WebService."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"jobqueue/{__version__}"
+    busy = False
+    server: Server
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def handle(self) -> None:
+        self.server.track(self, True)
+        try:
+            super().handle()
+        finally:
+            self.server.track(self, False)
+
+    def _answer(self) -> None:
+        self.busy, started = True, time.monotonic()
+        try:
+            parts = urlsplit(self.path)
+            body, body_error = self._read_body()
+            request = Request(
+                method="GET" if self.command == "HEAD" else self.command,
+                path=unquote(parts.path),
+                query=parse_qs(parts.query, keep_blank_values=True),
+                headers=self.headers, body=body, body_error=body_error,
+            )
+            if body_error is not None:
+                self.close_connection = True
+            response = self.server.service.handle(request)
+            self._send(response)
+            http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
+                          (time.monotonic() - started) * 1000)
+        finally:
+            self.busy = False
+            if self.server.stopping:
+                self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+
+    def _read_body(self) -> tuple:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.command in ("POST", "PUT", "PATCH"):
+                return b"", HTTPError(411, "A body must come with Content-Length")
+            return b"", None
+        if not length.strip().isdigit():
+            return b"", HTTPError(400, "Content-Length must be a whole number")
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            return b"", HTTPError(413, "The body is over 1 MiB")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise ConnectionError("the client closed the connection mid-body")
+        return body, None
+
+    def _send(self, response: Response) -> None:
+        payload = response.payload()
+        self.send_response(response.status)
+        if response.status != 204:
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(payload)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, huge headers…) answered in JSON too."""
+        self.close_connection = True
+        self.request_version = self.protocol_version
+        self._send(Response(code, {"message": message or HTTPStatus(code).phrase, "code": code}))
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Access lines are written by _answer, with the time taken."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        http_log.debug("%s %s", self.address_string(), format % args)
+
+
+class Server(ThreadingHTTPServer):
+    """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish."""
+
+    daemon_threads = False
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT):
+        self.service = service
+        self.request_timeout = request_timeout
+        self.stopping = False
+        self._handlers: set[RequestHandler] = set()
+        self._handlers_lock = threading.Lock()
+        super().__init__(address, RequestHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def track(self, handler: RequestHandler, open_: bool) -> None:
+        with self._handlers_lock:
+            (self._handlers.add if open_ else self._handlers.discard)(handler)
+
+    def stop(self) -> None:
+        """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
+        self.stopping = True
+        self.shutdown()
+        with self._handlers_lock:
+            idle = [handler for handler in self._handlers if not handler.busy]
+        for handler in idle:
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+        self.server_close()
 
 
 # == CLI =====================================================================
@@ -2061,6 +2562,36 @@ def supervise(args: argparse.Namespace) -> int:
     return status
 
 
+# -- serve --------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    services = ServiceContainer.get_instance()
+    try:
+        server = Server((args.host, args.port), WebService(services.queue, services.config))
+    except OSError as error:
+        raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    thread.join(10)
+    print("Server stopped.", flush=True)
+    return 0
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    noise.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
 # -- parser -------------------------------------------------------------------
 
 
@@ -2114,6 +2645,7 @@ def build_parser() -> argparse.ArgumentParser:
             "jobqueue worker mail                  # run tasks of profile 'mail'",
             "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
             "jobqueue manager list --legend",
+            "jobqueue serve --port 8080             # the JSON API",
         ) + "\n\nThe queue is SQLite at $JOBQUEUE_DB (./jobqueue.db), or Redis at $JOBQUEUE_REDIS_DSN.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -2135,9 +2667,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run N worker processes under one supervisor")
     worker.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, e.g. to add listeners (repeatable; also $JOBQUEUE_IMPORTS)")
-    noise = worker.add_mutually_exclusive_group()
-    noise.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    noise.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    _add_verbosity(worker)
+
+    serve = _command(
+        commands, "serve", cmd_serve, "Serve the JSON API (GET/POST /tasks, /task/ID, /stats, /health, /metrics).",
+        "jobqueue serve                          # http://127.0.0.1:8080",
+        "jobqueue serve --host 0.0.0.0 --port 9000 -q",
+        "JOBQUEUE_TOKEN=s3cret jobqueue serve    # require Authorization: Bearer s3cret",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    _add_verbosity(serve)
 
     manager = commands.add_parser(
         "manager", help="See and change tasks.", description="See and change tasks.",

@@ -7,6 +7,7 @@ Jobs used by subprocess workers live at module level so workers import them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -905,6 +907,18 @@ def test_stop_ends_consume_after_the_current_task(queue):
     assert queue.count(status="waiting") == 2
 
 
+def test_completed_counts_runs_per_profile_and_survive_deletes(queue):
+    good, bad, other = Task("w", add_numbers, {"a": 1, "b": 1}), Task("w", FailingJob), Task("x", add_numbers)
+    queue.add(good, bad, other)
+    Worker("w1", queue, "w").consume(burst=True)
+    assert queue.completed() == {"w": {"finished": 1, "failed": 1}}
+    queue.delete(good.identifier)
+    queue.update_status(bad, Status.FINISHED)
+    assert queue.completed() == {"w": {"finished": 1, "failed": 1}}
+    queue.flush()
+    assert queue.completed() == {}
+
+
 def test_default_worker_name_is_host_and_pid(queue):
     name = Worker(None, queue, "w").name
     assert name == f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -927,6 +941,456 @@ def test_four_worker_processes_run_each_task_exactly_once(queue, dsn, tmp_path):
     assert set(executions) == {t.identifier for t in tasks}
     assert queue.count(status="finished") == 2000
     assert len({line.split()[1] for line in log.read_text().splitlines()}) > 1
+
+
+# == HTTP ====================================================================
+
+
+@pytest.fixture
+def start_server():
+    """Start real servers on ephemeral ports over a given queue; stop them all afterwards."""
+    started = []
+
+    def start(queue, config: jobqueue.Config | None = None, request_timeout: float = 2.0) -> jobqueue.Server:
+        server = jobqueue.Server(("127.0.0.1", 0), jobqueue.WebService(queue, config or jobqueue.Config()),
+                                 request_timeout=request_timeout)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.stop()
+        thread.join(10)
+
+
+@pytest.fixture
+def serve(queue, start_server):
+    """Start real servers over the parametrised backend's queue."""
+
+    def start(config: jobqueue.Config | None = None, request_timeout: float = 2.0) -> jobqueue.Server:
+        return start_server(queue, config, request_timeout)
+
+    return start
+
+
+class Answer:
+    def __init__(self, response):
+        self.status = response.status
+        self.headers = response.headers
+        self.raw = response.read()
+        self.text = self.raw.decode("utf-8", "replace")
+        is_json = (self.headers.get("Content-Type") or "").startswith("application/json")
+        self.json = json.loads(self.raw) if is_json and self.raw else None
+
+    def __repr__(self):
+        return f"<{self.status} {self.text[:300]}>"
+
+
+def call(server, method: str, path: str, body=None, headers: dict | None = None, connection=None) -> Answer:
+    """One request over a real socket; the answer whatever its status."""
+    import http.client
+
+    port = server.server_address[1]
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        return Answer(connection.getresponse())
+    finally:
+        if own:
+            connection.close()
+
+
+def raw_exchange(server, data: bytes, timeout: float = 10) -> bytes:
+    """Send bytes as they are; read until the server closes the connection."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as connection:
+        connection.sendall(data)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_seed_scenario(serve):
+    server = serve()
+    created = call(server, "POST", "/tasks", {"profile": "profile1", "job": "test_jobqueue.RecordingJob",
+                                             "parameters": {"name_1": "value_1", "name_2": "value_2"},
+                                             "tags": ["tag1", "tag2"]})
+    assert created.status == 201, created
+    assert created.headers["Content-Type"] == "application/json"
+    task = created.json
+    assert UUID.fullmatch(task["identifier"]) and task["status"] == "waiting" and task["profile"] == "profile1"
+    assert task["parameters"] == {"name_1": "value_1", "name_2": "value_2"} and task["tags"] == ["tag1", "tag2"]
+    assert created.headers["Location"] == f"/task/{task['identifier']}"
+    shown = call(server, "GET", f"/task/{task['identifier']}")
+    assert shown.status == 200 and shown.json == task
+    for _ in range(2):
+        assert call(server, "POST", "/tasks", {"profile": "profile2", "job": "a.DummyJob"}).status == 201
+    listed = call(server, "GET", "/tasks")
+    assert listed.status == 200 and len(listed.json) == 3 and listed.headers["X-Total-Count"] == "3"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/tasks?status=foo", 'Status "foo" does not exists'),
+    ("/tasks?profile=Bad%20Profile", jobqueue.PROFILE_MESSAGE),
+    ("/tasks?order=foobar", 'Impossible to order by "foobar"'),
+    ("/tasks?limit=10001", "limit must be a whole number from 0 to 10000"),
+    ("/tasks?limit=ten", "limit must be a whole number from 0 to 10000"),
+    ("/tasks?offset=-1", "offset must be a whole number 0 or more"),
+])
+def test_http_list_rejects_bad_filters(serve, path, message):
+    answer = call(serve(), "GET", path)
+    assert answer.status == 400 and answer.json == {"message": message, "code": 400}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"profile": "p"}, "Missing job"),
+    ({"job": "a.B"}, "Missing profile"),
+    ({"profile": "Bad!", "job": "a.B"}, jobqueue.PROFILE_MESSAGE),
+    ({"profile": "p", "job": "a.B", "parameters": [1, 2]}, "Malformed parameters"),
+    ({"profile": "p", "job": "a.B", "parameters": "x"}, "Malformed parameters"),
+    ({"profile": "p", "job": "a.B", "parameters": {"erroneous": [1]}},
+     'The "erroneous" value must be a scalar or null'),
+    ({"profile": "p", "job": "a.B", "tags": [1]}, "Tag value must be a string"),
+    ({"profile": "p", "job": "not a path"}, 'Job "not a path" must be an import path such as "myapp.jobs.SendMail"'),
+    ({"profile": "p", "job": 42}, 'Job must be an import path such as "myapp.jobs.SendMail"'),
+    (b"{not json", "Malformed JSON"),
+    (b"", "Malformed JSON"),
+    (b"\xff\xfe\x00", "Malformed JSON"),
+    (b"[" * 100000, "Malformed JSON"),
+    ([1, 2], "The JSON body must be an object"),
+])
+def test_http_create_rejects_bad_bodies_and_stores_nothing(serve, queue, body, message):
+    answer = call(serve(), "POST", "/tasks", body)
+    assert answer.status == 400 and answer.json == {"message": message, "code": 400}
+    assert queue.count() == 0
+
+
+def test_http_filters_orders_and_paging(serve, queue):
+    server = serve()
+    tasks = _ordered_tasks(queue)
+    queue.fetch("beta", timeout=0)
+
+    def ids(path):
+        answer = call(server, "GET", path)
+        assert answer.status == 200, answer
+        return [item["parameters"]["i"] for item in answer.json], answer.headers["X-Total-Count"]
+
+    assert ids("/tasks?profile=beta") == ([2, 0], "2")
+    assert ids("/tasks?status=running") == ([0], "1")
+    assert ids("/tasks?tags=t1,t3&order=date") == ([0, 3, 4], "3")
+    assert ids("/tasks?tags=t1&tags=t3&order=date") == ([0, 3, 4], "3")
+    assert ids("/tasks?order=profile") == ([1, 3, 0, 2, 4], "5")
+    assert ids("/tasks?order=date&limit=2&offset=1") == ([1, 2], "5")
+    assert ids("/tasks?profile=&status=") == ids("/tasks")
+    assert len(tasks) == 5
+
+
+def test_http_delete_and_patch(serve, queue):
+    server = serve()
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    path = f"/task/{task.identifier}"
+    patched = call(server, "PATCH", path, {"status": "finished"})
+    assert patched.status == 200 and patched.json["status"] == "finished" and patched.json["finished_at"]
+    for body, message in (({"status": "running"}, 'A task can not be marked as "running"'),
+                          ({"status": "foo"}, 'Status "foo" does not exists'),
+                          ({"status": 3}, 'Status "3" does not exists'),
+                          ({}, "Missing status")):
+        answer = call(server, "PATCH", path, body)
+        assert answer.status == 400 and answer.json["message"] == message
+    assert queue.find(task.identifier).status is Status.FINISHED
+    assert call(server, "PATCH", "/task/nope", {"status": "waiting"}).status == 404
+    deleted = call(server, "DELETE", path)
+    assert deleted.status == 204 and deleted.raw == b""
+    missing = call(server, "GET", path)
+    assert missing.status == 404 and missing.json == {"message": f"Task {task.identifier} does not exists",
+                                                      "code": 404}
+    assert call(server, "DELETE", path).status == 404
+
+
+def test_http_stats_health_and_metrics(serve, queue):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = serve()
+    queue.add(Task("mail", add_numbers, {"a": 1, "b": 1}), Task("mail", FailingJob), Task("sms", add_numbers))
+    Worker("w", queue, "mail").consume(burst=True)
+    assert call(server, "GET", "/stats").json == queue.stats()
+    health = call(server, "GET", "/health")
+    assert health.status == 200 and health.json == {"status": "ok"}
+    call(server, "GET", "/nowhere")
+    metrics = call(server, "GET", "/metrics")
+    assert metrics.status == 200 and metrics.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.text) for s in family.samples}
+    assert samples[("jobqueue_tasks", (("profile", "mail"), ("status", "finished")))] == 1
+    assert samples[("jobqueue_tasks", (("profile", "sms"), ("status", "waiting")))] == 1
+    assert samples[("jobqueue_tasks_executed_total", (("profile", "mail"),))] == 1
+    assert samples[("jobqueue_tasks_failed_total", (("profile", "mail"),))] == 1
+    assert samples[("jobqueue_http_requests_total",
+                    (("code", "200"), ("method", "GET"), ("route", "/stats")))] == 1
+    assert samples[("jobqueue_http_requests_total",
+                    (("code", "404"), ("method", "GET"), ("route", "unmatched")))] == 1
+
+
+def test_http_unknown_route_and_wrong_method(serve):
+    server = serve()
+    missing = call(server, "GET", "/nowhere")
+    assert missing.status == 404 and missing.json["code"] == 404
+    wrong = call(server, "PUT", "/tasks", b"{}")
+    assert wrong.status == 405 and wrong.headers["Allow"] == "GET, POST"
+    assert call(server, "POST", "/task/abc", b"{}").headers["Allow"] == "GET, PATCH, DELETE"
+    head = call(server, "HEAD", "/tasks")
+    assert head.status == 200 and head.raw == b"" and head.headers["Content-Length"] == "2"
+
+
+def test_http_body_rules_length_chunked_and_size(serve, queue):
+    server = serve()
+    no_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert no_length.startswith(b"HTTP/1.1 411 ") and b'"code": 411' in no_length
+    chunked = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   b"2\r\n{}\r\n0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 411 ")
+    too_big = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n")
+    assert too_big.startswith(b"HTTP/1.1 413 ") and b"over 1 MiB" in too_big
+    bad_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    assert bad_length.startswith(b"HTTP/1.1 400 ")
+    garbage = raw_exchange(server, b"\x16\x03\x01 garbage\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 ") and b'"code": 400' in garbage
+    big_but_allowed = {"profile": "p", "job": "a.B", "parameters": {"blob": "x" * (1024 * 1024 - 100)}}
+    assert call(server, "POST", "/tasks", big_but_allowed).status == 201
+    assert queue.count() == 1
+
+
+def test_http_keep_alive_serves_many_requests_on_one_connection(serve):
+    import http.client
+
+    server = serve()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        call(server, "GET", "/health", connection=connection)
+        first_socket = connection.sock
+        for _ in range(5):
+            assert call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}, connection=connection).status == 201
+            assert call(server, "GET", "/tasks", connection=connection).status == 200
+        assert connection.sock is first_socket
+        assert call(server, "GET", "/tasks", connection=connection).headers["X-Total-Count"] == "5"
+    finally:
+        connection.close()
+
+
+def test_http_slow_client_cannot_hold_a_thread(serve):
+    server = serve(request_timeout=1.0)
+    with socket.create_connection(server.server_address[:2], timeout=10) as stalled:
+        stalled.sendall(b"GET /tasks HTT")
+        started = time.monotonic()
+        assert call(server, "GET", "/health").status == 200
+        assert stalled.recv(1024) == b""
+        assert time.monotonic() - started < 8
+
+
+def test_http_auth_with_a_token(serve):
+    server = serve(jobqueue.Config(token="s3cret"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        denied = call(server, "GET", "/tasks", headers=headers)
+        assert denied.status == 401 and denied.headers["WWW-Authenticate"] == 'Bearer realm="jobqueue"'
+        assert denied.json == {"message": "A valid bearer token is required", "code": 401}
+    assert call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).status == 401
+    assert call(server, "GET", "/tasks", headers={"Authorization": "Bearer s3cret"}).status == 200
+    assert call(server, "GET", "/health").status == 200
+    assert call(server, "GET", "/metrics").status == 401
+
+
+def test_http_auth_off_without_a_token(serve):
+    assert call(serve(), "GET", "/tasks").status == 200
+
+
+def test_http_allow_list_of_jobs(serve, queue):
+    server = serve(jobqueue.Config(jobs=("myapp.jobs.",)))
+    assert call(server, "POST", "/tasks", {"profile": "p", "job": "myapp.jobs.SendMail"}).status == 201
+    refused = call(server, "POST", "/tasks", {"profile": "p", "job": "os.system"})
+    assert refused.status == 403 and 'Job "os.system" is not allowed' in refused.json["message"]
+    assert queue.count() == 1
+
+
+class BrokenQueue(jobqueue.Queue):
+    """A backend with a bug in it, to see what a 500 shows."""
+
+    def describe(self):
+        return "a broken queue"
+
+    def _search(self, query):
+        raise ZeroDivisionError("secret detail")
+
+    def _ping(self):
+        raise BackendUnavailable("Redis at redis://10.1.2.3:6379/0 is unavailable: refused")
+
+    @contextlib.contextmanager
+    def _errors(self):
+        yield
+
+
+@pytest.mark.parametrize("env, leaks", [("dev", True), ("prod", False)])
+def test_http_unexpected_errors_are_500_json_and_prod_hides_them(start_server, env, leaks):
+    server = start_server(BrokenQueue(), jobqueue.Config(env=env))
+    crashed = call(server, "GET", "/tasks")
+    assert crashed.status == 500 and crashed.json["code"] == 500
+    assert ("secret detail" in crashed.text) is leaks
+    down = call(server, "GET", "/health")
+    assert down.status == 503 and down.json["code"] == 503
+    assert ("10.1.2.3" in down.text) is leaks
+    assert call(server, "GET", "/nowhere").status == 404
+
+
+def test_http_backend_outage_answers_503_and_recovers(tmp_path, redis_server, start_server):
+    own = RedisServer(shutil.which("redis-server"), tmp_path)
+    own.start()
+    try:
+        server = start_server(queue_from_dsn(f"redis://127.0.0.1:{own.port}/0?prefix=outage"))
+        assert call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).status == 201
+        own.stop()
+        for method, path in (("GET", "/tasks"), ("GET", "/health"), ("POST", "/tasks")):
+            down = call(server, method, path, {"profile": "p", "job": "a.B"} if method == "POST" else None)
+            assert down.status == 503 and down.json["code"] == 503 and "unavailable" in down.json["message"]
+        own.start()
+        assert call(server, "GET", "/health").status == 200
+        assert call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).status == 201
+    finally:
+        own.stop()
+
+
+def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
+    from openapi_spec_validator import validate
+
+    server = serve()
+    document = call(server, "GET", "/openapi.json").json
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}}
+    operations = 0
+    for template, item in document["paths"].items():
+        for method in ("get", "post", "patch", "delete"):
+            if method in item:
+                path = template.replace("{identifier}", task.identifier)
+                answer = call(server, method.upper(), path, bodies.get(method))
+                assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
+                assert answer.status < 400, (method, path, answer)
+                operations += 1
+    assert operations == len(jobqueue.ROUTES)
+
+
+def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
+    import http.client
+    from urllib.parse import quote, urlencode
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    server = serve()
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+    json_values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=8)
+    task_like = st.fixed_dictionaries({}, optional={
+        "profile": st.one_of(st.sampled_from(["p", "profile1", "Bad", ""]), json_values),
+        "job": st.one_of(st.sampled_from(["a.B", "test_jobqueue.RecordingJob", "x"]), json_values),
+        "parameters": json_values, "tags": json_values, "status": st.one_of(st.sampled_from(list(Status)), json_values),
+    }).map(json.dumps).map(str.encode)
+    bodies = st.one_of(st.none(), st.binary(max_size=64), json_values.map(json.dumps).map(str.encode), task_like)
+    paths = st.one_of(
+        st.sampled_from(["/tasks", "/task/x", "/task/", "/stats", "/health", "/metrics", "/openapi.json", "/",
+                         "/tasks/", "//tasks", "/task/x/y"]),
+        st.text(max_size=20).map(lambda text: "/" + quote(text)),
+    )
+    queries = st.dictionaries(st.sampled_from(["profile", "status", "tags", "order", "limit", "offset", "q"]),
+                              st.text(max_size=12), max_size=4).map(urlencode)
+    methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    content_types = st.sampled_from([None, "application/json", "text/plain", "multipart/form-data"])
+    seen = []
+
+    @settings(max_examples=1000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(methods, paths, queries, bodies, content_types)
+    def check(method, path, query, body, content_type):
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        try:
+            headers = {"Content-Type": content_type} if content_type else {}
+            connection.request(method, f"{path}?{query}" if query else path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status < 500, (method, path, query, body, response.status)
+            seen.append(response.status)
+        finally:
+            connection.close()
+
+    check()
+    assert len(seen) >= 1000 and {200, 400, 404, 405} <= set(seen)
+
+
+def test_serve_command_logs_requests_and_stops_after_in_flight_ones(dsn, running):
+    server = running(dsn, "serve", "--port", "0")
+    url = server.wait_for(r"on (http://127\.0\.0\.1:\d+)").group(1)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        body = json.dumps({"profile": "p", "job": "a.B"}).encode()
+        connection.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert server.process.poll() is None, "the server quit with a request in flight"
+        connection.sendall(body[5:])
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    assert server.wait() == 0
+    assert "Server stopped." in "".join(server.out)
+    assert re.search(r'INFO jobqueue.http: 127\.0\.0\.1 "POST /tasks HTTP/1.1" 201 \d+\.\dms', "".join(server.err))
+
+
+def test_serve_quiet_has_no_access_log(dsn, running):
+    server = running(dsn, "serve", "--port", "0", "-q")
+    url = server.wait_for(r"on (http://127\.0\.0\.1:\d+)").group(1)
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        assert response.status == 200
+    server.signal(signal.SIGINT)
+    assert server.wait() == 0
+    assert "jobqueue.http" not in "".join(server.err)
+
+
+def test_serve_refuses_a_port_in_use(dsn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli(dsn, "serve", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and "Cannot listen on 127.0.0.1:" in result.stderr
+
+
+def test_readme_curl_session_works_as_written(dsn, running):
+    """Every curl line of README's webservice section, against a real `serve`."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("## Webservice", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip().removeprefix("$ ") for line in section.splitlines()
+                if line.strip().removeprefix("$ ").startswith("curl ")]
+    assert len(commands) >= 5
+    server = running(dsn, "serve", "--port", "0")
+    port = server.wait_for(r"on http://127\.0\.0\.1:(\d+)").group(1)
+    identifier = None
+    for command in commands:
+        command = command.replace("localhost:8080", f"localhost:{port}")
+        if identifier:
+            command = command.replace("47a5b21d-0a02-4e6e-b8c9-51dc1534cb68", identifier)
+        result = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True,
+                                timeout=30)
+        body, code = result.stdout.rsplit("\n", 1)
+        assert code.startswith("2"), (command, body, code)
+        if identifier is None and body.startswith("{"):
+            identifier = json.loads(body)["identifier"]
 
 
 # == CLI =====================================================================
@@ -1420,7 +1884,7 @@ def test_readme_first_run_commands_work(tmp_path, running):
     env = {"JOBQUEUE_DB": str(tmp_path / "first.db")}
     readme = (HERE / "README.md").read_text()
     add = "python jobqueue.py manager add hello examples.hello.GreetJob name:Ada"
-    assert add in readme and "python jobqueue.py worker hello " in readme
+    assert add in readme and "python jobqueue.py worker hello " in readme and "python jobqueue.py serve " in readme
     identifier = added_identifier(cli(str(tmp_path / "first.db"), *add.split()[2:], env=env))
     worker = running(str(tmp_path / "first.db"), "worker", "hello", env=env)
     worker.wait_for(r'Worker \S+ handles "hello" tasks\.\.\.')
