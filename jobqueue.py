@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import email.utils
 import hmac
 import importlib
@@ -33,6 +34,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -44,8 +46,8 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import InitVar, dataclass, field
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,7 +61,8 @@ __all__ = [
     "JobQueueError", "ValidationError", "TaskNotFound", "ParameterNotFound",
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
-    "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED",
+    "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
+    "TASK_RECOVERED", "JobTimeout",
     "Queue", "RedisQueue", "SQLiteQueue", "queue_from_dsn",
     "Worker", "Config", "ServiceContainer", "WebService", "Server", "main",
 ]
@@ -75,6 +78,10 @@ PROFILE_MESSAGE = (
 )
 JOB_PATH_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*([.:][A-Za-z_]\w*)(\.[A-Za-z_]\w*)*")
 ORDERS = ("date", "profile", "status")
+DEFAULT_LEASE = 30.0
+DEFAULT_RETRY_DELAY = 5.0
+RETRY_DELAY_MAX = 3600.0
+DEFAULT_MAX_LOST = 3
 ERROR_MAX_BYTES = 64 * 1024
 RESULT_MAX_BYTES = 1024 * 1024
 SQLITE_BUSY_TIMEOUT = 30.0
@@ -131,6 +138,14 @@ class ConfigurationError(JobQueueError):
 
 class JobNotAllowed(JobQueueError):
     """A job path outside the ``JOBQUEUE_JOBS`` allow-list."""
+
+
+class JobTimeout(BaseException):
+    """Raised inside a job that ran past its timeout.
+
+    A BaseException, like KeyboardInterrupt, so that a job's own
+    ``except Exception`` cannot swallow it.
+    """
 
 
 class UsageError(JobQueueError):
@@ -377,13 +392,42 @@ def _parse_datetime(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def _seconds(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
+    """A duration in seconds from a number (None stays None); ValidationError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError(f"{name} must be a number of seconds")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValidationError(f"{name} must be {'0 or more' if allow_zero else 'more than 0'} seconds")
+    return float(value)
+
+
+DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``2h`` or ``7d``."""
+    match = DURATION_PATTERN.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None:
+        raise ValidationError(
+            f'Duration "{text}" must be a number of seconds, or a number with s, m, h or d (90, 90s, 15m, 2h, 7d)'
+        )
+    return float(match[1]) * DURATION_UNITS[match[2]]
+
+
 @dataclass
 class Task:
     """A unit of work: which ``job`` to run, for which ``profile``, with which ``parameters``.
 
     ``job`` may be a Job subclass, an instance of one, a @job function or an
-    import path; it is kept as the path. The fields after ``tags`` are
-    filled in by queues and workers.
+    import path; it is kept as the path. Options, all keyword arguments:
+    ``retries`` (how many failed runs to try again, default 0), ``retry_delay``
+    (seconds before the first retry, doubling after each failure, with jitter),
+    ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
+    task without renewing it), ``delay`` (seconds before it may run) or
+    ``run_at`` (a datetime). The other fields are filled in by queues and workers.
     """
 
     profile: str
@@ -399,8 +443,16 @@ class Task:
     finished_at: datetime | None = None
     error: str | None = None
     result: Any = None
+    retries: int = 0
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    timeout: float | None = None
+    lease: float | None = None
+    run_at: datetime | None = None
+    failures: int = 0
+    lost: int = 0
+    delay: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, delay: float | None) -> None:
         self.profile = validate_profile(self.profile)
         self.job = job_path(self.job)
         self.parameters = validate_parameters(self.parameters)
@@ -408,6 +460,18 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValidationError("retries must be a whole number, 0 or more")
+        self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
+        self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
+        self.lease = _seconds("lease", self.lease, allow_zero=False)
+        delay = _seconds("delay", delay)
+        if delay is not None:
+            if self.run_at is not None:
+                raise ValidationError("Give delay or run_at, not both")
+            self.run_at = _utcnow() + timedelta(seconds=delay)
+        elif self.run_at is not None:
+            self.run_at = _parse_datetime(self.run_at)
 
     @property
     def job_name(self) -> str:
@@ -448,6 +512,13 @@ class Task:
             "finished_at": _iso(self.finished_at),
             "error": self.error,
             "result": self.result,
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+            "timeout": self.timeout,
+            "lease": self.lease,
+            "run_at": _iso(self.run_at),
+            "failures": self.failures,
+            "lost": self.lost,
         }
 
     @classmethod
@@ -460,12 +531,11 @@ class Task:
         if "job" not in data:
             raise ValidationError("Missing job")
         extra: dict[str, Any] = {}
-        for name in ("identifier", "status", "worker", "error", "result"):
+        for name in ("identifier", "status", "worker", "error", "result", "retries", "retry_delay",
+                     "timeout", "lease", "attempts", "failures", "lost"):
             if data.get(name) is not None:
                 extra[name] = data[name]
-        if "attempts" in data:
-            extra["attempts"] = int(data["attempts"])
-        for name in ("started_at", "finished_at"):
+        for name in ("started_at", "finished_at", "run_at"):
             extra[name] = _parse_datetime(data.get(name))
         created = _parse_datetime(data.get("created_at") or data.get("date"))
         if created is not None:
@@ -473,16 +543,33 @@ class Task:
         return cls(data["profile"], data["job"], data.get("parameters"), data.get("tags"), **extra)
 
 
-def _encode_task(task: Task) -> dict[str, Any]:
-    """The storage form both backends share: JSON text and epoch floats, never pickle."""
+def _stamp(value: datetime | None) -> str:
+    return "" if value is None else repr(value.timestamp())
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _encode_task(task: Task) -> dict[str, str]:
+    """The storage form both backends share: JSON text and epoch floats as text, never pickle."""
     return {
         "identifier": task.identifier,
         "profile": task.profile,
         "job": task.job,
         "parameters": json.dumps(task.parameters),
         "tags": json.dumps(task.tags),
-        "created_at": repr(task.created_at.timestamp()),
+        "created_at": _stamp(task.created_at),
+        "retries": str(task.retries),
+        "retry_delay": _number(task.retry_delay),
+        "timeout": _number(task.timeout),
+        "lease": _number(task.lease),
+        "run_at": _stamp(task.run_at),
     }
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None or value == "" else float(value)
 
 
 def _decode_task(fields: Mapping[str, Any]) -> Task:
@@ -502,6 +589,13 @@ def _decode_task(fields: Mapping[str, Any]) -> Task:
     task.error = fields.get("error") or None
     result = fields.get("result")
     task.result = None if result is None or result == "" else json.loads(result)
+    task.retries = int(fields.get("retries") or 0)
+    task.retry_delay = _optional_float(fields.get("retry_delay")) or 0.0
+    task.timeout = _optional_float(fields.get("timeout"))
+    task.lease = _optional_float(fields.get("lease"))
+    task.run_at = _from_timestamp(fields.get("run_at"))
+    task.failures = int(fields.get("failures") or 0)
+    task.lost = int(fields.get("lost") or 0)
     return task
 
 
@@ -512,6 +606,8 @@ WORKER_FINISHED = "worker.finished"
 TASK_FETCHED = "task.fetched"
 TASK_EXECUTED = "task.executed"
 TASK_FAILED = "task.failed"
+TASK_RETRIED = "task.retried"
+TASK_RECOVERED = "task.recovered"
 
 
 @dataclass
@@ -524,7 +620,7 @@ class WorkerEvent:
 
 @dataclass
 class TaskEvent:
-    """``task.fetched``, ``task.executed`` and ``task.failed``: ``event.task`` is the Task."""
+    """``task.fetched``, ``task.executed``, ``task.failed``, ``task.retried`` and ``task.recovered``."""
 
     name: str
     task: Task
@@ -600,19 +696,33 @@ def _default_worker_name() -> str:
 class Queue:
     """The contract every backend keeps; the public methods validate, the ``_hooks`` store.
 
-    - ``add(*tasks)``: enqueue as ``waiting``, FIFO per profile, one round trip per call.
-    - ``fetch(profile, timeout=None, worker=None)``: claim the oldest waiting task
-      of the profile (it becomes ``running``), blocking up to ``timeout``
-      seconds (forever if None); None on timeout. One task, one worker.
+    - ``add(*tasks)``: enqueue as ``waiting``, FIFO per profile, one round trip per
+      call. A task with a future ``run_at`` waits in a delayed set until then,
+      and joins the back of its profile's queue when due, in ``run_at`` order.
+    - ``fetch(profile, timeout=None, worker=None, lease=30)``: claim the oldest
+      waiting task of the profile: it becomes ``running`` under a lease held by
+      ``worker`` for ``lease`` seconds (the task's own ``lease`` wins). Blocks up
+      to ``timeout`` seconds (forever if None); None on timeout. One task, one worker.
+    - ``renew(task, lease)``: extend the lease of a task its worker still holds.
+    - ``complete(task)``: record how a run ended: ``finished`` (with result),
+      ``failed`` (with error), or ``waiting`` with ``run_at`` (a retry later).
+      Fenced by ``attempts``: False, and nothing written, if the task is no
+      longer held by that run (recovered, restored, edited or deleted meanwhile).
+    - ``recover(max_lost=3)``: tasks whose lease expired go back to waiting at
+      the head of their queue, ``lost`` counting it, or fail once lost
+      ``max_lost`` times. Returns them.
     - ``find(identifier)``: the task, or TaskNotFound.
     - ``update_status(task, status)``: move a task by hand; ``running`` is refused;
-      back to ``waiting`` re-enqueues it at the back of its profile.
-    - ``complete(task)``: record what a worker's run ended with (``finished``
-      or ``failed``, result, error); False if the task was no longer its own.
+      back to ``waiting`` re-enqueues it at the back of its profile, counters reset.
+    - ``retry(identifier)``: a failed task back to waiting, counters reset.
     - ``search(...)`` and ``count(...)``: tasks matching every filter given
       (``tags``: at least one of them), served from indexes.
     - ``delete(identifier)``, ``flush()``: remove one task, or all of this queue's data.
-    - ``restore()``: every task not finished goes back to ``waiting``.
+    - ``purge(older_than, status=None)``: delete finished and failed tasks (or
+      those of ``status``) that ended more than ``older_than`` seconds ago.
+    - ``restore(include_leased=True)``: every task not finished goes back to
+      ``waiting``; with ``include_leased=False``, running tasks whose lease is
+      still live are left to their workers.
     - ``stats()``: ``{profile: {status: count}}``, all four statuses present.
     - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
       workers completed since the queue began (or was flushed); counters, so
@@ -620,7 +730,10 @@ class Queue:
 
     Every state change is one atomic step in the backend. Driver errors come
     out as BackendUnavailable, with the driver's exception as the cause.
+    ``clock`` (epoch seconds) is injectable so tests can move time.
     """
+
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def add(self, *tasks: Task) -> None:
         for task in tasks:
@@ -629,18 +742,37 @@ class Queue:
         if len(set(task.identifier for task in tasks)) != len(tasks):
             raise ValidationError("The same task is added twice")
         for task in tasks:
-            task.status, task.attempts, task.worker = Status.WAITING, 0, None
+            task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
             task.started_at = task.finished_at = task.error = task.result = None
         if tasks:
             with self._errors():
-                self._add(tasks)
+                self._add(tasks, self.clock())
 
-    def fetch(self, profile: str, timeout: float | None = None, worker: str | None = None) -> Task | None:
+    def fetch(
+        self, profile: str, timeout: float | None = None, worker: str | None = None, lease: float = DEFAULT_LEASE
+    ) -> Task | None:
         validate_profile(profile)
         if timeout is not None and timeout < 0:
             raise ValidationError("timeout must be 0 or more seconds")
+        _seconds("lease", lease, allow_zero=False)
         with self._errors():
-            return self._fetch(profile, timeout, worker or _default_worker_name())
+            return self._fetch(profile, timeout, worker or _default_worker_name(), float(lease))
+
+    def renew(self, task: Task, lease: float = DEFAULT_LEASE) -> bool:
+        with self._errors():
+            return self._renew(task, self.clock() + (task.lease or lease))
+
+    def complete(self, task: Task) -> bool:
+        if task.status is Status.RUNNING or (task.status is Status.WAITING and task.run_at is None):
+            raise ValidationError("A run completes as finished, failed, or waiting with a run_at (a retry)")
+        if task.finished_at is None and task.status is not Status.WAITING:
+            task.finished_at = _utcnow()
+        with self._errors():
+            return self._complete(task)
+
+    def recover(self, max_lost: int = DEFAULT_MAX_LOST) -> list[Task]:
+        with self._errors():
+            return self._recover(self.clock(), max_lost)
 
     def find(self, identifier: str) -> Task:
         with self._errors():
@@ -653,22 +785,23 @@ class Queue:
         status = Status(status)
         if status is Status.RUNNING:
             raise ValidationError('A task can not be marked as "running"')
+        return self._change(task, status, only_failed=False)
+
+    def retry(self, task: Task | str) -> Task:
+        """Put a failed task back to waiting; ValidationError if it is not failed."""
+        return self._change(task, Status.WAITING, only_failed=True)
+
+    def _change(self, task: Task | str, status: Status, only_failed: bool) -> Task:
         identifier = task.identifier if isinstance(task, Task) else str(task)
         with self._errors():
-            updated = self._update_status(identifier, status, time.time())
+            updated = self._update_status(identifier, status, self.clock(), only_failed)
         if updated is None:
             raise TaskNotFound(identifier)
+        if only_failed and updated.status is not Status.WAITING:
+            raise ValidationError(f"Task {identifier} is {updated.status.value}: only failed tasks can be retried")
         if isinstance(task, Task):
             task.__dict__.update(updated.__dict__)
         return updated
-
-    def complete(self, task: Task) -> bool:
-        if task.status not in (Status.FINISHED, Status.FAILED):
-            raise ValidationError("A task is completed as finished or failed")
-        if task.finished_at is None:
-            task.finished_at = _utcnow()
-        with self._errors():
-            return self._complete(task)
 
     def search(
         self,
@@ -700,15 +833,24 @@ class Queue:
         if not deleted:
             raise TaskNotFound(identifier)
 
+    def purge(self, older_than: float, status: Status | str | None = None) -> int:
+        """Delete ended tasks (finished and failed, or ``status``) older than ``older_than`` seconds."""
+        older_than = _seconds("older_than", older_than)  # type: ignore[assignment]
+        statuses = (Status.FINISHED, Status.FAILED) if status is None else (Status(status),)
+        if not set(statuses) <= {Status.FINISHED, Status.FAILED}:
+            raise ValidationError("purge deletes finished or failed tasks only")
+        with self._errors():
+            return self._purge(self.clock() - older_than, statuses)
+
     def flush(self) -> int:
         """Remove every task of this queue; return how many there were."""
         with self._errors():
             return self._flush()
 
-    def restore(self) -> int:
-        """Put every task that is not finished back to waiting; return how many moved."""
+    def restore(self, include_leased: bool = True) -> int:
+        """Put tasks that are not finished back to waiting; return how many moved."""
         with self._errors():
-            return self._restore()
+            return self._restore(self.clock(), include_leased)
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._errors():
@@ -745,19 +887,26 @@ class Queue:
     def _errors(self) -> Iterator[None]:
         yield
 
-    def _add(self, tasks: Sequence[Task]) -> None:
+    def _add(self, tasks: Sequence[Task], now: float) -> None:
         raise NotImplementedError
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
+        raise NotImplementedError
+
+    def _renew(self, task: Task, until: float) -> bool:
+        raise NotImplementedError
+
+    def _complete(self, task: Task) -> bool:
+        raise NotImplementedError
+
+    def _recover(self, now: float, max_lost: int) -> list[Task]:
         raise NotImplementedError
 
     def _find(self, identifier: str) -> Task | None:
         raise NotImplementedError
 
-    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
-        raise NotImplementedError
-
-    def _complete(self, task: Task) -> bool:
+    def _update_status(self, identifier: str, status: Status, now: float, only_failed: bool) -> Task | None:
+        """Move the task (only a failed one if ``only_failed``); return it as it now is, or None."""
         raise NotImplementedError
 
     def _search(self, query: Filter) -> list[Task]:
@@ -769,10 +918,13 @@ class Queue:
     def _delete(self, identifier: str) -> bool:
         raise NotImplementedError
 
+    def _purge(self, ended_before: float, statuses: tuple) -> int:
+        raise NotImplementedError
+
     def _flush(self) -> int:
         raise NotImplementedError
 
-    def _restore(self) -> int:
+    def _restore(self, now: float, include_leased: bool) -> int:
         raise NotImplementedError
 
     def _stats(self) -> dict[tuple, int]:
@@ -791,65 +943,128 @@ def _remaining(deadline: float | None) -> float | None:
 
 # == Queue: Redis ============================================================
 
-# Every key of one queue starts with "{prefix}:", one cluster hash tag, so
-# each script touches a single slot. A task is a hash; indexes are sorted sets
-# scored by creation time; each profile has a FIFO list of waiting ids.
-_LUA_KEYS = """
+# Every key of one queue starts with "{prefix}:", one cluster hash tag, so each
+# script touches a single slot. A task is a hash; indexes are sorted sets
+# scored by creation time; each profile has a FIFO list of waiting ids, a
+# sorted set of delayed ids (by run_at), and a "wake" list of tokens that idle
+# workers block on. Running tasks sit in "leases" scored by lease expiry.
+# Claiming is one script, so no crash can leave a task half-moved.
+_LUA_PRELUDE = """
 local base = KEYS[1]
 local STATUSES = {'waiting', 'running', 'finished', 'failed'}
 local ALL, PROFILES, TAGS = base .. ':all', base .. ':profiles', base .. ':tags'
-local COMPLETED = base .. ':completed'
+local COMPLETED, LEASES, ENDED = base .. ':completed', base .. ':leases', base .. ':ended'
+local WAKE_MAX = 100
 local function task_key(id) return base .. ':task:' .. id end
 local function queue_key(p) return base .. ':queue:' .. p end
-local function claimed_key(p) return base .. ':claimed:' .. p end
+local function delayed_key(p) return base .. ':delayed:' .. p end
+local function wake_key(p) return base .. ':wake:' .. p end
 local function status_key(s) return base .. ':status:' .. s end
 local function profile_key(p) return base .. ':profile:' .. p end
 local function pair_key(p, s) return base .. ':pair:' .. p .. ':' .. s end
 local function tag_key(t) return base .. ':tag:' .. t end
+local function ended(s) return s == 'finished' or s == 'failed' end
 
-local function move(id, profile, score, old, new)
+-- The index moves every status change shares; the FIFO lists are the callers'.
+local function move(id, profile, score, old, new, now)
+  local key = task_key(id)
   redis.call('ZREM', status_key(old), id)
   redis.call('ZREM', pair_key(profile, old), id)
   redis.call('ZADD', status_key(new), score, id)
   redis.call('ZADD', pair_key(profile, new), score, id)
-  redis.call('HSET', task_key(id), 'status', new)
+  redis.call('HSET', key, 'status', new)
+  if old == 'running' then
+    redis.call('ZREM', LEASES, id)
+    redis.call('HDEL', key, 'lease_until')
+  end
+  if ended(old) then redis.call('ZREM', ENDED, id) end
+  if ended(new) then
+    redis.call('ZADD', ENDED, now, id)
+    redis.call('HSET', key, 'finished_at', now)
+  end
 end
 
-local function claim(id, profile, worker, now)
-  local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'created_at')
-  if f[1] ~= 'waiting' then return false end
-  move(id, profile, f[2], 'waiting', 'running')
-  redis.call('HSET', key, 'worker', worker, 'started_at', now)
-  redis.call('HINCRBY', key, 'attempts', 1)
-  return redis.call('HGETALL', key)
+local function wake(profile, count)
+  local tokens = {}
+  for i = 1, math.min(count, WAKE_MAX) do tokens[i] = 1 end
+  redis.call('LPUSH', wake_key(profile), unpack(tokens))
+  redis.call('LTRIM', wake_key(profile), 0, WAKE_MAX - 1)
 end
 
 local function unqueue(id, profile)
   redis.call('LREM', queue_key(profile), 0, id)
-  redis.call('LREM', claimed_key(profile), 0, id)
+  redis.call('ZREM', delayed_key(profile), id)
 end
 
-local function requeue(id, profile, score, old)
-  move(id, profile, score, old, 'waiting')
-  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result')
+local function requeue(id, profile, score, old, now)
+  move(id, profile, score, old, 'waiting', now)
+  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at')
+  redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
   redis.call('LPUSH', queue_key(profile), id)
+  wake(profile, 1)
+end
+
+local function promote(profile, now)
+  local due = redis.call('ZRANGEBYSCORE', delayed_key(profile), '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', delayed_key(profile), id)
+    redis.call('LPUSH', queue_key(profile), id)
+  end
+  if #due > 0 then wake(profile, #due) end
+end
+
+local function claim(id, profile, worker, now, lease)
+  local key = task_key(id)
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'lease')
+  if f[1] ~= 'waiting' then return false end
+  move(id, profile, f[2], 'waiting', 'running', now)
+  local expiry = tonumber(now) + (tonumber(f[3]) or tonumber(lease))
+  redis.call('HSET', key, 'worker', worker, 'started_at', now, 'lease_until', expiry)
+  redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('ZADD', LEASES, expiry, id)
+  redis.call('LPOP', wake_key(profile))
+  return redis.call('HGETALL', key)
+end
+
+local function remove(id)
+  local key = task_key(id)
+  local f = redis.call('HMGET', key, 'profile', 'status', 'tags')
+  if not f[1] then return 0 end
+  local profile, status = f[1], f[2]
+  if status == 'waiting' then unqueue(id, profile) end
+  for _, index in ipairs({ALL, status_key(status), pair_key(profile, status), profile_key(profile), LEASES, ENDED}) do
+    redis.call('ZREM', index, id)
+  end
+  if redis.call('ZCARD', profile_key(profile)) == 0 then redis.call('SREM', PROFILES, profile) end
+  for _, tag in ipairs(cjson.decode(f[3])) do
+    redis.call('ZREM', tag_key(tag), id)
+    if redis.call('ZCARD', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
+  end
+  redis.call('DEL', key)
+  return 1
 end
 """
 
+_REDIS_TASK_FIELDS = ("identifier", "profile", "job", "parameters", "tags", "created_at",
+                      "retries", "retry_delay", "timeout", "lease", "run_at")
+
 _REDIS_SCRIPTS = {
-    # ARGV: identifier, profile, job, parameters, tags, created_at; repeated per task.
+    # ARGV: now, then per task the values of _REDIS_TASK_FIELDS, in that order.
     "add": """
-for i = 1, #ARGV, 6 do
+local now, width = tonumber(ARGV[1]), 11
+for i = 2, #ARGV, width do
   if redis.call('EXISTS', task_key(ARGV[i])) == 1 then
     return redis.error_reply('EXISTS ' .. ARGV[i])
   end
 end
-for i = 1, #ARGV, 6 do
-  local id, profile, tags, created = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 5]
-  redis.call('HSET', task_key(id), 'identifier', id, 'profile', profile, 'job', ARGV[i + 2],
-    'parameters', ARGV[i + 3], 'tags', tags, 'status', 'waiting', 'created_at', created, 'attempts', 0)
-  redis.call('LPUSH', queue_key(profile), id)
+local woken = {}
+for i = 2, #ARGV, width do
+  local id, profile, job, parameters, tags, created, retries, retry_delay, timeout, lease, run_at =
+    unpack(ARGV, i, i + width - 1)
+  redis.call('HSET', task_key(id), 'identifier', id, 'profile', profile, 'job', job,
+    'parameters', parameters, 'tags', tags, 'status', 'waiting', 'created_at', created, 'attempts', 0,
+    'failures', 0, 'lost', 0, 'retries', retries, 'retry_delay', retry_delay, 'timeout', timeout,
+    'lease', lease, 'run_at', run_at)
   redis.call('ZADD', ALL, created, id)
   redis.call('ZADD', profile_key(profile), created, id)
   redis.call('ZADD', status_key('waiting'), created, id)
@@ -859,74 +1074,118 @@ for i = 1, #ARGV, 6 do
     redis.call('ZADD', tag_key(tag), created, id)
     redis.call('SADD', TAGS, tag)
   end
+  if run_at ~= '' and tonumber(run_at) > now then
+    redis.call('ZADD', delayed_key(profile), run_at, id)
+  else
+    redis.call('LPUSH', queue_key(profile), id)
+    woken[profile] = (woken[profile] or 0) + 1
+  end
 end
-return #ARGV / 6
+for profile, count in pairs(woken) do wake(profile, count) end
+return (#ARGV - 1) / width
 """,
-    # ARGV: profile, worker, now. Claims the oldest waiting task, if any.
+    # ARGV: profile, worker, now, lease. The claimed task, else when the next delayed one is due.
     "claim": """
-local id = redis.call('RPOP', queue_key(ARGV[1]))
+local profile, now = ARGV[1], ARGV[3]
+promote(profile, now)
+local id = redis.call('RPOP', queue_key(profile))
 while id do
-  local task = claim(id, ARGV[1], ARGV[2], ARGV[3])
+  local task = claim(id, profile, ARGV[2], now, ARGV[4])
   if task then return task end
-  id = redis.call('RPOP', queue_key(ARGV[1]))
+  id = redis.call('RPOP', queue_key(profile))
 end
-return false
+local next_due = redis.call('ZRANGE', delayed_key(profile), 0, 0, 'WITHSCORES')
+return next_due[2] or false
 """,
-    # ARGV: profile, identifier, worker, now. Finishes a claim that BLMOVE started.
-    "mark": """
-if redis.call('LREM', claimed_key(ARGV[1]), 1, ARGV[2]) == 0 then return false end
-return claim(ARGV[2], ARGV[1], ARGV[3], ARGV[4])
+    # ARGV: lease expiry, then identifier and attempts of each task to renew.
+    "renew": """
+local renewed = 0
+for i = 2, #ARGV, 2 do
+  local key = task_key(ARGV[i])
+  local f = redis.call('HMGET', key, 'status', 'attempts')
+  if f[1] == 'running' and f[2] == ARGV[i + 1] then
+    redis.call('HSET', key, 'lease_until', ARGV[1])
+    redis.call('ZADD', LEASES, ARGV[1], ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
 """,
-    # ARGV: identifier, new status, now.
+    # ARGV: identifier, attempts, new status, now, error, result, failures, run_at ('' for none).
+    "complete": """
+local id, new, now = ARGV[1], ARGV[3], ARGV[4]
+local key = task_key(id)
+local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts')
+if f[2] ~= 'running' or f[4] ~= ARGV[2] then return 0 end
+move(id, f[1], f[3], 'running', new, now)
+redis.call('HSET', key, 'failures', ARGV[7])
+if ARGV[5] ~= '' then redis.call('HSET', key, 'error', ARGV[5]) else redis.call('HDEL', key, 'error') end
+if ARGV[6] ~= '' then redis.call('HSET', key, 'result', ARGV[6]) end
+if new == 'waiting' then
+  redis.call('HSET', key, 'run_at', ARGV[8])
+  redis.call('ZADD', delayed_key(f[1]), ARGV[8], id)
+else
+  redis.call('HINCRBY', COMPLETED, f[1] .. ':' .. new, 1)
+end
+return 1
+""",
+    # ARGV: now, max_lost. Returns each recovered task's hash and the worker it was lost from.
+    "recover": """
+local now, max_lost = ARGV[1], tonumber(ARGV[2])
+local result = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 1000)) do
+  local key = task_key(id)
+  local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'worker')
+  if f[2] ~= 'running' then
+    redis.call('ZREM', LEASES, id)
+  else
+    local lost = redis.call('HINCRBY', key, 'lost', 1)
+    local worker = f[4] or '?'
+    if lost >= max_lost then
+      move(id, f[1], f[3], 'running', 'failed', now)
+      redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
+      redis.call('HINCRBY', COMPLETED, f[1] .. ':failed', 1)
+    else
+      move(id, f[1], f[3], 'running', 'waiting', now)
+      redis.call('HDEL', key, 'started_at')
+      redis.call('RPUSH', queue_key(f[1]), id)
+      wake(f[1], 1)
+    end
+    table.insert(result, redis.call('HGETALL', key))
+    table.insert(result, worker)
+  end
+end
+return result
+""",
+    # ARGV: identifier, new status, now, '1' to move only a failed task (retry).
     "update": """
-local id, new = ARGV[1], ARGV[2]
+local id, new, now = ARGV[1], ARGV[2], ARGV[3]
 local key = task_key(id)
 local f = redis.call('HMGET', key, 'profile', 'status', 'created_at')
 if not f[1] then return false end
 local profile, old, score = f[1], f[2], f[3]
+if ARGV[4] == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
 if old ~= new then
   if old == 'waiting' then unqueue(id, profile) end
   if new == 'waiting' then
-    requeue(id, profile, score, old)
+    requeue(id, profile, score, old, now)
   else
-    move(id, profile, score, old, new)
-    redis.call('HSET', key, 'finished_at', ARGV[3])
+    move(id, profile, score, old, new, now)
   end
 end
 return redis.call('HGETALL', key)
 """,
-    # ARGV: identifier, worker, status, finished_at, error, result ('' for none).
-    "complete": """
-local id = ARGV[1]
-local key = task_key(id)
-local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'worker')
-if f[2] ~= 'running' or f[4] ~= ARGV[2] then return 0 end
-move(id, f[1], f[3], 'running', ARGV[3])
-redis.call('HINCRBY', COMPLETED, f[1] .. ':' .. ARGV[3], 1)
-redis.call('HSET', key, 'finished_at', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', key, 'error', ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('HSET', key, 'result', ARGV[6]) end
-return 1
-""",
-    # ARGV: identifier.
-    "delete": """
-local id = ARGV[1]
-local key = task_key(id)
-local f = redis.call('HMGET', key, 'profile', 'status', 'tags')
-if not f[1] then return 0 end
-local profile, status = f[1], f[2]
-if status == 'waiting' then unqueue(id, profile) end
-redis.call('ZREM', ALL, id)
-redis.call('ZREM', status_key(status), id)
-redis.call('ZREM', pair_key(profile, status), id)
-redis.call('ZREM', profile_key(profile), id)
-if redis.call('ZCARD', profile_key(profile)) == 0 then redis.call('SREM', PROFILES, profile) end
-for _, tag in ipairs(cjson.decode(f[3])) do
-  redis.call('ZREM', tag_key(tag), id)
-  if redis.call('ZCARD', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
+    "delete": "return remove(ARGV[1])",
+    # ARGV: ended before, offset, limit, statuses... Returns {removed, scanned}.
+    "purge": """
+local wanted = {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local ids = redis.call('ZRANGEBYSCORE', ENDED, '-inf', ARGV[1], 'LIMIT', ARGV[2], ARGV[3])
+local removed = 0
+for _, id in ipairs(ids) do
+  if wanted[redis.call('HGET', task_key(id), 'status')] then removed = removed + remove(id) end
 end
-redis.call('DEL', key)
-return 1
+return {removed, #ids}
 """,
     # ARGV: mode ('search' or 'count'), order, offset, limit (-1: none), profile, status, tags...
     # Each group is one sorted set; groups are walked in the order's sequence.
@@ -1011,38 +1270,37 @@ for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
 end
 return result
 """,
-    # Claims cut short by a crash between BLMOVE and 'mark' go back to the head
-    # of their queue; then running and failed tasks join the tail, oldest first.
+    # ARGV: now, '1' to take tasks under a live lease too. Oldest first, to the tail.
     "restore": """
-local moved = 0
-for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
-  while redis.call('LMOVE', claimed_key(p), queue_key(p), 'LEFT', 'RIGHT') do end
-end
+local now, everything = tonumber(ARGV[1]), ARGV[2] == '1'
 local stale = {}
 for _, s in ipairs({'running', 'failed'}) do
   local entries = redis.call('ZRANGE', status_key(s), 0, -1, 'WITHSCORES')
   for i = 1, #entries, 2 do
-    table.insert(stale, {entries[i], tonumber(entries[i + 1]), entries[i + 1], s})
+    local id = entries[i]
+    local expiry = tonumber(redis.call('ZSCORE', LEASES, id))
+    if everything or s ~= 'running' or not expiry or expiry <= now then
+      table.insert(stale, {id, tonumber(entries[i + 1]), entries[i + 1], s})
+    end
   end
 end
 table.sort(stale, function(a, b) return a[2] < b[2] end)
 for _, entry in ipairs(stale) do
   local profile = redis.call('HGET', task_key(entry[1]), 'profile')
-  requeue(entry[1], profile, entry[3], entry[4])
-  moved = moved + 1
+  requeue(entry[1], profile, entry[3], entry[4], ARGV[1])
 end
-return moved
+return #stale
 """,
     "flush": """
 local ids = redis.call('ZRANGE', ALL, 0, -1)
 for _, id in ipairs(ids) do redis.call('DEL', task_key(id)) end
 for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
-  redis.call('DEL', queue_key(p), claimed_key(p), profile_key(p))
+  redis.call('DEL', queue_key(p), delayed_key(p), wake_key(p), profile_key(p))
   for _, s in ipairs(STATUSES) do redis.call('DEL', pair_key(p, s)) end
 end
 for _, t in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(t)) end
 for _, s in ipairs(STATUSES) do redis.call('DEL', status_key(s)) end
-redis.call('DEL', ALL, PROFILES, TAGS, COMPLETED)
+redis.call('DEL', ALL, PROFILES, TAGS, COMPLETED, LEASES, ENDED)
 return #ids
 """,
 }
@@ -1082,7 +1340,7 @@ class RedisQueue(Queue):
         self.prefix = prefix
         self._base = f"{{{prefix}}}"
         self._scripts = {
-            name: client.register_script(_LUA_KEYS + source)
+            name: client.register_script(_LUA_PRELUDE + source)
             for name, source in _REDIS_SCRIPTS.items()
         }
 
@@ -1102,8 +1360,11 @@ class RedisQueue(Queue):
         except (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.BusyLoadingError) as error:
             raise BackendUnavailable(f"{self.describe()} is unavailable: {error}") from error
         except exceptions.ResponseError as error:
-            if str(error).startswith("EXISTS "):
-                raise ValidationError(f"Task {str(error)[7:]} already exists") from None
+            words = str(error).split()
+            if words[:1] == ["EXISTS"]:
+                raise ValidationError(f"Task {words[1]} already exists") from None
+            if words[:1] == ["NOTFAILED"]:
+                raise ValidationError(f"Task {words[1]} is {words[2]}: only failed tasks can be retried") from None
             raise BackendUnavailable(f"{self.describe()} refused a command: {error}") from error
 
     def _run(self, script: str, *args: Any) -> Any:
@@ -1112,45 +1373,53 @@ class RedisQueue(Queue):
     def _task(self, flat: Sequence[Any] | None) -> Task | None:
         return _decode_task(_pairs(flat)) if flat else None
 
-    def _add(self, tasks: Sequence[Task]) -> None:
-        args: list[Any] = []
+    def _add(self, tasks: Sequence[Task], now: float) -> None:
+        args: list[Any] = [repr(now)]
         for task in tasks:
             stored = _encode_task(task)
-            args += [stored["identifier"], stored["profile"], stored["job"],
-                     stored["parameters"], stored["tags"], stored["created_at"]]
+            args += [stored[name] for name in _REDIS_TASK_FIELDS]
         self._run("add", *args)
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            task = self._task(self._run("claim", profile, worker, repr(time.time())))
-            if task is not None:
-                return task
+            now = self.clock()
+            reply = self._run("claim", profile, worker, repr(now), repr(lease))
+            if isinstance(reply, list):
+                return self._task(reply)
             remaining = _remaining(deadline)
-            if remaining is not None and remaining < 0.001:
+            if remaining is not None and remaining <= 0:
                 return None
-            identifier = self.client.blmove(
-                f"{self._base}:queue:{profile}", f"{self._base}:claimed:{profile}",
-                0 if remaining is None else remaining, "RIGHT", "LEFT",
-            )
-            if identifier is None:
-                return None
-            task = self._task(self._run("mark", profile, identifier, worker, repr(time.time())))
-            if task is not None:
-                return task
+            if reply is not None:
+                due_in = max(float(reply) - now, 0.01)
+                remaining = due_in if remaining is None else min(remaining, due_in)
+            self.client.blpop([f"{self._base}:wake:{profile}"], timeout=0 if remaining is None else remaining)
+
+    def _renew(self, task: Task, until: float) -> bool:
+        return bool(self._run("renew", repr(until), task.identifier, task.attempts))
+
+    def _complete(self, task: Task) -> bool:
+        finished = task.finished_at if task.status is not Status.WAITING else None
+        return bool(self._run(
+            "complete", task.identifier, task.attempts, task.status.value,
+            _stamp(finished) or repr(self.clock()), task.error or "",
+            "" if task.result is None else json.dumps(task.result), task.failures, _stamp(task.run_at),
+        ))
+
+    def _recover(self, now: float, max_lost: int) -> list[Task]:
+        reply = self._run("recover", repr(now), max_lost)
+        recovered = []
+        for flat, worker in zip(reply[::2], reply[1::2]):
+            task = _decode_task(_pairs(flat))
+            task.worker = _text(worker)
+            recovered.append(task)
+        return recovered
 
     def _find(self, identifier: str) -> Task | None:
         return self._task(self.client.hgetall(f"{self._base}:task:{identifier}"))
 
-    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
-        return self._task(self._run("update", identifier, status.value, repr(now)))
-
-    def _complete(self, task: Task) -> bool:
-        result = "" if task.result is None else json.dumps(task.result)
-        return bool(self._run(
-            "complete", task.identifier, task.worker or "", task.status.value,
-            repr(task.finished_at.timestamp()), task.error or "", result,  # type: ignore[union-attr]
-        ))
+    def _update_status(self, identifier: str, status: Status, now: float, only_failed: bool) -> Task | None:
+        return self._task(self._run("update", identifier, status.value, repr(now), "1" if only_failed else "0"))
 
     def _query_args(self, mode: str, query: Filter) -> list[Any]:
         limit = -1 if query.limit is None else query.limit
@@ -1166,11 +1435,20 @@ class RedisQueue(Queue):
     def _delete(self, identifier: str) -> bool:
         return bool(self._run("delete", identifier))
 
+    def _purge(self, ended_before: float, statuses: tuple) -> int:
+        total, offset, batch = 0, 0, 500
+        while True:
+            removed, scanned = self._run("purge", repr(ended_before), offset, batch, *[s.value for s in statuses])
+            total += removed
+            offset += scanned - removed
+            if scanned < batch:
+                return total
+
     def _flush(self) -> int:
         return int(self._run("flush"))
 
-    def _restore(self) -> int:
-        return int(self._run("restore"))
+    def _restore(self, now: float, include_leased: bool) -> int:
+        return int(self._run("restore", repr(now), "1" if include_leased else "0"))
 
     def _stats(self) -> dict[tuple, int]:
         flat = self._run("stats")
@@ -1189,6 +1467,9 @@ class RedisQueue(Queue):
 
 # == Queue: SQLite ===========================================================
 
+# One row per task. A waiting task has a FIFO ``position``, or none while it
+# is delayed (until ``run_at``); a running one has ``lease_until``. Partial
+# indexes serve the FIFO, the delayed set, expired leases and ended tasks.
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     seq INTEGER PRIMARY KEY,
@@ -1199,17 +1480,30 @@ CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     tags TEXT NOT NULL,
     status TEXT NOT NULL,
     status_rank INTEGER NOT NULL,
-    position INTEGER NOT NULL,
+    position INTEGER,
     created_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    retry_delay REAL,
+    timeout REAL,
+    lease REAL,
+    run_at REAL,
+    lease_until REAL,
     worker TEXT,
     started_at REAL,
     finished_at REAL,
     error TEXT,
     result TEXT
 );
-CREATE INDEX IF NOT EXISTS jobqueue_waiting ON jobqueue_tasks (profile, position)
-    WHERE status = 'waiting';
+CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
+    WHERE status = 'waiting' AND position IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobqueue_delayed ON jobqueue_tasks (profile, run_at)
+    WHERE status = 'waiting' AND position IS NULL;
+CREATE INDEX IF NOT EXISTS jobqueue_leases ON jobqueue_tasks (lease_until) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS jobqueue_ended ON jobqueue_tasks (status_rank, finished_at)
+    WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobqueue_by_date ON jobqueue_tasks (created_at);
 CREATE INDEX IF NOT EXISTS jobqueue_by_status ON jobqueue_tasks (status_rank, created_at);
 CREATE INDEX IF NOT EXISTS jobqueue_by_profile ON jobqueue_tasks (profile, created_at);
@@ -1234,11 +1528,20 @@ _SQLITE_ORDERS = {
     "profile": "profile, created_at, seq",
 }
 
+_SQLITE_READY = """
+SELECT EXISTS (SELECT 1 FROM jobqueue_tasks
+               WHERE status = 'waiting' AND position IS NOT NULL AND profile = :profile)
+    OR EXISTS (SELECT 1 FROM jobqueue_tasks
+               WHERE status = 'waiting' AND position IS NULL AND profile = :profile AND run_at <= :now) AS ready
+"""
+
 _SQLITE_CLAIM = """
 UPDATE jobqueue_tasks
-SET status = 'running', status_rank = 1, attempts = attempts + 1, worker = ?, started_at = ?
+SET status = 'running', status_rank = 1, attempts = attempts + 1, worker = :worker, started_at = :now,
+    lease_until = :now + COALESCE(lease, :lease)
 WHERE seq = (
-    SELECT seq FROM jobqueue_tasks WHERE status = 'waiting' AND profile = ?
+    SELECT seq FROM jobqueue_tasks
+    WHERE status = 'waiting' AND position IS NOT NULL AND profile = :profile
     ORDER BY position LIMIT 1
 )
 RETURNING *
@@ -1246,9 +1549,21 @@ RETURNING *
 
 _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
-SET status = 'waiting', status_rank = 0, position = ?,
-    worker = NULL, started_at = NULL, finished_at = NULL, error = NULL, result = NULL
+SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
+    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL
 WHERE seq = ?
+"""
+
+_SQLITE_COMPLETE = """
+UPDATE jobqueue_tasks
+SET status = :status, status_rank = :rank, finished_at = :finished_at, error = :error, result = :result,
+    failures = :failures, run_at = :run_at, position = NULL, lease_until = NULL
+WHERE identifier = :identifier AND status = 'running' AND attempts = :attempts
+RETURNING profile
+"""
+
+_SQLITE_COUNT_COMPLETED = """
+INSERT INTO jobqueue_counters (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1
 """
 
 
@@ -1315,16 +1630,28 @@ class SQLiteQueue(Queue):
         ).fetchone()["value"]
         return range(last - count + 1, last + 1)
 
-    def _add(self, tasks: Sequence[Task]) -> None:
+    def _head(self, connection: sqlite3.Connection, profile: str) -> int:
+        """A place before every waiting task of the profile."""
+        first = connection.execute(
+            "SELECT MIN(position) AS first FROM jobqueue_tasks"
+            " WHERE status = 'waiting' AND position IS NOT NULL AND profile = ?", (profile,)
+        ).fetchone()["first"]
+        return self._positions(connection, 1)[0] if first is None else first - 1
+
+    def _add(self, tasks: Sequence[Task], now: float) -> None:
         rows = [_encode_task(task) for task in tasks]
+        delayed = [bool(r["run_at"]) and float(r["run_at"]) > now for r in rows]
         with self._write() as connection:
-            positions = self._positions(connection, len(rows))
+            positions = iter(self._positions(connection, delayed.count(False)))
             try:
                 connection.executemany(
-                    "INSERT INTO jobqueue_tasks (identifier, profile, job, parameters, tags, status,"
-                    " status_rank, position, created_at) VALUES (?, ?, ?, ?, ?, 'waiting', 0, ?, ?)",
-                    [(r["identifier"], r["profile"], r["job"], r["parameters"], r["tags"], position,
-                      float(r["created_at"])) for r, position in zip(rows, positions)],
+                    "INSERT INTO jobqueue_tasks (identifier, profile, job, parameters, tags, status, status_rank,"
+                    " position, created_at, retries, retry_delay, timeout, lease, run_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'waiting', 0, ?, ?, ?, ?, ?, ?, ?)",
+                    [(r["identifier"], r["profile"], r["job"], r["parameters"], r["tags"],
+                      None if later else next(positions), float(r["created_at"]), int(r["retries"]),
+                      *[_optional_float(r[name]) for name in ("retry_delay", "timeout", "lease", "run_at")])
+                     for r, later in zip(rows, delayed)],
                 )
             except sqlite3.IntegrityError:
                 raise ValidationError("A task with the same identifier already exists") from None
@@ -1334,22 +1661,32 @@ class SQLiteQueue(Queue):
                 [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
             )
 
-    def _claim(self, profile: str, worker: str) -> Task | None:
-        connection = self._connection()
-        waiting = connection.execute(
-            "SELECT 1 FROM jobqueue_tasks WHERE status = 'waiting' AND profile = ? LIMIT 1", (profile,)
-        ).fetchone()
-        if waiting is None:
+    def _promote(self, connection: sqlite3.Connection, profile: str, now: float) -> None:
+        """Due delayed tasks join the back of the FIFO, in run_at order."""
+        due = connection.execute(
+            "SELECT seq FROM jobqueue_tasks WHERE status = 'waiting' AND position IS NULL AND profile = ?"
+            " AND run_at <= ? ORDER BY run_at, seq LIMIT 100", (profile, now)
+        ).fetchall()
+        if due:
+            positions = self._positions(connection, len(due))
+            connection.executemany("UPDATE jobqueue_tasks SET position = ? WHERE seq = ?",
+                                   [(p, row["seq"]) for p, row in zip(positions, due)])
+
+    def _claim(self, profile: str, worker: str, lease: float) -> Task | None:
+        now = self.clock()
+        arguments = {"profile": profile, "now": now, "worker": worker, "lease": lease}
+        if not self._connection().execute(_SQLITE_READY, arguments).fetchone()["ready"]:
             return None
         with self._write() as connection:
-            row = connection.execute(_SQLITE_CLAIM, (worker, time.time(), profile)).fetchone()
+            self._promote(connection, profile, now)
+            row = connection.execute(_SQLITE_CLAIM, arguments).fetchone()
         return None if row is None else _decode_task(row)
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str) -> Task | None:
+    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            task = self._claim(profile, worker)
+            task = self._claim(profile, worker, lease)
             if task is not None:
                 return task
             remaining = _remaining(deadline)
@@ -1358,46 +1695,80 @@ class SQLiteQueue(Queue):
             time.sleep(pause if remaining is None else min(pause, remaining))
             pause = min(pause * 2, self.poll_interval)
 
+    def _renew(self, task: Task, until: float) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE jobqueue_tasks SET lease_until = ?"
+                " WHERE identifier = ? AND status = 'running' AND attempts = ?",
+                (until, task.identifier, task.attempts),
+            )
+        return cursor.rowcount == 1
+
+    def _complete(self, task: Task) -> bool:
+        retrying = task.status is Status.WAITING
+        with self._write() as connection:
+            row = connection.execute(_SQLITE_COMPLETE, {
+                "status": task.status.value, "rank": task.status.rank, "identifier": task.identifier,
+                "finished_at": None if retrying else task.finished_at.timestamp(),  # type: ignore[union-attr]
+                "error": task.error, "result": None if task.result is None else json.dumps(task.result),
+                "failures": task.failures, "attempts": task.attempts,
+                "run_at": task.run_at.timestamp() if retrying else None,  # type: ignore[union-attr]
+            }).fetchone()
+            if row is not None and not retrying:
+                connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:{task.status.value}",))
+        return row is not None
+
+    def _recover(self, now: float, max_lost: int) -> list[Task]:
+        recovered = []
+        with self._write() as connection:
+            expired = connection.execute(
+                "SELECT * FROM jobqueue_tasks WHERE status = 'running' AND lease_until <= ?"
+                " ORDER BY lease_until LIMIT 1000", (now,)
+            ).fetchall()
+            for row in expired:
+                lost = row["lost"] + 1
+                if lost >= max_lost:
+                    error = f"Worker lost {lost} times (last: {row['worker']})"
+                    connection.execute(
+                        "UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, lost = ?, error = ?,"
+                        " finished_at = ?, lease_until = NULL WHERE seq = ?", (lost, error, now, row["seq"]))
+                    connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:failed",))
+                    row.update(status="failed", error=error, finished_at=now)
+                else:
+                    connection.execute(
+                        "UPDATE jobqueue_tasks SET status = 'waiting', status_rank = 0, lost = ?, position = ?,"
+                        " started_at = NULL, lease_until = NULL WHERE seq = ?",
+                        (lost, self._head(connection, row["profile"]), row["seq"]))
+                    row.update(status="waiting", started_at=None)
+                row["lost"] = lost
+                recovered.append(_decode_task(row))
+        return recovered
+
     def _find(self, identifier: str) -> Task | None:
         row = self._connection().execute(
             "SELECT * FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
         ).fetchone()
         return None if row is None else _decode_task(row)
 
-    def _update_status(self, identifier: str, status: Status, now: float) -> Task | None:
+    def _update_status(self, identifier: str, status: Status, now: float, only_failed: bool) -> Task | None:
         with self._write() as connection:
             row = connection.execute(
                 "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
             ).fetchone()
             if row is None:
                 return None
+            if only_failed and row["status"] != Status.FAILED.value:
+                raise ValidationError(f"Task {identifier} is {row['status']}: only failed tasks can be retried")
             if row["status"] != status.value:
                 if status is Status.WAITING:
                     connection.execute(_SQLITE_REQUEUE, (self._positions(connection, 1)[0], row["seq"]))
                 else:
                     connection.execute(
-                        "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ? WHERE seq = ?",
-                        (status.value, status.rank, now, row["seq"]),
+                        "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ?, position = NULL,"
+                        " lease_until = NULL WHERE seq = ?", (status.value, status.rank, now, row["seq"]),
                     )
             updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
         return _decode_task(updated)
-
-    def _complete(self, task: Task) -> bool:
-        result = None if task.result is None else json.dumps(task.result)
-        with self._write() as connection:
-            cursor = connection.execute(
-                "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ?, error = ?, result = ?"
-                " WHERE identifier = ? AND status = 'running' AND worker IS ?",
-                (task.status.value, task.status.rank, task.finished_at.timestamp(),  # type: ignore[union-attr]
-                 task.error, result, task.identifier, task.worker),
-            )
-            if cursor.rowcount == 1:
-                connection.execute(
-                    "INSERT INTO jobqueue_counters (name, value) VALUES (?, 1)"
-                    " ON CONFLICT (name) DO UPDATE SET value = value + 1",
-                    (f"completed:{task.profile}:{task.status.value}",),
-                )
-        return cursor.rowcount == 1
 
     def _where(self, query: Filter) -> tuple:
         clauses, args = [], []
@@ -1437,16 +1808,29 @@ class SQLiteQueue(Queue):
             connection.execute("DELETE FROM jobqueue_tasks WHERE seq = ?", (row["seq"],))
         return True
 
+    def _purge(self, ended_before: float, statuses: tuple) -> int:
+        removed = 0
+        with self._write() as connection:
+            for status in statuses:
+                ended = ("FROM jobqueue_tasks WHERE status_rank = ? AND finished_at IS NOT NULL"
+                         " AND finished_at < ?")
+                connection.execute(f"DELETE FROM jobqueue_tags WHERE seq IN (SELECT seq {ended})",
+                                   (status.rank, ended_before))
+                removed += connection.execute(f"DELETE {ended}", (status.rank, ended_before)).rowcount
+        return removed
+
     def _flush(self) -> int:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_tags")
             connection.execute("DELETE FROM jobqueue_counters WHERE name LIKE 'completed:%'")
             return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
-    def _restore(self) -> int:
+    def _restore(self, now: float, include_leased: bool) -> int:
         with self._write() as connection:
             stale = connection.execute(
-                "SELECT seq FROM jobqueue_tasks WHERE status IN ('running', 'failed') ORDER BY created_at, seq"
+                "SELECT seq FROM jobqueue_tasks WHERE status = 'failed' OR (status = 'running'"
+                " AND (? OR lease_until IS NULL OR lease_until <= ?)) ORDER BY created_at, seq",
+                (include_leased, now),
             ).fetchall()
             positions = self._positions(connection, len(stale))
             connection.executemany(_SQLITE_REQUEUE, [(p, row["seq"]) for p, row in zip(positions, stale)])
@@ -1568,6 +1952,14 @@ class Worker:
     or until the profile is empty with ``burst=True``, or until ``stop()``.
     ``run(task)`` handles one fetched task and returns it, so tests can drive
     a worker in-process.
+
+    While a job runs, a watchdog thread renews the task's lease every third of
+    it and interrupts the job at its timeout. Every ``maintenance_interval``
+    seconds the worker returns tasks of lost workers to the queue (``recover``)
+    and, with ``finished_ttl``, deletes finished tasks older than that. When
+    the backend is unreachable it waits and tries again, with capped backoff,
+    logging one line per outage; a result it could not record is recorded
+    once the backend is back.
     """
 
     def __init__(
@@ -1578,14 +1970,26 @@ class Worker:
         dispatcher: EventDispatcher | None = None,
         *,
         poll: float = 1.0,
+        lease: float = DEFAULT_LEASE,
+        timeout: float | None = None,
+        max_lost: int = DEFAULT_MAX_LOST,
+        finished_ttl: float | None = None,
     ):
         self.name = name or _default_worker_name()
         self.queue = queue
         self.profile = validate_profile(profile)
         self.dispatcher = dispatcher if dispatcher is not None else EventDispatcher()
         self.poll = poll
+        self.lease = _seconds("lease", lease, allow_zero=False)
+        self.timeout = _seconds("timeout", timeout, allow_zero=False)
+        self.max_lost = max_lost
+        self.finished_ttl = finished_ttl
+        self.maintenance_interval = min(self.lease / 2, 5.0)  # type: ignore[operator]
         self.logger = logging.getLogger("jobqueue.worker")
+        self.watchdog = _Watchdog(self)
         self._stopping = threading.Event()
+        self._next_maintenance = 0.0
+        self._outage_since: float | None = None
 
     def stop(self) -> None:
         """Ask the worker to stop once the current task is done."""
@@ -1601,14 +2005,23 @@ class Worker:
         done = 0
         try:
             while not self.stopping and (quantity is None or done < quantity):
-                task = self.queue.fetch(self.profile, timeout=0 if burst else self.poll, worker=self.name)
+                self.maintain()
+                task = self._backend(
+                    lambda: self.queue.fetch(
+                        self.profile, timeout=0 if burst else self.poll, worker=self.name, lease=self.lease
+                    ),
+                    give_up_when_stopping=True,
+                )
+                if task is _UNAVAILABLE:
+                    continue
                 if task is None:
                     if burst:
                         break
                     continue
-                self.run(task)
+                self.run(task)  # type: ignore[arg-type]
                 done += 1
         finally:
+            self.watchdog.close()
             self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
         return done
 
@@ -1616,34 +2029,104 @@ class Worker:
         """Run one fetched task, record its outcome and emit its events."""
         self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
         started = time.monotonic()
+        timeout = task.timeout or self.timeout
         try:
-            task.result = _encode_result(self._execute(task))
-            task.status = Status.FINISHED
+            try:
+                self.watchdog.watch(task, timeout)
+                result = _encode_result(self._execute(task))
+            finally:
+                self.watchdog.release()
+        except JobTimeout:
+            self._failed(task, f"Timed out after {timeout:g} s\n")
         except Exception as error:  # noqa: BLE001 - any error a job raises fails its task
-            task.status, task.error, task.result = Status.FAILED, format_error(error), None
+            self._failed(task, format_error(error))
         except BaseException:
             self._give_back(task)
             raise
-        task.finished_at = _utcnow()
-        if not self.queue.complete(task):
-            self.logger.warning("Task %s was taken from worker %s before it ended", task.identifier, self.name)
-        seconds = time.monotonic() - started
+        else:
+            task.status, task.result, task.error = Status.FINISHED, result, None
+        task.finished_at = None if task.status is Status.WAITING else _utcnow()
+        if not self._backend(lambda: self.queue.complete(task)):
+            self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
+                                task.identifier, task.job_name)
+        self._report(task, time.monotonic() - started)
+        return task
+
+    def maintain(self, force: bool = False) -> None:
+        """Recover tasks of lost workers and expire old finished tasks, when it is time to."""
+        now = time.monotonic()
+        if not force and now < self._next_maintenance:
+            return
+        self._next_maintenance = now + self.maintenance_interval
+        recovered = self._backend(lambda: self.queue.recover(self.max_lost), give_up_when_stopping=True)
+        for task in recovered if isinstance(recovered, list) else []:
+            outcome = "failed for good" if task.status is Status.FAILED else "back to waiting"
+            self.logger.warning("%s %s recovered from lost worker %s: %s (lost %d times)",
+                                task.identifier, task.job_name, task.worker, outcome, task.lost)
+            self.dispatcher.dispatch(TASK_RECOVERED, TaskEvent(TASK_RECOVERED, task, self))
+        if self.finished_ttl:
+            self._backend(lambda: self.queue.purge(self.finished_ttl, Status.FINISHED), give_up_when_stopping=True)
+
+    def _failed(self, task: Task, error: str) -> None:
+        task.failures += 1
+        task.error, task.result = error, None
+        if task.failures <= task.retries:
+            delay = min(task.retry_delay * 2 ** (task.failures - 1), RETRY_DELAY_MAX) * random.uniform(0.5, 1.0)
+            task.status, task.run_at = Status.WAITING, _utcnow() + timedelta(seconds=delay)
+        else:
+            task.status = Status.FAILED
+
+    def _report(self, task: Task, seconds: float) -> None:
+        summary = (task.error or "").split("\n", 1)[0]
         if task.status is Status.FINISHED:
             self.logger.info("%s %s finished in %.3fs", task.identifier, task.job_name, seconds)
             self.dispatcher.dispatch(TASK_EXECUTED, TaskEvent(TASK_EXECUTED, task, self))
+        elif task.status is Status.WAITING:
+            wait = (task.run_at - _utcnow()).total_seconds()  # type: ignore[operator]
+            self.logger.warning("%s %s failed in %.3fs (failure %d of %d allowed; retrying in %.1fs): %s",
+                                task.identifier, task.job_name, seconds, task.failures, task.retries + 1,
+                                max(wait, 0), summary)
+            self.dispatcher.dispatch(TASK_RETRIED, TaskEvent(TASK_RETRIED, task, self))
         else:
-            summary = (task.error or "").split("\n", 1)[0]
-            self.logger.error("%s %s failed in %.3fs: %s", task.identifier, task.job_name, seconds, summary)
+            self.logger.error("%s %s failed in %.3fs after %d attempts: %s",
+                              task.identifier, task.job_name, seconds, task.attempts, summary)
             self.dispatcher.dispatch(TASK_FAILED, TaskEvent(TASK_FAILED, task, self))
-        return task
 
     def _give_back(self, task: Task) -> None:
-        """An interrupted job is not a failed one: its task goes back to waiting."""
+        """An interrupted job is not a failed one: its task goes back to waiting, due now."""
+        task.status, task.run_at, task.error = Status.WAITING, _utcnow(), None
         try:
-            self.queue.update_status(task, Status.WAITING)
-            self.logger.warning("%s %s interrupted; back to waiting", task.identifier, task.job_name)
+            given = self.queue.complete(task)
         except JobQueueError as error:
-            self.logger.error("%s %s interrupted and not given back: %s", task.identifier, task.job_name, error)
+            self.logger.error("%s %s interrupted and not given back (%s): its lease will expire",
+                              task.identifier, task.job_name, error)
+            return
+        if given:
+            self.logger.warning("%s %s interrupted; back to waiting", task.identifier, task.job_name)
+
+    def _backend(self, action: Callable[[], Any], give_up_when_stopping: bool = False) -> Any:
+        """Run ``action`` until the backend answers, waiting with capped backoff meanwhile.
+
+        Returns _UNAVAILABLE instead of waiting further once the worker is
+        stopping, if ``give_up_when_stopping``.
+        """
+        pause = 0.1
+        while True:
+            try:
+                result = action()
+            except BackendUnavailable as error:
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    self.logger.error("%s; worker %s keeps trying", error, self.name)
+                if give_up_when_stopping and self.stopping:
+                    return _UNAVAILABLE
+                self._stopping.wait(pause) if give_up_when_stopping else time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if self._outage_since is not None:
+                self.logger.warning("Backend is back after %.1fs", time.monotonic() - self._outage_since)
+                self._outage_since = None
+            return result
 
     def _execute(self, task: Task) -> Any:
         target = resolve_job(task.job)
@@ -1658,11 +2141,127 @@ class Worker:
             instance.tear_down(task)
 
 
+_UNAVAILABLE = object()
+
+
+class _Watchdog:
+    """Renews the running task's lease and enforces its timeout, from a thread of its own.
+
+    A timeout raises JobTimeout in the worker's thread (which stops Python
+    code, CPU-bound loops included); with ``wake_signal`` set (the CLI sets
+    SIGALRM), that signal is also sent, so that a job blocked in a sleep or a
+    system call wakes up to it.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.wake_signal: int | None = None
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._task: Task | None = None
+        self._target = 0
+        self._deadline: float | None = None
+        self._renew_at = 0.0
+        self._fired = False
+
+    def watch(self, task: Task, timeout: float | None) -> None:
+        with self._condition:
+            now = time.monotonic()
+            self._task, self._target, self._fired = task, threading.get_ident(), False
+            self._deadline = None if timeout is None else now + timeout
+            self._renew_at = now + self._lease(task) / 3
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+
+    def release(self) -> None:
+        with self._condition:
+            if self._fired:
+                _async_raise(self._target, None)
+            self._task, self._deadline, self._fired = None, None, False
+
+    def timed_out(self) -> bool:
+        """True while the current job is past its timeout (for the wake signal's handler)."""
+        with self._condition:
+            if self._task is None or not self._fired:
+                return False
+            _async_raise(self._target, None)
+            return True
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _lease(self, task: Task) -> float:
+        return task.lease or self.worker.lease  # type: ignore[return-value]
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed:
+                    now = time.monotonic()
+                    if self._task is not None:
+                        due = min(self._renew_at, self._deadline or math.inf)
+                        if now >= due:
+                            break
+                        self._condition.wait(due - now)
+                    else:
+                        self._condition.wait()
+                if self._closed:
+                    return
+                task, now = self._task, time.monotonic()
+                if self._deadline is not None and now >= self._deadline:
+                    self._deadline, self._fired = None, True
+                    _async_raise(self._target, JobTimeout)
+                    if self.wake_signal is not None:
+                        signal.pthread_kill(self._target, self.wake_signal)
+                renew = now >= self._renew_at
+                if renew:
+                    self._renew_at = now + self._lease(task) / 3  # type: ignore[arg-type]
+            if renew:
+                self._renew(task)  # type: ignore[arg-type]
+
+    def _renew(self, task: Task) -> None:
+        try:
+            if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
+                self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
+                                           task.identifier, task.job_name)
+        except JobQueueError as error:
+            self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
+
+
+def _async_raise(thread_id: int, exception: type | None) -> None:
+    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
 # == Configuration ===========================================================
 
 
 def _split_list(value: str | None) -> tuple:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _whole_number(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValidationError(f'"{text}" is not a whole number of 1 or more')
+    return int(text)
+
+
+def _setting(environ: Mapping[str, str], name: str, default: Any, convert: Callable[[str], Any]) -> Any:
+    text = environ.get(name)
+    if not text:
+        return default
+    try:
+        return convert(text)
+    except ValidationError as error:
+        raise ConfigurationError(f"{name}: {error}") from None
 
 
 
@@ -1676,6 +2275,8 @@ class Config:
     jobs: tuple = ()
     imports: tuple = ()
     token: str | None = field(default=None, repr=False)
+    max_lost: int = DEFAULT_MAX_LOST
+    finished_ttl: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -1687,6 +2288,8 @@ class Config:
             jobs=_split_list(environ.get("JOBQUEUE_JOBS")),
             imports=_split_list(environ.get("JOBQUEUE_IMPORTS")),
             token=environ.get("JOBQUEUE_TOKEN") or None,
+            max_lost=_setting(environ, "JOBQUEUE_MAX_LOST", DEFAULT_MAX_LOST, _whole_number),
+            finished_ttl=_setting(environ, "JOBQUEUE_FINISHED_TTL", None, parse_duration),
         )
 
     def check_job(self, target: object) -> str:
@@ -1825,12 +2428,15 @@ class Route:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
 
 
+TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
+
 ROUTES = (
     Route("GET", "/tasks", "list_tasks"),
     Route("POST", "/tasks", "create_task"),
     Route("GET", "/task/{identifier}", "show_task"),
     Route("PATCH", "/task/{identifier}", "patch_task"),
     Route("DELETE", "/task/{identifier}", "delete_task"),
+    Route("POST", "/task/{identifier}/retry", "retry_task"),
     Route("GET", "/stats", "stats"),
     Route("GET", "/health", "health", public=True),
     Route("GET", "/metrics", "metrics"),
@@ -1921,7 +2527,9 @@ class WebService:
             raise ValidationError("Missing profile")
         if not isinstance(data["job"], str):
             raise ValidationError('Job must be an import path such as "myapp.jobs.SendMail"')
-        task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"))
+        options = {name: data[name] for name in TASK_OPTIONS if data.get(name) is not None}
+        task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"),
+                    **options)
         self.queue.add(task)
         return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
 
@@ -1935,6 +2543,9 @@ class WebService:
         if not isinstance(data["status"], str):
             raise ValidationError(f'Status "{data["status"]}" does not exists')
         return Response(200, self.queue.update_status(request.params["identifier"], data["status"]).to_json())
+
+    def retry_task(self, request: Request) -> Response:
+        return Response(200, self.queue.retry(request.params["identifier"]).to_json())
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
@@ -2018,7 +2629,8 @@ def openapi_document() -> dict[str, Any]:
                          }},
                 "NewTask": {"type": "object", "required": ["profile", "job"], "properties": {
                     "profile": {"type": "string"}, "job": {"type": "string"},
-                    "parameters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}}}},
+                    "parameters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
+                    **{name: {"type": "number", "minimum": 0} for name in TASK_OPTIONS}}},
             },
             "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
         },
@@ -2055,6 +2667,11 @@ def openapi_document() -> dict[str, Any]:
                           "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
                 "delete": {"summary": "Delete a task", "operationId": "deleteTask",
                            "responses": answers(_204={"description": "Deleted"}, _404=error)},
+            },
+            "/task/{identifier}/retry": {
+                "parameters": [identifier],
+                "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
+                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
             },
             "/stats": {"get": {"summary": "Counts per profile and status", "operationId": "stats",
                                "responses": answers(_200={"description": "Counts", "content": {
@@ -2258,6 +2875,12 @@ def format_task(task: Task) -> str:
     lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
     if task.attempts:
         lines.append(f"Attempts : {task.attempts}")
+    if task.retries or task.failures:
+        lines.append(f"Retries : {task.retries} (failed so far: {task.failures})")
+    if task.lost:
+        lines.append(f"Lost : {task.lost}")
+    if task.run_at is not None and task.status is Status.WAITING:
+        lines.append(f"Run at : {_rfc2822(task.run_at)}")
     for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
         if value is not None:
             lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
@@ -2315,7 +2938,9 @@ def _print_json(data: Any) -> None:
 def cmd_add(args: argparse.Namespace) -> int:
     config = ServiceContainer.get_instance().config
     parameters = dict(parse_parameter(text) for text in args.parameters)
-    task = Task(args.profile, config.check_job(args.job), parameters, args.tags)
+    options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
+               if getattr(args, name) is not None}
+    task = Task(args.profile, config.check_job(args.job), parameters, args.tags, **options)
     _queue().add(task)
     print(format_task(task))
     return 0
@@ -2434,10 +3059,50 @@ def _go_ahead(args: argparse.Namespace, verb: str, question: str) -> bool:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    """--force: everything not finished, as the seed did. Otherwise tasks whose worker is alive stay theirs."""
     queue = _queue()
     if not _go_ahead(args, "restore", "Put every task that is not finished (running and failed too) back to waiting?"):
         return 1
-    print(f"{queue.restore()} tasks restored to waiting")
+    print(f"{queue.restore(include_leased=args.force)} tasks restored to waiting")
+    left = 0 if args.force else queue.count(status=Status.RUNNING)
+    if left:
+        print(f"{left} running tasks left alone: their workers are alive and renewing their leases"
+              " (--force restores them too)")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    config = ServiceContainer.get_instance().config
+    recovered = _queue().recover(config.max_lost)
+    for task in recovered:
+        outcome = "failed" if task.status is Status.FAILED else "back to waiting"
+        print(f"Task {task.identifier} ({task.job_name}): worker {task.worker} lost; {outcome}")
+    print(f"{len(recovered)} tasks recovered")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    queue = _queue()
+    if args.identifier:
+        print(format_task(queue.retry(args.identifier)))
+        return 0
+    if not args.failed:
+        raise UsageError("Name a task to retry, or use --failed to retry every failed task")
+    retried = 0
+    while batch := queue.search(profile=args.profile, status=Status.FAILED, order="date", limit=500):
+        for task in batch:
+            queue.retry(task)
+            retried += 1
+    print(f"{retried} failed tasks back to waiting")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    queue = _queue()
+    which = args.status.value if args.status else "finished and failed"
+    if not _go_ahead(args, "purge", f"Delete {which} tasks that ended more than {args.older_than:g} s ago?"):
+        return 1
+    print(f"{queue.purge(args.older_than, args.status)} tasks deleted")
     return 0
 
 
@@ -2478,8 +3143,14 @@ def _stop_on_signals(worker: Worker) -> None:
         )
         worker.stop()
 
+    def wake(signum: int, frame: Any) -> None:
+        if worker.watchdog.timed_out():
+            raise JobTimeout
+
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGALRM, wake)
+    worker.watchdog.wake_signal = signal.SIGALRM
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -2492,7 +3163,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queue = _queue()
     if args.concurrency > 1:
         return supervise(args)
-    worker = Worker(args.name, queue, args.profile, services.dispatcher)
+    config = services.config
+    worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
+                    max_lost=config.max_lost, finished_ttl=config.finished_ttl)
     _stop_on_signals(worker)
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
     worker.consume(args.quantity, burst=args.burst)
@@ -2501,7 +3174,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _child_command(args: argparse.Namespace, name: str) -> list[str]:
-    command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name]
+    command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name,
+               "--lease", repr(args.lease)]
+    if args.timeout is not None:
+        command += ["--timeout", repr(args.timeout)]
     if args.quantity is not None:
         command += ["--quantity", str(args.quantity)]
     if args.burst:
@@ -2663,6 +3339,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name (default: host-pid)")
     worker.add_argument("--quantity", type=_positive, metavar="N", help="stop after N tasks")
     worker.add_argument("--burst", action="store_true", help="stop when the profile has no waiting task")
+    worker.add_argument("--lease", type=_checked(parse_duration), default=DEFAULT_LEASE, metavar="DURATION",
+                        help="how long a task stays ours without a heartbeat (default 30s)")
+    worker.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION",
+                        help="interrupt a job running longer (default: no limit; a task's own timeout wins)")
     worker.add_argument("--concurrency", type=_positive, default=1, metavar="N",
                         help="run N worker processes under one supervisor")
     worker.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -2696,6 +3376,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("job", help="import path of a Job subclass or @job function")
     add.add_argument("parameters", nargs="*", metavar="name:value")
     add.add_argument("--tags", nargs="+", default=[], metavar="T")
+    add.add_argument("--delay", type=_checked(parse_duration), metavar="DURATION", help="run no sooner than this")
+    add.add_argument("--retries", type=int, metavar="N", help="run again up to N times if it fails")
+    add.add_argument("--retry-delay", type=_checked(parse_duration), metavar="DURATION",
+                     help="wait before the first retry, doubled after each (default 5s)")
+    add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
+    add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
+                     help="how long a worker holds it without a heartbeat")
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
@@ -2726,9 +3413,31 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("identifier")
 
     restore = _command(actions, "restore", cmd_restore,
-                       "Put every task that is not finished back to waiting (crash repair).",
-                       "jobqueue manager restore", "jobqueue manager restore --force   # no question")
-    restore.add_argument("--force", action="store_true", help="do not ask for confirmation")
+                       "Put every task that is not finished back to waiting (crash repair). Running tasks"
+                       " whose worker is alive are left alone unless --force.",
+                       "jobqueue manager restore",
+                       "jobqueue manager restore --force   # no question; live workers' tasks too")
+    restore.add_argument("--force", action="store_true",
+                         help="do not ask, and restore running tasks under a live lease too")
+
+    recover = _command(actions, "recover", cmd_recover,
+                       "Put tasks whose worker was lost (lease expired) back to waiting, now.",
+                       "jobqueue manager recover")
+    recover.set_defaults(force=False)
+
+    retry = _command(actions, "retry", cmd_retry, "Put failed tasks back to waiting.",
+                     "jobqueue manager retry 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68",
+                     "jobqueue manager retry --failed --profile mail")
+    retry.add_argument("identifier", nargs="?")
+    retry.add_argument("--failed", action="store_true", help="every failed task (of --profile)")
+    retry.add_argument("--profile", type=_checked(validate_profile), metavar="P")
+
+    purge = _command(actions, "purge", cmd_purge, "Delete finished and failed tasks that ended long ago.",
+                     "jobqueue manager purge --older-than 7d",
+                     "jobqueue manager purge --older-than 12h --status failed --force")
+    purge.add_argument("--older-than", type=_checked(parse_duration), required=True, metavar="DURATION")
+    purge.add_argument("--status", type=_checked(Status), metavar="S", help="finished or failed (default: both)")
+    purge.add_argument("--force", action="store_true", help="do not ask for confirmation")
 
     flush = _command(actions, "flush", cmd_flush, "Delete every task of the queue.",
                      "jobqueue manager flush", "jobqueue manager flush --force     # no question")

@@ -1270,14 +1270,16 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     document = call(server, "GET", "/openapi.json").json
     validate(document)
     assert document["openapi"].startswith("3.1")
-    task = Task("p", RecordingJob)
-    queue.add(task)
+    task, failed = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(task, failed)
+    queue.update_status(failed, Status.FAILED)
     bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}}
     operations = 0
     for template, item in document["paths"].items():
         for method in ("get", "post", "patch", "delete"):
             if method in item:
-                path = template.replace("{identifier}", task.identifier)
+                target = failed if template.endswith("/retry") else task
+                path = template.replace("{identifier}", target.identifier)
                 answer = call(server, method.upper(), path, bodies.get(method))
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
                 assert answer.status < 400, (method, path, answer)
