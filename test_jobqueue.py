@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -105,6 +105,59 @@ class SlowJob(Job):
         return "slept"
 
 
+class FlakyJob(Job):
+    """Fails until its third attempt, writing the time of each run to ``log``."""
+
+    def perform(self, task):
+        with open(task.get_parameter("log"), "a") as log:
+            log.write(f"{time.time()!r}\n")
+        if task.attempts < 3:
+            raise RuntimeError(f"flaky on attempt {task.attempts}")
+        return task.attempts
+
+
+class BusyJob(Job):
+    """Spins the CPU forever: only a timeout stops it."""
+
+    def perform(self, task):
+        while True:
+            pass
+
+
+class FirstRunHangsJob(Job):
+    """On its first attempt, announces itself and hangs; later attempts finish at once."""
+
+    def perform(self, task):
+        with open(task.get_parameter("log"), "a") as log:
+            log.write(f"perform {task.attempts} {os.getpid()}\n")
+        if task.attempts == 1:
+            Path(task.get_parameter("started")).write_text(str(os.getpid()))
+            time.sleep(60)
+        return "redone"
+
+
+class DiesInTearDownJob(Job):
+    """Performs, then kills its own worker before the outcome is recorded, the first time only."""
+
+    def perform(self, task):
+        with open(task.get_parameter("log"), "a") as log:
+            log.write(f"perform {task.attempts} {os.getpid()}\n")
+        return "done"
+
+    def tear_down(self, task):
+        marker = Path(task.get_parameter("marker"))
+        if not marker.exists():
+            marker.write_text("died")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@jobqueue.job
+def chaos_step(task):
+    time.sleep(0.002)
+    with open(task.get_parameter("log"), "a") as log:
+        log.write(f"{task.identifier} {os.getpid()}\n")
+
+
 def plain_function(task):
     raise AssertionError("a function without @job must never run")
 
@@ -122,18 +175,18 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server of the tests' own, on a free port, in a temp dir, saving nothing."""
+    """A redis-server of the tests' own, on a free port, in a temp dir; ``persistent`` keeps data over restarts."""
 
-    def __init__(self, binary: str, directory: Path):
-        self.binary, self.directory = binary, directory
+    def __init__(self, binary: str, directory: Path, persistent: bool = False):
+        self.binary, self.directory, self.persistent = binary, directory, persistent
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(self.directory / "redis.log", "ab")
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory),
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"])],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -685,6 +738,208 @@ def test_parameters_round_trip_exactly(queue):
     assert found.created_at == task.created_at
 
 
+def later(queue, seconds: float) -> None:
+    """Move the queue's clock ``seconds`` ahead of the real one."""
+    queue.clock = lambda: time.time() + seconds
+
+
+def test_expired_lease_is_recovered_to_the_head(queue):
+    first, second = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(first, second)
+    claimed = queue.fetch("p", timeout=0, worker="w1", lease=10)
+    assert queue.recover() == []
+    later(queue, 11)
+    recovered = queue.recover()
+    assert [t.identifier for t in recovered] == [first.identifier]
+    assert recovered[0].status is Status.WAITING and recovered[0].lost == 1 and recovered[0].worker == "w1"
+    again = queue.fetch("p", timeout=0, worker="w2")
+    assert again.identifier == first.identifier and again.attempts == 2 and again.lost == 1
+    assert claimed.attempts == 1 and queue.recover() == []
+
+
+def test_renewed_lease_is_not_recovered(queue):
+    queue.add(Task("p", RecordingJob))
+    claimed = queue.fetch("p", timeout=0, worker="w1", lease=10)
+    later(queue, 8)
+    assert queue.renew(claimed, lease=10)
+    later(queue, 12)
+    assert queue.recover() == []
+    later(queue, 19)
+    assert len(queue.recover()) == 1
+
+
+def test_task_lease_wins_over_the_workers(queue):
+    queue.add(Task("p", RecordingJob, lease=100))
+    queue.fetch("p", timeout=0, lease=1)
+    later(queue, 50)
+    assert queue.recover() == []
+
+
+def test_task_lost_too_often_fails_saying_why(queue):
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    for worker in ("w1", "w2"):
+        queue.clock = time.time
+        queue.fetch("p", timeout=0, worker=worker, lease=5)
+        later(queue, 6)
+        recovered = queue.recover(max_lost=2)
+    failed = queue.find(task.identifier)
+    assert recovered[0].status is Status.FAILED and failed.status is Status.FAILED
+    assert failed.error == "Worker lost 2 times (last: w2)" and failed.lost == 2 and failed.finished_at
+    assert queue.completed() == {"p": {"finished": 0, "failed": 1}}
+    assert queue.fetch("p", timeout=0) is None
+
+
+def test_a_run_that_lost_its_lease_cannot_record_over_its_successor(queue):
+    queue.add(Task("p", RecordingJob))
+    old_run = queue.fetch("p", timeout=0, worker="w1", lease=5)
+    later(queue, 6)
+    queue.recover()
+    queue.clock = time.time
+    new_run = queue.fetch("p", timeout=0, worker="w2", lease=5)
+    old_run.status, old_run.result = Status.FINISHED, "stale"
+    assert not queue.complete(old_run)
+    assert not queue.renew(old_run)
+    current = queue.find(new_run.identifier)
+    assert current.status is Status.RUNNING and current.worker == "w2" and current.result is None
+    new_run.status, new_run.result = Status.FINISHED, "fresh"
+    assert queue.complete(new_run)
+    assert queue.find(new_run.identifier).result == "fresh"
+
+
+def test_complete_after_a_hand_edit_or_delete_records_nothing(queue):
+    queue.add(Task("p", RecordingJob), Task("p", RecordingJob))
+    edited, deleted = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
+    queue.update_status(edited, Status.FAILED)
+    queue.delete(deleted.identifier)
+    for run in (edited, deleted):
+        run.status = Status.FINISHED
+        assert not queue.complete(run)
+    assert queue.find(edited.identifier).status is Status.FAILED
+
+
+def test_delayed_task_is_not_fetched_before_its_time(queue):
+    delayed = Task("p", RecordingJob, delay=60)
+    queue.add(delayed)
+    assert delayed.run_at > datetime.now(timezone.utc)
+    assert queue.fetch("p", timeout=0) is None
+    stored = queue.find(delayed.identifier)
+    assert stored.status is Status.WAITING and stored.run_at == delayed.run_at
+    later(queue, 61)
+    assert queue.fetch("p", timeout=0).identifier == delayed.identifier
+
+
+def test_due_tasks_join_the_queue_in_run_at_order(queue):
+    now = datetime.now(timezone.utc)
+    waiting = Task("p", RecordingJob, {"n": "waiting"})
+    second = Task("p", RecordingJob, {"n": "second"}, run_at=now + timedelta(seconds=20))
+    first = Task("p", RecordingJob, {"n": "first"}, run_at=now + timedelta(seconds=10))
+    queue.add(second, first, waiting)
+    later(queue, 30)
+    assert [queue.fetch("p", timeout=0).get_parameter("n") for _ in range(3)] == ["waiting", "first", "second"]
+
+
+def test_blocking_fetch_wakes_for_a_delayed_task(queue):
+    task = Task("p", RecordingJob, delay=0.3)
+    queue.add(task)
+    fetched = queue.fetch("p", timeout=5)
+    assert fetched.identifier == task.identifier
+    assert datetime.now(timezone.utc) >= task.run_at
+
+
+def test_a_retry_waits_in_the_delayed_set(queue):
+    queue.add(Task("p", RecordingJob, retries=2))
+    run = queue.fetch("p", timeout=0)
+    run.status, run.failures, run.error = Status.WAITING, 1, "RuntimeError: boom\n"
+    run.run_at = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert queue.complete(run)
+    stored = queue.find(run.identifier)
+    assert stored.status is Status.WAITING and stored.run_at == run.run_at
+    assert stored.failures == 1 and stored.error == "RuntimeError: boom\n"
+    assert queue.fetch("p", timeout=0) is None and queue.completed() == {}
+    later(queue, 31)
+    again = queue.fetch("p", timeout=0)
+    assert again.attempts == 2 and again.failures == 1
+
+
+def test_retry_puts_a_failed_task_back_and_refuses_others(queue):
+    failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(failed, waiting)
+    queue.update_status(failed, Status.FAILED)
+    with pytest.raises(ValidationError, match=f"Task {waiting.identifier} is waiting: only failed tasks"):
+        queue.retry(waiting.identifier)
+    with pytest.raises(TaskNotFound):
+        queue.retry("nope")
+    retried = queue.retry(failed.identifier)
+    assert retried.status is Status.WAITING and retried.failures == 0 and retried.error is None
+    assert [queue.fetch("p", timeout=0).identifier for _ in range(2)] == [waiting.identifier, failed.identifier]
+
+
+def test_purge_deletes_tasks_that_ended_long_ago(queue):
+    old_done, old_failed, new_done, waiting = (Task("p", RecordingJob) for _ in range(4))
+    queue.add(old_done, old_failed, new_done, waiting)
+    later(queue, -3600)
+    queue.update_status(old_done, Status.FINISHED)
+    queue.update_status(old_failed, Status.FAILED)
+    queue.clock = time.time
+    queue.update_status(new_done, Status.FINISHED)
+    assert queue.purge(600, Status.FINISHED) == 1
+    assert queue.purge(600) == 1
+    assert {t.identifier for t in queue.search()} == {new_done.identifier, waiting.identifier}
+    with pytest.raises(ValidationError, match="finished or failed"):
+        queue.purge(60, Status.WAITING)
+
+
+def test_restore_leaves_live_leases_alone_unless_told(queue):
+    live, expired, failed = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(expired, live, failed)
+    queue.fetch("p", timeout=0, lease=1)
+    queue.fetch("p", timeout=0, lease=100)
+    queue.update_status(failed, Status.FAILED)
+    later(queue, 10)
+    assert queue.restore(include_leased=False) == 2
+    assert queue.find(live.identifier).status is Status.RUNNING
+    assert queue.restore() == 1
+    assert queue.count(status="waiting") == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"delay": -1}, "delay must be 0 or more seconds"),
+    ({"delay": "soon"}, "delay must be a number of seconds"),
+    ({"timeout": 0}, "timeout must be more than 0 seconds"),
+    ({"lease": -5}, "lease must be more than 0 seconds"),
+    ({"retries": -1}, "retries must be a whole number"),
+    ({"retries": 1.5}, "retries must be a whole number"),
+    ({"delay": 5, "run_at": datetime.now(timezone.utc)}, "Give delay or run_at, not both"),
+])
+def test_task_options_are_validated(options, message):
+    with pytest.raises(ValidationError, match=message):
+        Task("p", RecordingJob, **options)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800),
+                                           ("1.5", 1.5), (" 3M ", 180)])
+def test_durations(text, seconds):
+    assert jobqueue.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten", "5w", "-5", "1e3", "5 m"])
+def test_bad_durations(text):
+    with pytest.raises(ValidationError, match=r"must be a number of seconds, or a number with s, m, h or d"):
+        jobqueue.parse_duration(text)
+
+
+def test_task_options_survive_storage_and_json(queue):
+    task = Task("p", RecordingJob, retries=3, retry_delay=0.5, timeout=12, lease=40, delay=30)
+    queue.add(task)
+    stored = queue.find(task.identifier)
+    for name in ("retries", "retry_delay", "timeout", "lease", "run_at"):
+        assert getattr(stored, name) == getattr(task, name), name
+    again = Task.from_json(json.loads(json.dumps(stored.to_json())))
+    expected = (3, 0.5, 12.0, 40.0, task.run_at)
+    assert (again.retries, again.retry_delay, again.timeout, again.lease, again.run_at) == expected
+
+
 def test_tasks_are_stored_as_json(dsn, queue):
     task = Task("p", RecordingJob, {"k": "v"}, ["t"])
     queue.add(task)
@@ -917,6 +1172,104 @@ def test_completed_counts_runs_per_profile_and_survive_deletes(queue):
     assert queue.completed() == {"w": {"finished": 1, "failed": 1}}
     queue.flush()
     assert queue.completed() == {}
+
+
+def test_worker_retries_with_backoff_until_the_third_attempt_finishes(queue, tmp_path):
+    log = tmp_path / "runs.log"
+    task = Task("w", FlakyJob, {"log": str(log)}, retries=2, retry_delay=0.2)
+    queue.add(task)
+    dispatcher, seen = EventDispatcher(), []
+    for name in ("task.retried", "task.failed", "task.executed"):
+        dispatcher.add_listener(name, lambda event, n=name: seen.append(n))
+    Worker("w1", queue, "w", dispatcher, poll=0.05).consume(quantity=3)
+    done = queue.find(task.identifier)
+    assert done.status is Status.FINISHED and done.result == 3
+    assert done.attempts == 3 and done.failures == 2
+    assert seen == ["task.retried", "task.retried", "task.executed"]
+    runs = [float(line) for line in log.read_text().split()]
+    assert runs[1] - runs[0] >= 0.2 * 0.5 and runs[2] - runs[1] >= 0.4 * 0.5
+
+
+def test_worker_fails_for_good_when_retries_are_used_up(queue):
+    task = Task("w", FailingJob, retries=1, retry_delay=0)
+    queue.add(task)
+    dispatcher, seen = EventDispatcher(), []
+    for name in ("task.retried", "task.failed"):
+        dispatcher.add_listener(name, lambda event, n=name: seen.append((n, event.task.failures)))
+    Worker("w1", queue, "w", dispatcher, poll=0.05).consume(quantity=2)
+    failed = queue.find(task.identifier)
+    assert failed.status is Status.FAILED and failed.attempts == 2 and failed.failures == 2
+    assert failed.error.startswith("RuntimeError: boom\n") and "Traceback" in failed.error
+    assert seen == [("task.retried", 1), ("task.failed", 2)]
+    assert queue.completed() == {"w": {"finished": 0, "failed": 1}}
+
+
+def test_stored_error_is_cut_to_64_kib():
+    class Huge(Exception):
+        pass
+
+    text = jobqueue.format_error(Huge("x" * 200_000))
+    assert text.startswith("Huge: xxx") and len(text.encode()) <= 64 * 1024 and text.endswith("64 KiB ...]")
+
+
+def test_timeout_interrupts_a_busy_loop_and_the_worker_goes_on(queue):
+    busy, after = Task("w", BusyJob, timeout=0.5), Task("w", add_numbers, {"a": 1, "b": 1})
+    queue.add(busy, after)
+    assert Worker("w1", queue, "w").consume(burst=True) == 2
+    timed_out = queue.find(busy.identifier)
+    assert timed_out.status is Status.FAILED and timed_out.error.startswith("Timed out after 0.5 s")
+    assert queue.find(after.identifier).status is Status.FINISHED
+
+
+def test_worker_timeout_applies_when_the_task_has_none(queue):
+    busy = Task("w", BusyJob, retries=1, retry_delay=0)
+    queue.add(busy)
+    Worker("w1", queue, "w", timeout=0.3, poll=0.05).consume(quantity=2)
+    failed = queue.find(busy.identifier)
+    assert failed.status is Status.FAILED and failed.failures == 2 and "Timed out after 0.3 s" in failed.error
+
+
+def test_a_live_slow_job_keeps_its_lease_while_others_recover(queue, tmp_path):
+    started = tmp_path / "started"
+    task = Task("w", SlowJob, {"started": str(started), "seconds": 2})
+    queue.add(task)
+    runner = Worker("runner", queue, "w", lease=0.6)
+    thread = threading.Thread(target=runner.consume, kwargs={"quantity": 1})
+    thread.start()
+    wait_for_file(started)
+    other = Worker("other", queue, "w", lease=0.6)
+    while thread.is_alive():
+        other.maintain(force=True)
+        thread.join(0.1)
+    done = queue.find(task.identifier)
+    assert done.status is Status.FINISHED and done.attempts == 1 and done.lost == 0 and done.worker == "runner"
+
+
+def test_finished_tasks_expire_after_the_ttl(queue):
+    done, failed = Task("w", add_numbers, {"a": 1, "b": 1}), Task("w", FailingJob)
+    queue.add(done, failed)
+    worker = Worker("w1", queue, "w", finished_ttl=60)
+    worker.consume(burst=True)
+    worker.maintain(force=True)
+    assert queue.find(done.identifier).status is Status.FINISHED
+    later(queue, 61)
+    worker.maintain(force=True)
+    with pytest.raises(TaskNotFound):
+        queue.find(done.identifier)
+    assert queue.find(failed.identifier).status is Status.FAILED
+    assert queue.count() == 1
+
+
+def test_worker_recovery_emits_task_recovered(queue):
+    task = Task("w", add_numbers, {"a": 1, "b": 1})
+    queue.add(task)
+    queue.fetch("w", timeout=0, worker="ghost", lease=1)
+    later(queue, 2)
+    dispatcher, seen = EventDispatcher(), []
+    dispatcher.add_listener("task.recovered", lambda event: seen.append((event.task.identifier, event.task.worker)))
+    assert Worker("w1", queue, "w", dispatcher).consume(burst=True) == 1
+    assert seen == [(task.identifier, "ghost")]
+    assert queue.find(task.identifier).status is Status.FINISHED
 
 
 def test_default_worker_name_is_host_and_pid(queue):
@@ -1285,6 +1638,34 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
                 assert answer.status < 400, (method, path, answer)
                 operations += 1
     assert operations == len(jobqueue.ROUTES)
+
+
+def test_http_create_with_delay_and_options(serve, queue):
+    server = serve()
+    created = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "delay": 60, "retries": 2,
+                                             "retry_delay": 1.5, "timeout": 10, "lease": 20})
+    assert created.status == 201, created
+    body = created.json
+    assert body["run_at"] and (body["retries"], body["retry_delay"], body["timeout"], body["lease"]) == (2, 1.5, 10, 20)
+    assert queue.fetch("p", timeout=0) is None
+    for options, message in (({"delay": -1}, "delay must be 0 or more seconds"),
+                             ({"retries": "x"}, "retries must be a whole number, 0 or more"),
+                             ({"timeout": [1]}, "timeout must be a number of seconds")):
+        answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
+        assert answer.status == 400 and answer.json["message"] == message
+
+
+def test_http_retry_route(serve, queue):
+    server = serve()
+    failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(failed, waiting)
+    queue.update_status(failed, Status.FAILED)
+    retried = call(server, "POST", f"/task/{failed.identifier}/retry")
+    assert retried.status == 200 and retried.json["status"] == "waiting"
+    refused = call(server, "POST", f"/task/{waiting.identifier}/retry")
+    assert refused.status == 400 and "only failed tasks can be retried" in refused.json["message"]
+    assert call(server, "POST", "/task/nope/retry").status == 404
+    assert call(server, "GET", f"/task/{failed.identifier}/retry").headers["Allow"] == "POST"
 
 
 def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
@@ -1689,6 +2070,92 @@ def test_cli_follow_redraws_until_ctrl_c(dsn, running):
     assert identifier in "".join(follow.out) and "Traceback" not in "".join(follow.err)
 
 
+def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
+    added = cli(dsn, "manager", "add", "p", "a.B", "--delay", "1h", "--retries", "3", "--retry-delay", "30s",
+                "--timeout", "2m", "--lease", "90")
+    identifier = added_identifier(added)
+    assert "Retries : 3 (failed so far: 0)" in added.stdout and "Run at : " in added.stdout
+    task = queue.find(identifier)
+    assert (task.retries, task.retry_delay, task.timeout, task.lease) == (3, 30.0, 120.0, 90.0)
+    assert 3590 < (task.run_at - datetime.now(timezone.utc)).total_seconds() <= 3600
+    assert queue.fetch("p", timeout=0) is None
+    bad = cli(dsn, "manager", "add", "p", "a.B", "--delay", "soon")
+    assert bad.returncode == 2 and 'Duration "soon" must be a number of seconds' in bad.stderr
+
+
+def test_cli_recover_returns_tasks_of_lost_workers(dsn, queue):
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    queue.fetch("p", timeout=0, worker="gone-1", lease=0.05)
+    wait_until(lambda: time.time() > queue.find(task.identifier).started_at.timestamp() + 0.1)
+    result = cli(dsn, "manager", "recover")
+    assert result.returncode == 0
+    assert f"Task {task.identifier} (recording): worker gone-1 lost; back to waiting" in result.stdout
+    assert result.stdout.rstrip().endswith("1 tasks recovered")
+    assert queue.find(task.identifier).status is Status.WAITING
+
+
+def test_cli_retry_one_or_every_failed_task(dsn, queue):
+    tasks = [Task("mail", RecordingJob), Task("mail", RecordingJob), Task("sms", RecordingJob)]
+    queue.add(*tasks)
+    for task in tasks:
+        queue.update_status(task, Status.FAILED)
+    one = cli(dsn, "manager", "retry", tasks[0].identifier)
+    assert one.returncode == 0 and "Status : waiting" in one.stdout
+    again = cli(dsn, "manager", "retry", tasks[0].identifier)
+    assert again.returncode == 2 and "is waiting: only failed tasks can be retried" in again.stderr
+    every = cli(dsn, "manager", "retry", "--failed", "--profile", "mail")
+    assert every.returncode == 0 and "1 failed tasks back to waiting" in every.stdout
+    assert queue.find(tasks[2].identifier).status is Status.FAILED
+    assert cli(dsn, "manager", "retry").returncode == 2
+
+
+def test_cli_purge(dsn, queue):
+    done, failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(done, failed, waiting)
+    queue.update_status(done, Status.FINISHED)
+    queue.update_status(failed, Status.FAILED)
+    refused = cli(dsn, "manager", "purge", "--older-than", "0")
+    assert refused.returncode == 2 and "no terminal" in refused.stderr
+    assert cli(dsn, "manager", "purge", "--older-than", "1h", "--force").stdout.strip() == "0 tasks deleted"
+    only_failed = cli(dsn, "manager", "purge", "--older-than", "0", "--status", "failed", "--force")
+    assert only_failed.stdout.strip() == "1 tasks deleted"
+    assert cli(dsn, "manager", "purge", "--older-than", "0", "--force").stdout.strip() == "1 tasks deleted"
+    assert [t.identifier for t in queue.search()] == [waiting.identifier]
+    wrong = cli(dsn, "manager", "purge", "--older-than", "0", "--status", "waiting", "--force")
+    assert wrong.returncode == 2 and "purge deletes finished or failed tasks only" in wrong.stderr
+
+
+@pytest.mark.parametrize("force, restored, left", [(False, 2, 1), (True, 3, 0)])
+def test_cli_restore_leaves_live_workers_alone_unless_forced(monkeypatch, capsys, tmp_path, force, restored, left):
+    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "restore.db"))
+    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
+    monkeypatch.setattr(sys, "stdin", FakeTerminal("y\n"))
+    queue = SQLiteQueue(tmp_path / "restore.db")
+    expired, live, failed = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(expired, live, failed)
+    queue.fetch("p", timeout=0, lease=0.05)
+    queue.fetch("p", timeout=0, lease=300)
+    queue.update_status(failed, Status.FAILED)
+    wait_until(lambda: time.time() > queue.find(expired.identifier).started_at.timestamp() + 0.1)
+    ServiceContainer.reset()
+    try:
+        assert jobqueue.main(["manager", "restore", *(["--force"] if force else [])]) == 0
+    finally:
+        ServiceContainer.reset()
+    out = capsys.readouterr().out
+    assert f"{restored} tasks restored to waiting" in out
+    assert (f"{left} running tasks left alone: their workers are alive" in out) is bool(left)
+    assert queue.count(status="running") == left
+
+
+def test_cli_bad_settings_are_named(dsn):
+    result = cli(dsn, "worker", "p", "--burst", env={"JOBQUEUE_MAX_LOST": "many"})
+    assert result.returncode == 2 and "JOBQUEUE_MAX_LOST" in result.stderr and "Traceback" not in result.stderr
+    lease = cli(dsn, "worker", "p", "--lease", "0")
+    assert lease.returncode == 2 and "lease must be more than 0 seconds" in lease.stderr
+
+
 def test_cli_worker_seed_scenario(dsn, queue):
     good, bad = Task("test", add_numbers, {"a": 1, "b": 2}), Task("test", FailingJob)
     queue.add(good)
@@ -1846,6 +2313,189 @@ def test_installed_jobqueue_command(dsn):
     shown = subprocess.run([command, "manager", "show", identifier], env=backend_env(dsn),
                            capture_output=True, text=True, timeout=60)
     assert f"Identifier : {identifier}" in shown.stdout
+
+
+# == Crashes and outages (real processes) ====================================
+
+
+def performed(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def wait_until(condition, timeout: float = 20, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(every)
+    raise AssertionError(f"not true within {timeout}s")
+
+
+def test_sigkill_mid_job_another_worker_finishes_it_within_two_leases(dsn, queue, tmp_path, running):
+    log, started = tmp_path / "performed.log", tmp_path / "started"
+    task = Task("crash", FirstRunHangsJob, {"log": str(log), "started": str(started)})
+    queue.add(task)
+    doomed = running(dsn, "worker", "crash", "--lease", "2", "--name", "doomed")
+    wait_for_file(started)
+    rescuer = running(dsn, "worker", "crash", "--lease", "2", "--name", "rescuer")
+    rescuer.wait_for('Worker rescuer handles "crash" tasks')
+    doomed.process.kill()
+    killed_at = time.monotonic()
+    wait_until(lambda: queue.find(task.identifier).status is Status.FINISHED, timeout=20)
+    assert time.monotonic() - killed_at < 2 * 2 + 1.5
+    done = queue.find(task.identifier)
+    assert done.result == "redone" and done.worker == "rescuer" and done.attempts == 2 and done.lost == 1
+    assert [run[:2] for run in performed(log)] == [["perform", "1"], ["perform", "2"]]
+    rescuer.wait_for(f"{task.identifier} first_run_hangs recovered from lost worker doomed", "err")
+
+
+CRASH_ON_CLAIM = '''
+import os, signal, pathlib, jobqueue
+
+def crash(event):
+    marker = pathlib.Path(event.task.get_parameter("marker"))
+    if not marker.exists():
+        marker.write_text("claimed, then died")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+jobqueue.ServiceContainer.get_instance().dispatcher.add_listener("task.fetched", crash)
+'''
+
+
+def test_sigkill_right_after_the_claim_loses_nothing(dsn, queue, tmp_path, running):
+    (tmp_path / "crash_on_claim.py").write_text(CRASH_ON_CLAIM)
+    log, marker = tmp_path / "performed.log", tmp_path / "marker"
+    task = Task("crash", DiesInTearDownJob, {"log": str(log), "marker": str(tmp_path / "unused")})
+    task.parameters["marker"] = str(marker)
+    queue.add(task)
+    env = {"PYTHONPATH": str(HERE)}
+    doomed = cli(dsn, "worker", "crash", "--lease", "1", "--import", "crash_on_claim", cwd=tmp_path, env=env)
+    assert doomed.returncode == -signal.SIGKILL and marker.exists()
+    assert queue.find(task.identifier).status is Status.RUNNING and performed(log) == []
+    marker_for_tear_down = tmp_path / "tear-down-marker"
+    marker_for_tear_down.write_text("do not die again")
+    rescuer = running(dsn, "worker", "crash", "--lease", "1")
+    wait_until(lambda: queue.find(task.identifier).status is Status.FINISHED)
+    assert [run[:2] for run in performed(log)] == [["perform", "2"]]
+    assert queue.find(task.identifier).lost == 1
+    rescuer.stop()
+
+
+def test_sigkill_while_completing_reruns_the_task_once(dsn, queue, tmp_path, running):
+    log, marker = tmp_path / "performed.log", tmp_path / "marker"
+    task = Task("crash", DiesInTearDownJob, {"log": str(log), "marker": str(marker)})
+    queue.add(task)
+    doomed = cli(dsn, "worker", "crash", "--lease", "1")
+    assert doomed.returncode == -signal.SIGKILL and marker.exists()
+    assert queue.find(task.identifier).status is Status.RUNNING
+    running(dsn, "worker", "crash", "--lease", "1")
+    wait_until(lambda: queue.find(task.identifier).status is Status.FINISHED)
+    assert [run[:2] for run in performed(log)] == [["perform", "1"], ["perform", "2"]]
+    done = queue.find(task.identifier)
+    assert done.result == "done" and done.attempts == 2
+
+
+def test_a_live_slow_job_is_never_taken_by_another_worker_process(dsn, queue, tmp_path, running):
+    started = tmp_path / "started"
+    task = Task("slow", SlowJob, {"started": str(started), "seconds": 3})
+    queue.add(task)
+    owner = running(dsn, "worker", "slow", "--lease", "1", "--name", "owner")
+    wait_for_file(started)
+    running(dsn, "worker", "slow", "--lease", "1", "--name", "bystander")
+    owner.wait_for(f"{task.identifier} slow finished", "err", timeout=20)
+    done = queue.find(task.identifier)
+    assert done.status is Status.FINISHED and done.worker == "owner" and done.attempts == 1 and done.lost == 0
+
+
+def test_cli_timeout_interrupts_a_sleeping_job(dsn, queue, tmp_path):
+    task = Task("slow", SlowJob, {"started": str(tmp_path / "started"), "seconds": 60})
+    queue.add(task)
+    result = cli(dsn, "worker", "slow", "--burst", "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    failed = queue.find(task.identifier)
+    assert failed.status is Status.FAILED and failed.error.startswith("Timed out after 1 s")
+    assert f"{task.identifier} slow failed in 1." in result.stderr
+
+
+def test_waiting_worker_rides_out_a_redis_restart(tmp_path, redis_server, running):
+    own = RedisServer(shutil.which("redis-server"), tmp_path, persistent=True)
+    own.start()
+    try:
+        dsn = f"redis://127.0.0.1:{own.port}/0?prefix=restart"
+        worker = running(dsn, "worker", "p")
+        worker.wait_for('handles "p" tasks')
+        own.stop()
+        worker.wait_for("is unavailable", "err")
+        own.start()
+        queue = queue_from_dsn(dsn)
+        task = Task("p", add_numbers, {"a": 2, "b": 2})
+        queue.add(task)
+        wait_until(lambda: queue.find(task.identifier).status is Status.FINISHED)
+        worker.wait_for("Backend is back", "err")
+        assert sum("is unavailable" in line for line in worker.err) == 1
+    finally:
+        own.stop()
+
+
+def test_running_worker_records_its_result_after_a_redis_restart(tmp_path, redis_server, running):
+    own = RedisServer(shutil.which("redis-server"), tmp_path, persistent=True)
+    own.start()
+    try:
+        dsn = f"redis://127.0.0.1:{own.port}/0?prefix=restart"
+        queue = queue_from_dsn(dsn)
+        started = tmp_path / "started"
+        task = Task("p", SlowJob, {"started": str(started), "seconds": 2}, lease=60)
+        queue.add(task)
+        worker = running(dsn, "worker", "p")
+        wait_for_file(started)
+        own.stop()
+        worker.wait_for("is unavailable", "err")
+        own.start()
+        wait_until(lambda: queue.find(task.identifier).status is Status.FINISHED)
+        done = queue.find(task.identifier)
+        assert done.result == "slept" and done.attempts == 1
+        worker.wait_for("Backend is back", "err")
+    finally:
+        own.stop()
+
+
+def test_chaos_workers_killed_at_random_lose_nothing(dsn, queue, tmp_path):
+    """4 workers drain 3,000 tasks while one is SIGKILLed and replaced every half second."""
+    import random as chance
+
+    log = tmp_path / "chaos.log"
+    tasks = [Task("chaos", chaos_step, {"log": str(log)}) for _ in range(3000)]
+    queue.add(*tasks)
+    env = {**backend_env(dsn), "JOBQUEUE_MAX_LOST": "1000"}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(jobqueue_command("worker", "chaos", "--lease", "1", "-q"), env=env, cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    workers, killed = [start() for _ in range(4)], set()
+    deadline = time.monotonic() + 240
+    try:
+        while queue.count(status="finished") < 3000:
+            assert time.monotonic() < deadline, f"only {queue.count(status='finished')} finished"
+            time.sleep(0.5)
+            victim = chance.randrange(len(workers))
+            workers[victim].kill()
+            workers[victim].wait(10)
+            killed.add(workers[victim].pid)
+            workers[victim] = start()
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait(10)
+    runs: dict[str, list[int]] = {}
+    for identifier, pid in performed(log):
+        runs.setdefault(identifier, []).append(int(pid))
+    assert set(runs) == {t.identifier for t in tasks}
+    assert queue.count(status="finished") == 3000 and queue.count() == 3000
+    repeated = {identifier: pids for identifier, pids in runs.items() if len(pids) > 1}
+    for identifier, pids in repeated.items():
+        assert sum(pid in killed for pid in pids) >= len(pids) - 1, (identifier, pids, killed)
+    assert len(killed) >= 4
 
 
 # == Test set-up =============================================================
