@@ -941,10 +941,11 @@ def test_task_options_survive_storage_and_json(queue):
 
 
 def test_tasks_are_stored_as_json(dsn, queue):
+    redis = pytest.importorskip("redis")
     task = Task("p", RecordingJob, {"k": "v"}, ["t"])
     queue.add(task)
     if isinstance(queue, RedisQueue):
-        stored = queue.client.hgetall(f"{{{queue.prefix}}}:task:{task.identifier}")
+        stored = redis.Redis.from_url(dsn.split("?")[0]).hgetall(f"{{{queue.prefix}}}:task:{task.identifier}")
         parameters, tags = stored[b"parameters"], stored[b"tags"]
     else:
         with sqlite3.connect(dsn) as connection:
@@ -1013,7 +1014,30 @@ def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
         SQLiteQueue(tmp_path / "not-a-db")
 
 
-def test_import_without_redis_and_clear_message_when_it_is_needed(tmp_path):
+def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, monkeypatch):
+    """Switching a new file to WAL can fail at once with "database is locked" while another process does too."""
+    real = jobqueue._sqlite3()
+    attempts = []
+
+    class FlakyModule:
+        OperationalError, IntegrityError, Error = real.OperationalError, real.IntegrityError, real.Error
+
+        @staticmethod
+        def connect(*args, **kwargs):
+            attempts.append(1)
+            connection = real.connect(*args, **kwargs)
+            if len(attempts) < 3:
+                connection.close()
+                raise real.OperationalError("database is locked")
+            return connection
+
+    monkeypatch.setattr(jobqueue, "_sqlite3", lambda: FlakyModule)
+    queue = SQLiteQueue(tmp_path / "contended.db")
+    queue.add(Task("p", RecordingJob))
+    assert queue.count() == 1 and len(attempts) == 3
+
+
+def test_both_backends_work_without_redis_py(tmp_path, request):
     code = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -1021,19 +1045,19 @@ def test_import_without_redis_and_clear_message_when_it_is_needed(tmp_path):
         "        if name.split('.')[0] == 'redis': raise ImportError('no redis here')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import jobqueue\n"
-        "q = jobqueue.queue_from_dsn(sys.argv[1])\n"
-        "q.add(jobqueue.Task('p', 'a.B'))\n"
-        "print('sqlite ok', q.count())\n"
-        "try:\n"
-        "    jobqueue.queue_from_dsn('redis://localhost')\n"
-        "except jobqueue.ConfigurationError as e:\n"
-        "    print(e)\n"
+        "for dsn in sys.argv[1:]:\n"
+        "    q = jobqueue.queue_from_dsn(dsn)\n"
+        "    q.add(jobqueue.Task('p', 'a.B'))\n"
+        "    print(type(q).__name__, q.count(), q.fetch('p', timeout=0).status)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.db")],
-                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    dsns = [str(tmp_path / "q.db")]
+    if redis_missing_reason() is None:
+        dsns.append(f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0?prefix=noredispy")
+    result = subprocess.run([sys.executable, "-c", code, *dsns], cwd=HERE, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert "sqlite ok 1" in result.stdout
-    assert "The Redis backend needs redis-py: pip install redis" in result.stdout
+    assert "SQLiteQueue 1 running" in result.stdout
+    if len(dsns) == 2:
+        assert "RedisQueue 1 running" in result.stdout
 
 
 def test_config_from_env_and_service_container(tmp_path):
