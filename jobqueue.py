@@ -60,7 +60,7 @@ __all__ = [
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
     "TASK_RECOVERED", "JobTimeout",
-    "Queue", "RedisQueue", "SQLiteQueue", "queue_from_dsn",
+    "Queue", "RedisQueue", "RespClient", "SQLiteQueue", "queue_from_dsn",
     "Worker", "Config", "ServiceContainer", "WebService", "main",
 ]
 
@@ -3491,17 +3491,6 @@ def _stop_on_signals(worker: Worker) -> None:
     worker.watchdog.wake_signal = signal.SIGALRM
 
 
-def _return_freed_memory() -> None:
-    """Hand back to the system what start-up freed (compiling this file, imports): about 5 MiB
-    a worker would otherwise hold while it idles. glibc only; elsewhere nothing happens."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     _configure_logging(args)
     if os.getcwd() not in sys.path:
@@ -3516,7 +3505,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
                     max_lost=config.max_lost, finished_ttl=config.finished_ttl)
     _stop_on_signals(worker)
-    _return_freed_memory()
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.", flush=True)

@@ -998,6 +998,54 @@ def test_queue_from_dsn_picks_the_backend(tmp_path):
         queue_from_dsn("mysql://x")
 
 
+@pytest.mark.parametrize("url, expected", [
+    ("redis://127.0.0.1:6380/3", ("127.0.0.1", 6380, 3, None, None, False)),
+    ("redis://app:s%40cret@h.example:7000?db=2", ("h.example", 7000, 2, "app", "s@cret", False)),
+    ("rediss://:pw@secure.example", ("secure.example", 6379, 0, None, "pw", True)),
+])
+def test_resp_client_reads_its_dsn(url, expected):
+    client = jobqueue.RespClient.from_url(url)
+    assert (client.host, client.port, client.db, client.username, client.password, client.tls) == expected
+    assert "cret" not in jobqueue.redact(url)
+
+
+def test_resp_client_refuses_unknown_dsn_options():
+    with pytest.raises(ConfigurationError, match='Unknown option "pool_size"'):
+        queue_from_dsn("redis://localhost/0?pool_size=3")
+
+
+def test_redis_with_a_password_a_database_and_a_unix_socket(tmp_path, redis_server):
+    own = RedisServer(shutil.which("redis-server"), tmp_path)
+    own.start()
+    try:
+        own.client().config_set("requirepass", "s3cret")
+        queue = queue_from_dsn(f"redis://:s3cret@127.0.0.1:{own.port}/2?prefix=locked")
+        queue.add(Task("p", RecordingJob))
+        assert queue.count() == 1
+        import redis
+
+        database_two = redis.Redis(port=own.port, db=2, password="s3cret")
+        assert database_two.exists("{locked}:all") and not redis.Redis(port=own.port, password="s3cret").keys()
+        wrong = queue_from_dsn(f"redis://:nope@127.0.0.1:{own.port}/2?prefix=locked")
+        with pytest.raises(BackendUnavailable) as caught:
+            wrong.count()
+        assert "nope" not in str(caught.value) and "WRONGPASS" in str(caught.value)
+    finally:
+        own.stop()
+    socket_path = tmp_path / "redis.sock"
+    unix = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", str(socket_path),
+                             "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(socket_path.exists)
+        over_socket = queue_from_dsn(f"unix://{socket_path}?db=1&prefix=sock")
+        over_socket.add(Task("p", RecordingJob))
+        assert over_socket.fetch("p", timeout=0).status is Status.RUNNING
+        assert "unix://" in over_socket.describe()
+    finally:
+        unix.terminate()
+        unix.wait(10)
+
+
 def test_unreachable_redis_names_the_backend_and_hides_the_password():
     pytest.importorskip("redis")
     port = free_port()
@@ -2520,6 +2568,32 @@ def test_chaos_workers_killed_at_random_lose_nothing(dsn, queue, tmp_path):
     for identifier, pids in repeated.items():
         assert sum(pid in killed for pid in pids) >= len(pids) - 1, (identifier, pids, killed)
     assert len(killed) >= 4
+
+
+# == Benchmark ===============================================================
+
+BENCH_FIGURES = [
+    "enqueue, one add per task", "enqueue, batches of 1,000", "drain, 1 worker process", "drain, 2 worker processes",
+    "add-to-start latency, p50", "add-to-start latency, p99", "search(status, profile, limit=100)",
+    "GET /tasks same filters", "POST /tasks keep-alive, 1 client", "POST /tasks keep-alive, 4 clients",
+    "idle worker RSS", "Redis bytes per task (3 parameters)",
+]
+
+
+def test_benchmark_quick_run_prints_every_figure(tmp_path, redis_server):
+    """A smoke test of bench/bench.py --quick: it runs and prints every row; no timing is asserted."""
+    result = subprocess.run([sys.executable, str(HERE / "bench" / "bench.py"), "--quick", "--json",
+                             str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    for figure in BENCH_FIGURES:
+        systems = {row.split("|")[2].strip() for row in rows if row.split("|")[1].strip().startswith(figure)}
+        expected = {"jobqueue redis"} if figure.startswith("Redis bytes") else {"jobqueue redis", "jobqueue sqlite"}
+        assert expected <= systems, (figure, systems)
+    saved = json.loads((tmp_path / "figures.json").read_text())
+    assert saved["quick"] is True and len(saved["rows"]) == len(rows) - 1
+    assert all(row["values"] and all(value > 0 for value in row["values"]) for row in saved["rows"])
 
 
 # == Test set-up =============================================================

@@ -9,7 +9,7 @@ It starts its own redis-server on a free port (and uses temporary SQLite
 files), runs each figure several times and prints one table: median, min and
 max, and on jobqueue's rows how many times better jobqueue does than RQ and
 Huey (above 1: faster, or smaller). RQ and Huey are measured when installed
-(``pip install rq huey``); without them the table shows jobqueue alone.
+(``pip install -e '.[bench]'``); without them the table shows jobqueue alone.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+STARTED = time.monotonic()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
@@ -51,7 +52,7 @@ class Sizes:
 
 
 FULL = Sizes(repeats=5, enqueue=5000, batches=20, drain=10000, drain_slow=400, latency=300, stored=100_000, posts=2000)
-QUICK = Sizes(repeats=3, enqueue=1000, batches=4, drain=2000, drain_slow=100, latency=40, stored=20_000, posts=300)
+QUICK = Sizes(repeats=2, enqueue=1000, batches=3, drain=1000, drain_slow=10, latency=25, stored=5_000, posts=200)
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Row:
         if self.better == "higher":
             return self.median / other.median
         return other.median / self.median
+
+
+def progress(line: str) -> None:
+    """One line on stderr as each figure is measured, with the seconds since the start."""
+    print(f"{time.monotonic() - STARTED:6.1f}s {line}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -138,7 +144,7 @@ class Bench:
             self.redis.client.flushall()
             row.values.append(measure())
         self.rows.append(row)
-        print(f"  {figure:<42} {system:<22} {row.median:>12,.2f} {unit}", file=sys.stderr, flush=True)
+        progress(f"{figure:<42} {system:<22} {row.median:>12,.2f} {unit}")
         return row
 
     def backends(self) -> list[tuple[str, Callable[[], jobqueue.Queue], dict]]:
@@ -298,7 +304,7 @@ class Bench:
             import jobs
             import rq
 
-            for system, count, simple in (("rq SimpleWorker", n // 4, True), ("rq fork Worker", slow, False)):
+            for system, count, simple in (("rq SimpleWorker", n // 5, True), ("rq fork Worker", slow, False)):
                 def rq_measure(count=count, simple=simple) -> float:
                     queue = self.rq_queue()
 
@@ -354,8 +360,8 @@ class Bench:
             p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
             self.rows.append(Row("add-to-start latency, p50", system, "ms", "lower", [statistics.median(samples)]))
             self.rows.append(Row("add-to-start latency, p99", system, "ms", "lower", [p99]))
-            print(f"  {'add-to-start latency p50/p99':<42} {system:<22} {statistics.median(samples):>8.2f}"
-                  f" / {p99:.2f} ms", file=sys.stderr, flush=True)
+            progress(f"{'add-to-start latency p50/p99':<42} {system:<22} {statistics.median(samples):>8.2f}"
+                     f" / {p99:.2f} ms")
 
         for name, fresh, extra in self.backends():
             queue = fresh()
@@ -421,26 +427,26 @@ class Bench:
                 server.terminate()
                 server.wait(20)
             for row in self.rows[-2:]:
-                print(f"  {row.figure:<42} {row.system:<22} {row.median:>12,.2f} ms", file=sys.stderr, flush=True)
+                progress(f"{row.figure:<42} {row.system:<22} {row.median:>12,.2f} ms")
 
     def posts(self) -> None:
         for name, fresh, extra in self.backends():
-            for clients in (1, 4):
-                def measure(fresh=fresh, extra=extra, clients=clients) -> float:
-                    fresh()
-                    server, port = self.serve(extra)
-                    try:
+            fresh()
+            server, port = self.serve(extra)
+            try:
+                for clients in (1, 4):
+                    def measure(clients=clients, port=port) -> float:
                         runs = [subprocess.Popen([sys.executable, __file__, "--post-client", str(port),
                                                   str(self.sizes.posts)], stdout=subprocess.PIPE, text=True)
                                 for _ in range(clients)]
                         elapsed = [float(run.communicate(timeout=300)[0]) for run in runs]
-                    finally:
-                        server.terminate()
-                        server.wait(20)
-                    return clients * self.sizes.posts / max(elapsed)
+                        return clients * self.sizes.posts / max(elapsed)
 
-                self.record(f"POST /tasks keep-alive, {clients} client{'s' if clients > 1 else ''}", name,
-                            "requests/s", "higher", measure)
+                    self.record(f"POST /tasks keep-alive, {clients} client{'s' if clients > 1 else ''}", name,
+                                "requests/s", "higher", measure)
+            finally:
+                server.terminate()
+                server.wait(20)
 
     # -- 7: memory
 
@@ -456,16 +462,16 @@ class Bench:
             process = subprocess.Popen(command, cwd=HERE, env=self.env(extra), stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             try:
-                time.sleep(2.0)
+                time.sleep(1.0 if self.sizes is QUICK else 3.0)
                 self.rows.append(Row(figure, name, "MiB", "lower", [rss_mib(process.pid)]))
             finally:
                 process.terminate()
                 process.wait(20)
-            print(f"  {figure:<42} {name:<22} {self.rows[-1].median:>12,.1f} MiB", file=sys.stderr, flush=True)
+            progress(f"{figure:<42} {name:<22} {self.rows[-1].median:>12,.1f} MiB")
         self.bytes_per_task()
 
     def bytes_per_task(self) -> None:
-        figure, count = "Redis bytes per task (3 parameters)", 10_000
+        figure, count = "Redis bytes per task (3 parameters)", 2_000 if self.sizes is QUICK else 10_000
         systems: list[tuple[str, Callable[[int], None]]] = []
         queue = jobqueue.queue_from_dsn(self.redis_dsn)
         systems.append(("jobqueue redis", lambda i: queue.add(
@@ -485,7 +491,7 @@ class Bench:
             for i in range(count):
                 enqueue(i)
             self.rows.append(Row(figure, name, "bytes", "lower", [(self.redis.used_memory() - before) / count]))
-            print(f"  {figure:<42} {name:<22} {self.rows[-1].median:>12,.0f} bytes", file=sys.stderr, flush=True)
+            progress(f"{figure:<42} {name:<22} {self.rows[-1].median:>12,.0f} bytes")
 
 
 def post_client(port: int, count: int) -> None:
@@ -539,7 +545,7 @@ def main() -> int:
             peers[name] = True
         except ImportError:
             peers[name] = False
-            print(f"bench: {name} is not installed (pip install rq huey): measuring without it", file=sys.stderr)
+            print(f"bench: {name} is not installed (pip install {name}): measuring without it", file=sys.stderr)
     sizes = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="jobqueue-bench-") as tmp:
         redis = RedisServer(Path(tmp))
