@@ -2751,7 +2751,289 @@ class Route:
 
 TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
 
+# The dashboard at GET /: one page, no data of its own (it reads the API with the
+# token it asks for), nothing loaded from elsewhere. Values reach the DOM through
+# textContent only, and the CSP admits no script but this one.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>jobqueue</title>
+<link rel="icon" href="data:,">
+<style>
+:root { font-family: system-ui, sans-serif; color: #1d232a; background: #f6f7f9; }
+body { margin: 0; }
+[hidden] { display: none !important; }
+header { background: #1d232a; color: #fff; padding: .6rem 1rem; display: flex; gap: 1rem; align-items: baseline;
+         flex-wrap: wrap; }
+header h1 { font-size: 1.2rem; margin: 0; }
+main { max-width: 1700px; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem; }
+section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: .8rem 1rem; min-width: 0; }
+h2 { font-size: 1rem; margin: 0 0 .6rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #eceff2; white-space: nowrap; }
+td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
+form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-end; }
+label { display: flex; flex-direction: column; font-size: .8rem; gap: .2rem; }
+input, select, textarea, button { font: inherit; padding: .3rem .4rem; }
+button { cursor: pointer; border: 1px solid #8a96a3; border-radius: 4px; background: #fff; }
+button.danger { border-color: #c0392b; color: #c0392b; }
+.mark { font-size: 1.1em; }
+.waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
+.identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
+dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
+#message { min-height: 1.2em; margin: 0; color: #c0392b; }
+.pager { display: flex; gap: .6rem; align-items: center; margin-top: .5rem; }
+@media (min-width: 1000px) {
+  main { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); align-items: start; }
+  #message, #token-form { grid-column: 1 / -1; }
+  #tasks-section { grid-column: 1; grid-row: span 3; }
+  main > section:not(#tasks-section) { grid-column: 2; }
+}
+</style>
+</head>
+<body>
+<header><h1>jobqueue</h1><span id="throughput" aria-live="polite"></span></header>
+<main>
+  <form id="token-form" hidden>
+    <label for="token">API token<input id="token" name="token" type="password" autocomplete="off" required></label>
+    <button type="submit">Use this token</button>
+  </form>
+  <p id="message" role="status"></p>
+  <section id="tasks-section" aria-labelledby="tasks-title">
+    <h2 id="tasks-title">Tasks</h2>
+    <form id="filters">
+      <label for="filter-profile">Profile<input id="filter-profile" name="profile" placeholder="any"></label>
+      <label for="filter-status">Status<select id="filter-status" name="status">
+        <option value="">any</option><option>waiting</option><option>running</option>
+        <option>finished</option><option>failed</option>
+      </select></label>
+      <label for="filter-tag">Tag<input id="filter-tag" name="tags" placeholder="any"></label>
+      <label for="filter-order">Order<select id="filter-order" name="order">
+        <option value="status">status</option><option value="date">date</option>
+        <option value="profile">profile</option>
+      </select></label>
+      <button type="submit">Filter</button>
+    </form>
+    <div class="scroll">
+      <table id="tasks">
+        <caption hidden>Tasks matching the filters</caption>
+        <thead><tr><th>Status</th><th>Job</th><th>Profile</th><th>Date</th><th>Tags</th>
+          <th class="number">Attempts</th><th>Identifier</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+    <div class="pager">
+      <button type="button" id="previous">Previous</button>
+      <span id="page" aria-live="polite"></span>
+      <button type="button" id="next">Next</button>
+    </div>
+  </section>
+  <section aria-labelledby="counts-title">
+    <h2 id="counts-title">Counts</h2>
+    <div class="scroll">
+      <table id="counts">
+        <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
+          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+  </section>
+  <section id="detail" aria-labelledby="detail-title" hidden>
+    <h2 id="detail-title">Task</h2>
+    <dl id="detail-fields"></dl>
+    <div class="pager">
+      <button type="button" id="retry" hidden>Retry</button>
+      <button type="button" id="delete" class="danger">Delete</button>
+      <button type="button" id="close">Close</button>
+    </div>
+  </section>
+  <section aria-labelledby="add-title">
+    <h2 id="add-title">Add a task</h2>
+    <form id="add">
+      <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
+      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMail"></label>
+      <label for="add-parameters">Parameters (JSON)
+        <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
+      <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
+      <button type="submit">Add</button>
+    </form>
+  </section>
+</main>
+<script>
+"use strict";
+const TOKEN = "jobqueue-token";
+const state = { offset: 0, limit: 50, total: 0, selected: null, history: [], busy: false, locked: false };
+const $ = (id) => document.getElementById(id);
+
+function element(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN);
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) {
+    state.locked = true;
+    $("token-form").hidden = false;
+    throw new Error("This server needs an API token.");
+  }
+  const data = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error((data && data.message) || response.statusText);
+  return { data, response };
+}
+
+function say(text) { $("message").textContent = text || ""; }
+
+function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
+
+async function refreshCounts() {
+  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const body = $("counts").tBodies[0];
+  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
+    element("td", {}, profile),
+    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
+  let executed = 0, failed = 0;
+  for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
+  const now = Date.now();
+  state.history.push({ now, executed, failed });
+  state.history = state.history.filter((sample) => now - sample.now <= 61000);
+  const first = state.history[0];
+  $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
+    `${failed - first.failed} failed`;
+}
+
+function query() {
+  const form = new FormData($("filters"));
+  const params = new URLSearchParams();
+  for (const [name, value] of form) if (value) params.set(name, value);
+  params.set("limit", state.limit);
+  params.set("offset", state.offset);
+  return params.toString();
+}
+
+async function refreshTasks() {
+  const { data: tasks, response } = await api("GET", "/tasks?" + query());
+  state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
+  $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
+    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
+    element("td", {}, task.job_name),
+    element("td", {}, task.profile),
+    element("td", {}, when(task.created_at)),
+    element("td", {}, task.tags.join(", ")),
+    element("td", { class: "number" }, task.attempts),
+    element("td", {}, element("button", { type: "button", class: "identifier", onclick: () => show(task.identifier) },
+      task.identifier)))));
+  const last = Math.min(state.offset + state.limit, state.total);
+  $("page").textContent = state.total ? `${state.offset + 1} to ${last} of ${state.total}` : "no task";
+  $("previous").disabled = state.offset === 0;
+  $("next").disabled = last >= state.total;
+}
+
+async function show(identifier) {
+  try {
+    const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
+    state.selected = task;
+    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
+      ["Profile", task.profile],
+      ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
+      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
+      ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
+      ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
+      ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];
+    $("detail-fields").replaceChildren(
+      ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
+    $("retry").hidden = task.status !== "failed";
+    $("detail").hidden = false;
+    $("detail-title").focus();
+  } catch (error) { say(error.message); }
+}
+
+async function act(confirmation, method, path, done) {
+  if (!window.confirm(confirmation)) return;
+  try { await api(method, path); say(""); done(); await refresh(); } catch (error) { say(error.message); }
+}
+
+async function refresh() {
+  if (state.busy || state.locked) return;
+  state.busy = true;
+  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
+  catch (error) { say(error.message); }
+  finally { state.busy = false; }
+}
+
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; refresh(); });
+for (const id of ["filter-status", "filter-order"]) {
+  $(id).addEventListener("change", () => { state.offset = 0; refresh(); });
+}
+$("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
+$("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
+$("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
+$("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
+  `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
+$("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
+  `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
+$("add").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  let parameters;
+  try { parameters = JSON.parse(form.get("parameters") || "{}"); }
+  catch { say("Parameters must be a JSON object"); return; }
+  const tags = String(form.get("tags") || "").split(",").map((tag) => tag.trim()).filter(Boolean);
+  if (!window.confirm(`Add a ${form.get("job")} task to ${form.get("profile")}?`)) return;
+  try {
+    const body = { profile: form.get("profile"), job: form.get("job"), parameters, tags };
+    const { data: task } = await api("POST", "/tasks", body);
+    say(""); await refresh(); show(task.identifier);
+  } catch (error) { say(error.message); }
+});
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN, $("token").value);
+  $("token").value = "";
+  $("token-form").hidden = true;
+  state.locked = false;
+  refresh();
+});
+$("detail-title").tabIndex = -1;
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+"""
+
+
+@functools.cache
+def _dashboard_headers() -> dict[str, str]:
+    import base64
+    import hashlib
+
+    script = DASHBOARD_HTML.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return {
+        "Content-Security-Policy": f"default-src 'self'; script-src 'sha256-{digest}'; style-src 'unsafe-inline';"
+                                   " img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
+
 ROUTES = (
+    Route("GET", "/", "dashboard", public=True),
     Route("GET", "/tasks", "list_tasks"),
     Route("POST", "/tasks", "create_task"),
     Route("GET", "/task/{identifier}", "show_task"),
@@ -2759,6 +3041,7 @@ ROUTES = (
     Route("DELETE", "/task/{identifier}", "delete_task"),
     Route("POST", "/task/{identifier}/retry", "retry_task"),
     Route("GET", "/stats", "stats"),
+    Route("GET", "/completed", "completed"),
     Route("GET", "/health", "health", public=True),
     Route("GET", "/metrics", "metrics"),
     Route("GET", "/openapi.json", "openapi"),
@@ -2877,6 +3160,12 @@ class WebService:
     def stats(self, request: Request) -> Response:
         return Response(200, self.queue.stats())
 
+    def completed(self, request: Request) -> Response:
+        return Response(200, self.queue.completed())
+
+    def dashboard(self, request: Request) -> Response:
+        return Response(200, DASHBOARD_HTML, dict(_dashboard_headers()), content_type="text/html; charset=utf-8")
+
     def health(self, request: Request) -> Response:
         self.queue.ping()
         return Response(200, {"status": "ok"})
@@ -2931,7 +3220,7 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
-                "description": "Required on every route but /health when JOBQUEUE_TOKEN is set"}},
+                "description": "Required on every route but /health and / when JOBQUEUE_TOKEN is set"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["message", "code"],
                           "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
@@ -2996,6 +3285,13 @@ def openapi_document() -> dict[str, Any]:
                 "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
                          "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
             },
+            "/": {"get": {"summary": "The dashboard page (HTML; holds no data)", "operationId": "dashboard",
+                          "security": [], "responses": {"200": {"description": "The page", "content": {
+                              "text/html": {"schema": {"type": "string"}}}}}}},
+            "/completed": {"get": {"summary": "Runs completed per profile, finished and failed (counters)",
+                                   "operationId": "completed",
+                                   "responses": answers(_200={"description": "Counters", "content": {
+                                       "application/json": {"schema": {"type": "object"}}}})}},
             "/stats": {"get": {"summary": "Counts per profile and status", "operationId": "stats",
                                "responses": answers(_200={"description": "Counts", "content": {
                                    "application/json": {"schema": counts}}})}},

@@ -1848,6 +1848,212 @@ def test_readme_curl_session_works_as_written(dsn, running):
             identifier = json.loads(body)["identifier"]
 
 
+# == Dashboard (headless Chromium) ===========================================
+
+
+def chromium_path() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    reason, path = None, chromium_path()
+    if path is None:
+        reason = "Chromium is not installed (apt-get install chromium): the dashboard tests are skipped"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            reason = "playwright is not installed (pip install playwright): the dashboard tests are skipped"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; with CI=true they must run", pytrace=False)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+class Dashboard:
+    """A browser page on a real server's dashboard, with what the console and dialogs said."""
+
+    def __init__(self, browser, server, queue, width: int = 1280):
+        self.queue, self.url = queue, server.url + "/"
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("dialog", self._dialog)
+        self.page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url}"))
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.accept()
+
+    def open(self) -> Dashboard:
+        self.page.goto(self.url)
+        return self
+
+    def rows(self) -> list[str]:
+        return self.page.locator("#tasks tbody tr").all_inner_texts()
+
+    def wait_for_rows(self, check, timeout: float = 5) -> list[str]:
+        return wait_until(lambda: check(self.rows()) and self.rows(), timeout=timeout)
+
+
+@pytest.fixture
+def dashboard(browser, start_server, tmp_path):
+    opened = []
+
+    def open_dashboard(config: jobqueue.Config | None = None, width: int = 1280) -> Dashboard:
+        queue = SQLiteQueue(tmp_path / "dashboard.db")
+        board = Dashboard(browser, start_server(queue, config), queue, width)
+        opened.append(board)
+        return board
+
+    yield open_dashboard
+    for board in opened:
+        board.context.close()
+
+
+def test_dashboard_loads_cleanly_and_shows_new_tasks_within_three_seconds(dashboard):
+    board = dashboard().open()
+    board.page.wait_for_selector("text=no task")
+    task = Task("mail", RecordingJob, {"to": "ada"}, ["signup"])
+    board.queue.add(task)
+    board.page.wait_for_selector(f"text={task.identifier}", timeout=3000)
+    row = board.rows()[0]
+    assert "waiting" in row and "recording" in row and "mail" in row and "signup" in row
+    assert board.page.locator("#counts tbody tr").all_inner_texts()[0].split() == ["mail", "1", "0", "0", "0"]
+    assert board.errors == [] and board.dialogs == []
+
+
+def test_dashboard_filters_by_profile_and_status(dashboard):
+    board = dashboard()
+    mail, sms, failed = Task("mail", RecordingJob), Task("sms", RecordingJob), Task("mail", RecordingJob)
+    board.queue.add(mail, sms, failed)
+    board.queue.update_status(failed, Status.FAILED)
+    board.open().wait_for_rows(lambda rows: len(rows) == 3)
+    board.page.fill("#filter-profile", "sms")
+    board.page.click("#filters button[type=submit]")
+    assert sms.identifier in board.wait_for_rows(lambda rows: len(rows) == 1)[0]
+    board.page.fill("#filter-profile", "")
+    board.page.select_option("#filter-status", "failed")
+    assert failed.identifier in board.wait_for_rows(lambda rows: len(rows) == 1 and "failed" in rows[0])[0]
+    assert board.errors == []
+
+
+def test_dashboard_pages_through_a_large_queue(dashboard):
+    board = dashboard()
+    board.queue.add(*[Task("bulk", RecordingJob) for _ in range(60)])
+    board.open().page.wait_for_selector("text=1 to 50 of 60")
+    assert len(board.rows()) == 50
+    board.page.click("#next")
+    board.page.wait_for_selector("text=51 to 60 of 60")
+    assert len(board.wait_for_rows(lambda rows: len(rows) == 10)) == 10
+
+
+def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboard):
+    board = dashboard()
+    task = Task("jobs", FailingJob)
+    board.queue.add(task)
+    Worker("w", board.queue, "jobs").consume(burst=True)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    board.page.click(f"button:has-text('{task.identifier}')")
+    error = board.page.locator("#error")
+    error.wait_for()
+    assert error.inner_text().startswith("RuntimeError: boom") and "Traceback" in error.inner_text()
+    board.page.click("#retry")
+    wait_until(lambda: board.queue.find(task.identifier).status is Status.WAITING)
+    assert board.dialogs == [f"Retry task {task.identifier}?"]
+    board.page.click("#delete")
+    wait_until(lambda: board.queue.count() == 0)
+    wait_until(lambda: board.rows() == [] and board.page.locator("#detail").is_hidden())
+    assert board.errors == []
+
+
+def test_dashboard_adds_a_task(dashboard):
+    board = dashboard().open()
+    board.page.fill("#add-profile", "web")
+    board.page.fill("#add-job", "examples.hello.GreetJob")
+    board.page.fill("#add-parameters", '{"name": "Ada"}')
+    board.page.fill("#add-tags", "from-ui, test")
+    board.page.click("#add button[type=submit]")
+    added = wait_until(lambda: board.queue.search(profile="web"))[0]
+    assert added.parameters == {"name": "Ada"} and added.tags == ["from-ui", "test"]
+    board.page.wait_for_selector(f"text={added.identifier}")
+    assert board.errors == []
+
+
+def test_dashboard_shows_markup_as_text_and_runs_none_of_it(dashboard):
+    board = dashboard()
+    evil = "<img src=x onerror=alert(1)>"
+    task = Task("p", RecordingJob, {"note": evil}, [evil])
+    board.queue.add(task)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    assert evil in board.rows()[0]
+    board.page.click(f"button:has-text('{task.identifier}')")
+    board.page.wait_for_selector("#detail", state="visible")
+    assert evil in board.page.locator("#detail").inner_text()
+    assert board.page.locator("img").count() == 0 and board.dialogs == [] and board.errors == []
+
+
+def test_dashboard_asks_for_the_token_once_per_tab(dashboard):
+    board = dashboard(jobqueue.Config(token="s3cret"))
+    task = Task("p", RecordingJob)
+    board.queue.add(task)
+    board.open().page.wait_for_selector("#token-form", state="visible")
+    assert board.rows() == []
+    board.page.fill("#token", "s3cret")
+    board.page.click("#token-form button")
+    board.page.wait_for_selector(f"text={task.identifier}")
+    assert board.page.locator("#token-form").is_hidden()
+    board.page.reload()
+    board.page.wait_for_selector(f"text={task.identifier}")
+    assert board.page.locator("#token-form").is_hidden()
+    assert all("401" in error for error in board.errors), board.errors
+
+
+def test_dashboard_throughput_of_the_last_minute(dashboard):
+    board = dashboard().open()
+    board.page.wait_for_selector("text=last minute: 0 executed, 0 failed")
+    board.queue.add(*[Task("w", add_numbers, {"a": 1, "b": 1}) for _ in range(3)], Task("w", FailingJob))
+    Worker("w", board.queue, "w").consume(burst=True)
+    board.page.wait_for_selector("text=last minute: 3 executed, 1 failed")
+
+
+def test_dashboard_is_keyboard_usable(dashboard):
+    board = dashboard()
+    task = Task("p", RecordingJob)
+    board.queue.add(task)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    board.page.focus(f"button:has-text('{task.identifier}')")
+    board.page.keyboard.press("Enter")
+    board.page.wait_for_selector("#detail", state="visible")
+    assert board.page.locator("label[for=filter-profile]").count() == 1
+
+
+@pytest.mark.parametrize("width", [375, 1920])
+def test_dashboard_fits_phone_and_desktop_widths(dashboard, tmp_path, width):
+    board = dashboard(width=width)
+    board.queue.add(*[Task(profile, RecordingJob, {"n": n}, ["nightly"] if n % 2 else [])
+                      for n, profile in enumerate(["mail", "sms", "reports", "mail", "sms"])])
+    board.queue.fetch("mail", timeout=0)
+    board.queue.update_status(board.queue.search(profile="sms")[0], Status.FAILED)
+    board.open().wait_for_rows(lambda rows: len(rows) == 5)
+    overflow = board.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    folder = Path(os.environ.get("JOBQUEUE_SCREENSHOTS", tmp_path))
+    shot = folder / f"dashboard-{width}.png"
+    board.page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000 and board.errors == []
+
+
 # == CLI =====================================================================
 
 
@@ -2278,7 +2484,7 @@ def test_cli_worker_concurrency_drains_a_profile(dsn, queue, tmp_path):
     assert sorted(result.stdout.splitlines()) == sorted([
         'Worker pair-1 handles "multi" tasks...', 'Worker pair-2 handles "multi" tasks...',
         "Worker pair-1 is done.", "Worker pair-2 is done.",
-    ])
+    ]), (result.stdout, result.stderr[-2000:])
     runs = log.read_text().splitlines()
     assert len(runs) == 300 and len({line.split()[0] for line in runs}) == 300
     assert queue.count(status="finished") == 300
