@@ -12,12 +12,12 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     Domain         Status, profiles, Job, @job, Task and its JSON form
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
-    Queue: Redis   RedisQueue, Lua scripts over one hash-tagged keyspace
+    Queue: Redis   RedisQueue (Lua scripts over one hash-tagged keyspace), RespClient
     Queue: SQLite  SQLiteQueue, one WAL file, one connection per thread
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
     Configuration  Config.from_env and the ServiceContainer
-    HTTP           WebService (routes, auth, errors as JSON) on a threaded http.server
+    HTTP           WebService (routes, auth, errors as JSON), the dashboard page, the server
     CLI            python jobqueue.py worker|manager|serve, main(argv) -> exit code
 """
 
