@@ -1,8 +1,9 @@
 """jobqueue: a job queue for Python that fits in one file.
 
 Applications add tasks; workers on one machine or fifty fetch and run them.
-Tasks live in Redis (through redis-py, imported only when used) or in an
-embedded SQLite file, always as JSON, never pickled.
+Tasks live in Redis (spoken to directly, or through a redis-py client you
+pass) or in an embedded SQLite file, always as JSON, never pickled. The
+standard library is all it needs.
 
 The file reads top to bottom in the order data flows; each section uses only
 what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
