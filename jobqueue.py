@@ -1984,13 +1984,21 @@ class SQLiteQueue(Queue):
                                    [(p, row["seq"]) for p, row in zip(positions, due)])
 
     def _claim(self, profile: str, worker: str, lease: float) -> Task | None:
+        """Claim without taking the write lock when a cheap read shows nothing is ready."""
         now = self.clock()
-        arguments = {"profile": profile, "now": now, "worker": worker, "lease": lease}
-        if not self._connection().execute(_SQLITE_READY, arguments).fetchone()["ready"]:
+        ready = self._connection().execute(_SQLITE_READY, {"profile": profile, "now": now}).fetchone()["ready"]
+        if not ready:
             return None
         with self._write() as connection:
-            self._promote(connection, profile, now)
-            row = connection.execute(_SQLITE_CLAIM, arguments).fetchone()
+            return self._claim_next(connection, profile, worker, lease, now)
+
+    def _claim_next(self, connection: sqlite3.Connection, profile: str, worker: str, lease: float,
+                    now: float) -> Task | None:
+        """Promote due delayed tasks, then claim the oldest ready one (inside the caller's transaction)."""
+        self._promote(connection, profile, now)
+        row = connection.execute(
+            _SQLITE_CLAIM, {"profile": profile, "now": now, "worker": worker, "lease": lease}
+        ).fetchone()
         return None if row is None else _decode_task(row)
 
     def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
@@ -2020,14 +2028,9 @@ class SQLiteQueue(Queue):
             return self._record(connection, task)
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        now = self.clock()
         with self._write() as connection:
             recorded = self._record(connection, task)
-            self._promote(connection, task.profile, now)
-            row = connection.execute(
-                _SQLITE_CLAIM, {"profile": task.profile, "now": now, "worker": worker, "lease": lease}
-            ).fetchone()
-        return recorded, None if row is None else _decode_task(row)
+            return recorded, self._claim_next(connection, task.profile, worker, lease, self.clock())
 
     def _record(self, connection: sqlite3.Connection, task: Task) -> bool:
         """Write a run's outcome inside the caller's transaction, if the run still holds the task."""
@@ -2319,7 +2322,7 @@ class Worker:
                     )
                     if task is _UNAVAILABLE or task is None:
                         task = None
-                        if burst and not self._outage_since:
+                        if burst:
                             break
                         continue
                 current, task = task, None
