@@ -1,8 +1,8 @@
 """jobqueue: a job queue for Python that fits in one file.
 
 Applications add tasks; workers on one machine or fifty fetch and run them.
-Tasks live in Redis (spoken to directly, or through a redis-py client you
-pass) or in an embedded SQLite file, always as JSON, never pickled. The
+Tasks live in Redis (through redis-py, imported only then) or in an
+embedded SQLite file, always as JSON, never pickled. With SQLite the
 standard library is all it needs.
 
 The file reads top to bottom in the order data flows; each section uses only
@@ -13,7 +13,7 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     Domain         Status, profiles, Job, @job, Task and its JSON form
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
-    Queue: Redis   RedisQueue (Lua scripts over one hash-tagged keyspace), RespClient
+    Queue: Redis   RedisQueue through redis-py: one slot per profile, one script library, RedisDSN
     Queue: SQLite  SQLiteQueue, one WAL file, one connection per thread
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
@@ -47,7 +47,7 @@ from dataclasses import InitVar, dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Union
-from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 if TYPE_CHECKING:
     import sqlite3
@@ -61,7 +61,7 @@ __all__ = [
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
     "TASK_RECOVERED", "JobTimeout",
-    "Queue", "RedisQueue", "RespClient", "SQLiteQueue", "queue_from_dsn",
+    "Queue", "RedisQueue", "RedisDSN", "SQLiteQueue", "queue_from_dsn",
     "Worker", "Config", "ServiceContainer", "WebService", "main",
 ]
 
@@ -434,7 +434,7 @@ class Task:
     ``retries`` (how many failed runs to try again, default 0), ``retry_delay``
     (seconds before the first retry, doubling after each failure, with jitter),
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
-    task without renewing it), ``delay`` (seconds before it may run) or
+    task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
     ``run_at`` (a datetime). The other fields are filled in by queues and workers.
     """
 
@@ -478,6 +478,7 @@ class Task:
             if self.run_at is not None:
                 raise ValidationError("Give delay or run_at, not both")
             self.run_at = _utcnow() + timedelta(seconds=delay)
+            self.__dict__["_delay"] = delay
         elif self.run_at is not None:
             self.run_at = _parse_datetime(self.run_at)
 
@@ -758,7 +759,11 @@ class Queue:
             task.started_at = task.finished_at = task.error = task.result = None
         if tasks:
             with self._errors():
-                self._add(tasks, self.clock())
+                now = self.clock()
+                for task in tasks:
+                    if task.__dict__.get("_delay") is not None:
+                        task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
+                self._add(tasks, now)
 
     def fetch(
         self, profile: str, timeout: float | None = None, worker: str | None = None, lease: float = DEFAULT_LEASE
@@ -967,35 +972,51 @@ def _remaining(deadline: float | None) -> float | None:
 
 # == Queue: Redis ============================================================
 
-# Every key of one queue starts with "{prefix}:", one cluster hash tag, so each
-# script touches a single slot. A task is a hash; indexes are sorted sets
-# scored by creation time; each profile has a FIFO list of waiting ids, a
-# sorted set of delayed ids (by run_at), and a "wake" list of tokens that idle
-# workers block on. Running tasks sit in "leases" scored by lease expiry.
-# Claiming is one script, so no crash can leave a task half-moved.
-_LUA_PRELUDE = """
+# Keys. Each profile's keys share one cluster hash tag, "{prefix:profile}", so
+# every state change of a task is one script on one slot and a Redis Cluster
+# spreads profiles over its masters. Per profile: a hash per task, a sorted
+# set per status scored by creation time, a FIFO list of ready ids ("queue"),
+# a sorted set of delayed ids by run_at, running ids by lease expiry
+# ("leases"), ended ids by end time, a sorted set per tag, a "wake" list that
+# idle workers block on, and the finished/failed counters. The only key
+# outside a profile is "{prefix}:profiles", the set of profile names that
+# cross-profile reads visit.
+#
+# The scripts are one library, run by EVALSHA with the handler's name first.
+# Every change runs through ``once``: the reply is remembered under the
+# caller's key, so a call that redis-py sends again after losing the first
+# reply gets that reply instead of a second run.
+_REDIS_LIBRARY = """
 local base = KEYS[1]
+local H = {}
 local STATUSES = {'waiting', 'running', 'finished', 'failed'}
-local ALL, PROFILES, TAGS = base .. ':all', base .. ':profiles', base .. ':tags'
-local COMPLETED, LEASES, ENDED = base .. ':completed', base .. ':leases', base .. ':ended'
+local QUEUE, DELAYED, WAKE = base .. ':queue', base .. ':delayed', base .. ':wake'
+local LEASES, ENDED, TAGS, COMPLETED = base .. ':leases', base .. ':ended', base .. ':tags', base .. ':completed'
 local WAKE_MAX = 100
 local function task_key(id) return base .. ':task:' .. id end
-local function queue_key(p) return base .. ':queue:' .. p end
-local function delayed_key(p) return base .. ':delayed:' .. p end
-local function wake_key(p) return base .. ':wake:' .. p end
 local function status_key(s) return base .. ':status:' .. s end
-local function profile_key(p) return base .. ':profile:' .. p end
-local function pair_key(p, s) return base .. ':pair:' .. p .. ':' .. s end
 local function tag_key(t) return base .. ':tag:' .. t end
 local function ended(s) return s == 'finished' or s == 'failed' end
 
--- The index moves every status change shares; the FIFO lists are the callers'.
-local function move(id, profile, score, old, new, now)
+-- A change runs once per (caller, token); the same call again returns the first reply.
+local function once(change)
+  return function(args)
+    local memo, token = base .. ':call:' .. args[1], args[2] .. '\\n'
+    local last = redis.call('GET', memo)
+    if last and string.sub(last, 1, #token) == token then return string.sub(last, #token + 1) end
+    local reply = change(args)
+    if type(reply) == 'table' and reply.err then return reply end
+    reply = cjson.encode(reply)
+    redis.call('SET', memo, token .. reply, 'EX', 600)
+    return reply
+  end
+end
+
+-- The index moves every status change shares; the FIFO list is the callers'.
+local function move(id, score, old, new, now)
   local key = task_key(id)
   redis.call('ZREM', status_key(old), id)
-  redis.call('ZREM', pair_key(profile, old), id)
   redis.call('ZADD', status_key(new), score, id)
-  redis.call('ZADD', pair_key(profile, new), score, id)
   redis.call('HSET', key, 'status', new)
   if old == 'running' then
     redis.call('ZREM', LEASES, id)
@@ -1008,37 +1029,34 @@ local function move(id, profile, score, old, new, now)
   end
 end
 
-local function wake(profile, count)
+local function wake(count)
   local tokens = {}
   for i = 1, math.min(count, WAKE_MAX) do tokens[i] = 1 end
-  if redis.call('LPUSH', wake_key(profile), unpack(tokens)) > WAKE_MAX then
-    redis.call('LTRIM', wake_key(profile), 0, WAKE_MAX - 1)
-  end
+  if redis.call('LPUSH', WAKE, unpack(tokens)) > WAKE_MAX then redis.call('LTRIM', WAKE, 0, WAKE_MAX - 1) end
 end
 
-local function unqueue(id, profile)
-  redis.call('LREM', queue_key(profile), 0, id)
-  redis.call('ZREM', delayed_key(profile), id)
+local function unqueue(id)
+  redis.call('LREM', QUEUE, 0, id)
+  redis.call('ZREM', DELAYED, id)
 end
 
-local function requeue(id, profile, score, old, now)
-  move(id, profile, score, old, 'waiting', now)
+local function requeue(id, score, old, now)
+  move(id, score, old, 'waiting', now)
   redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at')
   redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
-  redis.call('LPUSH', queue_key(profile), id)
-  wake(profile, 1)
+  redis.call('LPUSH', QUEUE, id)
+  wake(1)
 end
 
-local function promote(profile, now)
-  local due = redis.call('ZRANGEBYSCORE', delayed_key(profile), '-inf', now, 'LIMIT', 0, 100)
+local function promote(now)
+  local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, 100)
   for _, id in ipairs(due) do
-    redis.call('ZREM', delayed_key(profile), id)
-    redis.call('LPUSH', queue_key(profile), id)
+    redis.call('ZREM', DELAYED, id)
+    redis.call('LPUSH', QUEUE, id)
   end
-  if #due > 0 then wake(profile, #due) end
+  if #due > 0 then wake(#due) end
 end
 
--- A task's hash as a table; replies carry it JSON-encoded, one string to parse.
 local function fields(key)
   local flat = redis.call('HGETALL', key)
   local task = {}
@@ -1046,633 +1064,565 @@ local function fields(key)
   return task
 end
 
-local function snapshot(key) return cjson.encode(fields(key)) end
-
-local function claim(id, profile, worker, now, lease)
+local function claim(id, worker, now, lease)
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'status', 'created_at', 'lease')
   if f[1] ~= 'waiting' then return false end
-  move(id, profile, f[2], 'waiting', 'running', now)
+  move(id, f[2], 'waiting', 'running', now)
   local expiry = tonumber(now) + (tonumber(f[3]) or tonumber(lease))
   redis.call('HSET', key, 'worker', worker, 'started_at', now, 'lease_until', expiry)
   redis.call('HINCRBY', key, 'attempts', 1)
   redis.call('ZADD', LEASES, expiry, id)
-  redis.call('LPOP', wake_key(profile))
-  return snapshot(key)
+  redis.call('LPOP', WAKE)
+  return fields(key)
 end
 
--- The oldest ready task of the profile, claimed; else when the next delayed one is due, or false.
-local function claim_next(profile, worker, now, lease)
-  promote(profile, now)
-  local id = redis.call('RPOP', queue_key(profile))
+-- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {}.
+local function claim_next(worker, now, lease)
+  promote(now)
+  local id = redis.call('RPOP', QUEUE)
   while id do
-    local task = claim(id, profile, worker, now, lease)
-    if task then return task end
-    id = redis.call('RPOP', queue_key(profile))
+    local task = claim(id, worker, now, lease)
+    if task then return {task = task} end
+    id = redis.call('RPOP', QUEUE)
   end
-  local next_due = redis.call('ZRANGE', delayed_key(profile), 0, 0, 'WITHSCORES')
-  return next_due[2] or false
+  local next_due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
+  return {due = next_due[2]}
 end
 
 -- Record how a run ended, if the run (its attempt number) still holds the task.
-local function complete(id, attempts, new, now, err, result, failures, run_at)
+-- args[i..i+7]: identifier, attempts, new status, now, error, result, failures, run_at.
+local function complete(args, i)
+  local id, attempts, new, now, err, result, failures, run_at = unpack(args, i, i + 7)
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts')
   if f[2] ~= 'running' or f[4] ~= attempts then return 0 end
-  move(id, f[1], f[3], 'running', new, now)
+  move(id, f[3], 'running', new, now)
   redis.call('HSET', key, 'failures', failures)
   if err ~= '' then redis.call('HSET', key, 'error', err) else redis.call('HDEL', key, 'error') end
   if result ~= '' then redis.call('HSET', key, 'result', result) end
   if new == 'waiting' then
     redis.call('HSET', key, 'run_at', run_at)
-    redis.call('ZADD', delayed_key(f[1]), run_at, id)
+    redis.call('ZADD', DELAYED, run_at, id)
   else
-    redis.call('HINCRBY', COMPLETED, f[1] .. ':' .. new, 1)
+    redis.call('HINCRBY', COMPLETED, new, 1)
   end
   return 1
 end
 
 local function remove(id)
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'profile', 'status', 'tags')
+  local f = redis.call('HMGET', key, 'status', 'tags')
   if not f[1] then return 0 end
-  local profile, status = f[1], f[2]
-  if status == 'waiting' then unqueue(id, profile) end
-  for _, index in ipairs({ALL, status_key(status), pair_key(profile, status), profile_key(profile), LEASES, ENDED}) do
-    redis.call('ZREM', index, id)
-  end
-  if redis.call('ZCARD', profile_key(profile)) == 0 then redis.call('SREM', PROFILES, profile) end
-  for _, tag in ipairs(cjson.decode(f[3])) do
+  if f[1] == 'waiting' then unqueue(id) end
+  for _, index in ipairs({status_key(f[1]), LEASES, ENDED}) do redis.call('ZREM', index, id) end
+  for _, tag in ipairs(cjson.decode(f[2])) do
     redis.call('ZREM', tag_key(tag), id)
-    if redis.call('ZCARD', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
+    if redis.call('EXISTS', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
   end
   redis.call('DEL', key)
   return 1
 end
-"""
 
-_REDIS_TASK_FIELDS = ("identifier", "profile", "job", "parameters", "tags", "created_at",
-                      "retries", "retry_delay", "timeout", "lease", "run_at")
-
-_REDIS_SCRIPTS = {
-    # ARGV: now, then per task the values of _REDIS_TASK_FIELDS, in that order.
-    "add": """
-local now, width = tonumber(ARGV[1]), 11
-for i = 2, #ARGV, width do
-  if redis.call('EXISTS', task_key(ARGV[i])) == 1 then
-    return redis.error_reply('EXISTS ' .. ARGV[i])
+-- args: caller, token, now, then each task's stored fields as a JSON object of strings.
+H.add = once(function(args)
+  local now, tasks = tonumber(args[3]), {}
+  for i = 4, #args do
+    local task = cjson.decode(args[i])
+    if redis.call('EXISTS', task_key(task.identifier)) == 1 then
+      return redis.error_reply('EXISTS ' .. task.identifier)
+    end
+    tasks[#tasks + 1] = task
   end
-end
-local woken = {}
-for i = 2, #ARGV, width do
-  local id, profile, job, parameters, tags, created, retries, retry_delay, timeout, lease, run_at =
-    unpack(ARGV, i, i + width - 1)
-  local hash = {'identifier', id, 'profile', profile, 'job', job, 'parameters', parameters, 'tags', tags,
-    'status', 'waiting', 'created_at', created}
-  if retries ~= '' then hash[#hash + 1] = 'retries'; hash[#hash + 1] = retries end
-  if retry_delay ~= '' then hash[#hash + 1] = 'retry_delay'; hash[#hash + 1] = retry_delay end
-  if timeout ~= '' then hash[#hash + 1] = 'timeout'; hash[#hash + 1] = timeout end
-  if lease ~= '' then hash[#hash + 1] = 'lease'; hash[#hash + 1] = lease end
-  if run_at ~= '' then hash[#hash + 1] = 'run_at'; hash[#hash + 1] = run_at end
-  redis.call('HSET', task_key(id), unpack(hash))
-  redis.call('ZADD', ALL, created, id)
-  redis.call('ZADD', profile_key(profile), created, id)
-  redis.call('ZADD', status_key('waiting'), created, id)
-  redis.call('ZADD', pair_key(profile, 'waiting'), created, id)
-  redis.call('SADD', PROFILES, profile)
-  if tags ~= '[]' then
-    for _, tag in ipairs(cjson.decode(tags)) do
-      redis.call('ZADD', tag_key(tag), created, id)
+  local ready, delayed = 0, 0
+  for _, task in ipairs(tasks) do
+    local id, hash = task.identifier, {'status', 'waiting'}
+    for name, value in pairs(task) do
+      if value ~= '' then hash[#hash + 1] = name; hash[#hash + 1] = value end
+    end
+    redis.call('HSET', task_key(id), unpack(hash))
+    redis.call('ZADD', status_key('waiting'), task.created_at, id)
+    for _, tag in ipairs(cjson.decode(task.tags)) do
+      redis.call('ZADD', tag_key(tag), task.created_at, id)
       redis.call('SADD', TAGS, tag)
     end
-  end
-  if run_at ~= '' and tonumber(run_at) > now then
-    redis.call('ZADD', delayed_key(profile), run_at, id)
-  else
-    redis.call('LPUSH', queue_key(profile), id)
-    woken[profile] = (woken[profile] or 0) + 1
-  end
-end
-for profile, count in pairs(woken) do wake(profile, count) end
-return (#ARGV - 1) / width
-""",
-    # ARGV: profile, worker, now, lease.
-    "claim": "return claim_next(ARGV[1], ARGV[2], ARGV[3], ARGV[4])",
-    # ARGV: lease expiry, then identifier and attempts of each task to renew.
-    "renew": """
-local renewed = 0
-for i = 2, #ARGV, 2 do
-  local key = task_key(ARGV[i])
-  local f = redis.call('HMGET', key, 'status', 'attempts')
-  if f[1] == 'running' and f[2] == ARGV[i + 1] then
-    redis.call('HSET', key, 'lease_until', ARGV[1])
-    redis.call('ZADD', LEASES, ARGV[1], ARGV[i])
-    renewed = renewed + 1
-  end
-end
-return renewed
-""",
-    # ARGV: identifier, attempts, new status, now, error, result, failures, run_at ('' for none).
-    "complete": "return complete(unpack(ARGV, 1, 8))",
-    # ARGV: as "complete", then profile, worker, lease: one round trip from one task to the next.
-    "complete_and_claim": "return {complete(unpack(ARGV, 1, 8)), claim_next(ARGV[9], ARGV[10], ARGV[4], ARGV[11])}",
-    # ARGV: now, max_lost. Returns each recovered task's hash and the worker it was lost from.
-    "recover": """
-local now, max_lost = ARGV[1], tonumber(ARGV[2])
-local result = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 1000)) do
-  local key = task_key(id)
-  local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'worker')
-  if f[2] ~= 'running' then
-    redis.call('ZREM', LEASES, id)
-  else
-    local lost = redis.call('HINCRBY', key, 'lost', 1)
-    local worker = f[4] or '?'
-    if lost >= max_lost then
-      move(id, f[1], f[3], 'running', 'failed', now)
-      redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
-      redis.call('HINCRBY', COMPLETED, f[1] .. ':failed', 1)
+    if task.run_at ~= '' and tonumber(task.run_at) > now then
+      redis.call('ZADD', DELAYED, task.run_at, id)
+      delayed = delayed + 1
     else
-      move(id, f[1], f[3], 'running', 'waiting', now)
-      redis.call('HDEL', key, 'started_at')
-      redis.call('RPUSH', queue_key(f[1]), id)
-      wake(f[1], 1)
+      redis.call('LPUSH', QUEUE, id)
+      ready = ready + 1
     end
-    table.insert(result, snapshot(key))
-    table.insert(result, worker)
   end
-end
-return result
-""",
-    # ARGV: identifier, new status, now, '1' to move only a failed task (retry).
-    "update": """
-local id, new, now = ARGV[1], ARGV[2], ARGV[3]
-local key = task_key(id)
-local f = redis.call('HMGET', key, 'profile', 'status', 'created_at')
-if not f[1] then return false end
-local profile, old, score = f[1], f[2], f[3]
-if ARGV[4] == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
-if old ~= new then
-  if old == 'waiting' then unqueue(id, profile) end
-  if new == 'waiting' then
-    requeue(id, profile, score, old, now)
-  else
-    move(id, profile, score, old, new, now)
+  -- A delayed task wakes one idle worker too, so that it learns the new due time.
+  if ready + delayed > 0 then wake(math.max(ready, 1)) end
+  return #tasks
+end)
+
+-- args: caller, token, worker, now, lease.
+H.claim = once(function(args) return claim_next(args[3], args[4], args[5]) end)
+
+-- args: caller, token, then complete's eight.
+H.complete = once(function(args) return complete(args, 3) end)
+
+-- args: caller, token, complete's eight, worker, lease: one round trip from one task to the next.
+H.complete_and_claim = once(function(args)
+  return {complete(args, 3), claim_next(args[11], args[6], args[12])}
+end)
+
+-- args: lease expiry, then identifier and attempts of each task. Sent twice, it sets the same expiry.
+H.renew = function(args)
+  local renewed = 0
+  for i = 2, #args, 2 do
+    local key = task_key(args[i])
+    local f = redis.call('HMGET', key, 'status', 'attempts')
+    if f[1] == 'running' and f[2] == args[i + 1] then
+      redis.call('HSET', key, 'lease_until', args[1])
+      redis.call('ZADD', LEASES, args[1], args[i])
+      renewed = renewed + 1
+    end
   end
+  return renewed
 end
-return snapshot(key)
-""",
-    "delete": "return remove(ARGV[1])",
-    # ARGV: ended before, offset, limit, statuses... Returns {removed, scanned}.
-    "purge": """
-local wanted = {}
-for i = 4, #ARGV do wanted[ARGV[i]] = true end
-local ids = redis.call('ZRANGEBYSCORE', ENDED, '-inf', ARGV[1], 'LIMIT', ARGV[2], ARGV[3])
-local removed = 0
-for _, id in ipairs(ids) do
-  if wanted[redis.call('HGET', task_key(id), 'status')] then removed = removed + remove(id) end
-end
-return {removed, #ids}
-""",
-    # ARGV: mode ('search' or 'count'), order, offset, limit (-1: none), profile, status, tags...
-    # Each group is one sorted set; groups are walked in the order's sequence.
-    "search": """
-local mode, order, offset, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local profile, status = ARGV[5], ARGV[6]
-local groups = {}
-local function profiles()
-  local names = redis.call('SMEMBERS', PROFILES)
-  table.sort(names)
-  return names
-end
-if profile ~= '' and status ~= '' then
-  groups = {pair_key(profile, status)}
-elseif status ~= '' then
-  if order == 'profile' then
-    for _, p in ipairs(profiles()) do table.insert(groups, pair_key(p, status)) end
-  else
-    groups = {status_key(status)}
-  end
-elseif profile ~= '' then
-  if order == 'status' then
-    for _, s in ipairs(STATUSES) do table.insert(groups, pair_key(profile, s)) end
-  else
-    groups = {profile_key(profile)}
-  end
-elseif order == 'status' then
-  for _, s in ipairs(STATUSES) do table.insert(groups, status_key(s)) end
-elseif order == 'profile' then
-  for _, p in ipairs(profiles()) do table.insert(groups, profile_key(p)) end
-else
-  groups = {ALL}
-end
-local scratch = {}
-if #ARGV > 6 then
-  local tagged = base .. ':tmp:tagged'
-  local sources = {}
-  for i = 7, #ARGV do table.insert(sources, tag_key(ARGV[i])) end
-  redis.call('ZUNIONSTORE', tagged, #sources, unpack(sources))
-  table.insert(scratch, tagged)
-  for i, group in ipairs(groups) do
-    local narrowed = base .. ':tmp:group:' .. i
-    redis.call('ZINTERSTORE', narrowed, 2, group, tagged, 'WEIGHTS', 1, 0)
-    table.insert(scratch, narrowed)
-    groups[i] = narrowed
-  end
-end
-local result
-if mode == 'count' then
-  result = 0
-  for _, group in ipairs(groups) do result = result + redis.call('ZCARD', group) end
-else
-  result = {}
-  for _, group in ipairs(groups) do
-    local size = redis.call('ZCARD', group)
-    if offset >= size then
-      offset = offset - size
+
+-- args: caller, token, now, max_lost. Each recovered task with the worker it was lost from.
+H.recover = once(function(args)
+  local now, max_lost, recovered = args[3], tonumber(args[4]), {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 1000)) do
+    local key = task_key(id)
+    local f = redis.call('HMGET', key, 'status', 'created_at', 'worker')
+    if f[1] ~= 'running' then
+      redis.call('ZREM', LEASES, id)
     else
-      local stop = -1
-      if limit >= 0 then stop = offset + limit - 1 end
-      local ids = redis.call('ZRANGE', group, offset, stop)
-      offset = 0
-      for _, id in ipairs(ids) do table.insert(result, fields(task_key(id))) end
-      if limit >= 0 then
-        limit = limit - #ids
-        if limit <= 0 then break end
+      local lost = redis.call('HINCRBY', key, 'lost', 1)
+      local worker = f[3] or '?'
+      if lost >= max_lost then
+        move(id, f[2], 'running', 'failed', now)
+        redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
+        redis.call('HINCRBY', COMPLETED, 'failed', 1)
+      else
+        move(id, f[2], 'running', 'waiting', now)
+        redis.call('HDEL', key, 'started_at')
+        redis.call('RPUSH', QUEUE, id)
+        wake(1)
+      end
+      recovered[#recovered + 1] = {task = fields(key), worker = worker}
+    end
+  end
+  return recovered
+end)
+
+-- args: caller, token, identifier, new status, now, '1' to move only a failed task (retry).
+H.update = once(function(args)
+  local id, new, now = args[3], args[4], args[5]
+  local key = task_key(id)
+  local f = redis.call('HMGET', key, 'status', 'created_at')
+  if not f[1] then return {} end
+  local old, score = f[1], f[2]
+  if args[6] == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
+  if old ~= new then
+    if old == 'waiting' then unqueue(id) end
+    if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
+  end
+  return {task = fields(key)}
+end)
+
+-- args: caller, token, identifier.
+H.delete = once(function(args) return remove(args[3]) end)
+
+-- args: caller, token, ended before, offset, limit, statuses... Returns {removed, scanned}.
+H.purge = once(function(args)
+  local wanted = {}
+  for i = 6, #args do wanted[args[i]] = true end
+  local ids = redis.call('ZRANGEBYSCORE', ENDED, '-inf', args[3], 'LIMIT', args[4], args[5])
+  local removed = 0
+  for _, id in ipairs(ids) do
+    if wanted[redis.call('HGET', task_key(id), 'status')] then removed = removed + remove(id) end
+  end
+  return {removed, #ids}
+end)
+
+-- args: caller, token, now, '1' to take tasks under a live lease too. Oldest first, to the tail.
+H.restore = once(function(args)
+  local now, everything = tonumber(args[3]), args[4] == '1'
+  local stale = {}
+  for _, s in ipairs({'running', 'failed'}) do
+    local entries = redis.call('ZRANGE', status_key(s), 0, -1, 'WITHSCORES')
+    for i = 1, #entries, 2 do
+      local id = entries[i]
+      local expiry = tonumber(redis.call('ZSCORE', LEASES, id))
+      if everything or s ~= 'running' or not expiry or expiry <= now then
+        stale[#stale + 1] = {id, tonumber(entries[i + 1]), entries[i + 1], s}
       end
     end
   end
-end
-if #scratch > 0 then redis.call('DEL', unpack(scratch)) end
-if mode == 'count' then return result end
-return cjson.encode(result)
-""",
-    "stats": """
-local result = {}
-for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
+  table.sort(stale, function(a, b) return a[2] < b[2] end)
+  for _, entry in ipairs(stale) do requeue(entry[1], entry[3], entry[4], args[3]) end
+  return #stale
+end)
+
+-- args: caller, token. Removes the profile's tasks and indexes; the call memos expire by themselves.
+H.flush = once(function(args)
+  local removed = 0
   for _, s in ipairs(STATUSES) do
-    table.insert(result, p)
-    table.insert(result, s)
-    table.insert(result, redis.call('ZCARD', pair_key(p, s)))
+    local ids = redis.call('ZRANGE', status_key(s), 0, -1)
+    for _, id in ipairs(ids) do redis.call('DEL', task_key(id)) end
+    removed = removed + #ids
+    redis.call('DEL', status_key(s))
   end
-end
-return result
-""",
-    # ARGV: now, '1' to take tasks under a live lease too. Oldest first, to the tail.
-    "restore": """
-local now, everything = tonumber(ARGV[1]), ARGV[2] == '1'
-local stale = {}
-for _, s in ipairs({'running', 'failed'}) do
-  local entries = redis.call('ZRANGE', status_key(s), 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    local id = entries[i]
-    local expiry = tonumber(redis.call('ZSCORE', LEASES, id))
-    if everything or s ~= 'running' or not expiry or expiry <= now then
-      table.insert(stale, {id, tonumber(entries[i + 1]), entries[i + 1], s})
-    end
-  end
-end
-table.sort(stale, function(a, b) return a[2] < b[2] end)
-for _, entry in ipairs(stale) do
-  local profile = redis.call('HGET', task_key(entry[1]), 'profile')
-  requeue(entry[1], profile, entry[3], entry[4], ARGV[1])
-end
-return #stale
-""",
-    "flush": """
-local ids = redis.call('ZRANGE', ALL, 0, -1)
-for _, id in ipairs(ids) do redis.call('DEL', task_key(id)) end
-for _, p in ipairs(redis.call('SMEMBERS', PROFILES)) do
-  redis.call('DEL', queue_key(p), delayed_key(p), wake_key(p), profile_key(p))
-  for _, s in ipairs(STATUSES) do redis.call('DEL', pair_key(p, s)) end
-end
-for _, t in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(t)) end
-for _, s in ipairs(STATUSES) do redis.call('DEL', status_key(s)) end
-redis.call('DEL', ALL, PROFILES, TAGS, COMPLETED, LEASES, ENDED)
-return #ids
-""",
-}
+  for _, tag in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(tag)) end
+  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
+  return removed
+end)
+
+local args = {}
+for i = 2, #ARGV do args[i - 1] = ARGV[i] end
+return H[ARGV[1]](args)
+"""
+
+# Replies that mean the server cannot take writes for now (a failover, a load, a cluster change).
+_REDIS_OUTAGES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MOVED", "ASK")
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp", "redis+sentinel", "redis+cluster")
+_REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_REDIS_SOCKET_TIMEOUT = 10.0
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _pairs(reply: Sequence[Any] | Mapping[Any, Any]) -> dict[str, str]:
-    """A hash as a str dict, from a flat reply or redis-py's HGETALL dict."""
-    if isinstance(reply, Mapping):
-        return {_text(key): _text(value) for key, value in reply.items()}
-    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ConfigurationError(
+            "The Redis backend needs redis-py: pip install redis (or pip install 'jobqueue[redis]')"
+        ) from None
+    return redis
 
 
 def redact(dsn: str) -> str:
     """The DSN with its password replaced by ``***``, for messages and logs."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
+    scheme, separator, rest = dsn.partition("://")
+    credentials, at, hosts = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
         return dsn
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{hosts}"
 
 
-class RedisUnreachable(ConnectionError):
-    """The connection to Redis failed or was lost (the queue turns it into BackendUnavailable)."""
+@dataclass(frozen=True)
+class RedisDSN:
+    """A Redis DSN taken apart once: what ``queue_from_dsn`` needs to build the client and the queue."""
 
-
-class RedisReplyError(Exception):
-    """Redis answered a command with an error."""
-
-
-def _resp_command(args: Sequence[Any]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode("utf-8")
-        elif not isinstance(arg, bytes):
-            arg = (repr(arg) if isinstance(arg, float) else str(arg)).encode("ascii")
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-def _resp_reply(stream: Any) -> Any:
-    """One RESP2 reply: bytes, int, None, a list of replies, or a RedisReplyError."""
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise RedisUnreachable("Redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else stream.read(size + 2)[:-2]
-    if kind == b"*":
-        size = int(rest)
-        return None if size < 0 else [_resp_reply(stream) for _ in range(size)]
-    if kind == b":":
-        return int(rest)
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        return RedisReplyError(rest.decode("utf-8", "replace"))
-    raise RedisUnreachable(f"Redis sent an unknown reply: {line[:40]!r}")
-
-
-class RespClient:
-    """A small Redis client: RESP2 over one socket per thread, reconnecting after a failure.
-
-    ``queue_from_dsn`` builds one for ``redis://``, ``rediss://``, ``unix://``
-    and ``tcp://`` DSNs, so a Redis queue needs nothing installed, costs no
-    import of redis-py (about 16 MiB per process) and parses replies with
-    C-level buffered reads. It knows exactly what RedisQueue asks of it.
-    """
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 6379, db: int = 0, *, path: str | None = None,
-                 username: str | None = None, password: str | None = None, tls: bool = False,
-                 verify: bool = True, timeout: float = 10.0, connect_timeout: float = 5.0):
-        self.host, self.port, self.db, self.path = host, port, db, path
-        self.username, self.password, self.tls, self.verify = username, password, tls, verify
-        self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._local = threading.local()
-        self._shas: dict[str, str] = {}
+    scheme: str
+    hosts: tuple = ()
+    path: str | None = None
+    service: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    replicas: int = 0
+    tls: tuple = ()
+    text: str = ""
 
     @classmethod
-    def from_url(cls, url: str) -> RespClient:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        unknown = set(query) - {"db", "ssl_cert_reqs"}
+    def parse(cls, dsn: str) -> RedisDSN:
+        scheme, _, rest = dsn.partition("://")
+        scheme = scheme.lower()
+        rest, _, query = rest.partition("?")
+        credentials, _, location = rest.rpartition("@")
+        username, password = cls._credentials(credentials)
+        options = cls._options(scheme, query, dsn)
+        fields: dict[str, Any] = {
+            "scheme": scheme, "username": username, "password": password, "text": redact(dsn),
+            "prefix": options.pop("prefix", DEFAULT_PREFIX), "replicas": cls._whole("replicas", options, dsn),
+        }
+        if scheme == "unix":
+            fields.update(path=unquote(location), db=cls._whole("db", options, dsn))
+        else:
+            netloc, _, path = location.partition("/")
+            fields["hosts"] = tuple(cls._host(part, dsn) for part in netloc.split(","))
+            segments = [unquote(segment) for segment in path.split("/") if segment]
+            if scheme == "redis+sentinel":
+                if not segments:
+                    raise ConfigurationError(f"The Sentinel DSN {redact(dsn)} names no service: add /SERVICE")
+                fields["service"], segments = segments[0], segments[1:]
+            if segments and scheme != "redis+cluster":
+                fields["db"] = cls._number("database", segments[0], dsn)
+            elif segments:
+                raise ConfigurationError(f"A Redis Cluster has no databases: remove /{segments[0]} from {redact(dsn)}")
+            if len(fields["hosts"]) > 1 and scheme not in ("redis+sentinel", "redis+cluster"):
+                raise ConfigurationError(
+                    f"Only redis+sentinel:// and redis+cluster:// take several hosts: {redact(dsn)}"
+                )
+        fields["tls"] = tuple(sorted(options.items()))
+        if not fields["prefix"] or "{" in fields["prefix"] or "}" in fields["prefix"]:
+            raise ConfigurationError("A Redis prefix is a non-empty name without braces")
+        return cls(**fields)
+
+    @staticmethod
+    def _credentials(text: str) -> tuple:
+        if not text:
+            return None, None
+        user, colon, password = text.partition(":")
+        return unquote(user) or None, unquote(password) if colon else None
+
+    @staticmethod
+    def _options(scheme: str, query: str, dsn: str) -> dict[str, str]:
+        known = {"prefix", "replicas"} | ({"db"} if scheme == "unix" else set())
+        known |= set(_REDIS_TLS_OPTIONS) if scheme == "rediss" else set()
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigurationError(f'Unknown option "{sorted(unknown)[0]}" in the Redis DSN {redact(url)}')
-        scheme = parts.scheme.lower()
-        try:
-            if scheme == "unix":
-                return cls(path=parts.path, db=int(query.get("db", 0)), password=parts.password)
-            db = int(query.get("db") or parts.path.strip("/") or 0)
-            return cls(parts.hostname or "127.0.0.1", parts.port or 6379, db, username=parts.username or None,
-                       password=unquote(parts.password) if parts.password else None, tls=scheme == "rediss",
-                       verify=query.get("ssl_cert_reqs", "required") != "none")
-        except ValueError as error:
-            raise ConfigurationError(f"Invalid Redis DSN {redact(url)}: {error}") from None
+            raise ConfigurationError(
+                f'Unknown option "{unknown[0]}" in the Redis DSN {redact(dsn)} (known here: {", ".join(sorted(known))})'
+            )
+        return options
 
-    def describe(self) -> str:
-        if self.path:
-            return f"unix://{self.path}?db={self.db}"
-        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+    @staticmethod
+    def _number(name: str, text: str, dsn: str) -> int:
+        if not text.isascii() or not text.isdigit():
+            raise ConfigurationError(f'The {name} in the Redis DSN {redact(dsn)} must be a whole number, not "{text}"')
+        return int(text)
 
-    def _connection(self) -> Any:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid() or local.stream is None:
-            local.stream, local.pid = self._connect(), os.getpid()
-        return local
+    @classmethod
+    def _whole(cls, name: str, options: dict[str, str], dsn: str) -> int:
+        return cls._number(name, options.pop(name), dsn) if name in options else 0
 
-    def _connect(self) -> Any:
-        try:
-            if self.path:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.connect_timeout)
-                sock.connect(self.path)
-            else:
-                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls:
-                import ssl
+    @classmethod
+    def _host(cls, text: str, dsn: str) -> tuple:
+        host, port = text, "6379"
+        if text.startswith("["):
+            host, _, port = text[1:].partition("]")
+            port = port[1:] or "6379"
+        elif ":" in text:
+            host, _, port = text.rpartition(":")
+        if not host:
+            raise ConfigurationError(f"The Redis DSN {redact(dsn)} names no host")
+        number = cls._number("port", port, dsn)
+        if not 0 < number < 65536:
+            raise ConfigurationError(f"The port in the Redis DSN {redact(dsn)} must be from 1 to 65535")
+        return host, number
 
-                context = ssl.create_default_context()
-                if not self.verify:
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-            sock.settimeout(self.timeout)
-        except OSError as error:
-            raise RedisUnreachable(f"cannot connect: {error}") from error
-        local = self._local
-        local.sock, local.stream = sock, sock.makefile("rb")
-        try:
-            if self.password:
-                self._exchange(local, ("AUTH", self.username, self.password) if self.username
-                               else ("AUTH", self.password))
-            if self.db:
-                self._exchange(local, ("SELECT", self.db))
-        except BaseException:
-            self._drop(local)
-            raise
-        return local.stream
+    def connect(self) -> Any:
+        """The redis-py client this DSN describes; nothing is sent until it is used."""
+        redis = _import_redis()
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
 
-    def _exchange(self, local: Any, args: Sequence[Any]) -> Any:
-        local.sock.sendall(_resp_command(args))
-        reply = _resp_reply(local.stream)
-        if isinstance(reply, RedisReplyError):
-            raise reply
-        return reply
+        common: dict[str, Any] = {
+            "username": self.username, "password": self.password, "socket_timeout": _REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": 5.0, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        }
+        if self.scheme == "redis+cluster":
+            from redis.cluster import ClusterNode, RedisCluster
 
-    def _drop(self, local: Any) -> None:
-        with contextlib.suppress(Exception):
-            local.sock.close()
-        local.stream = None
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.hosts], **common)
+        if self.scheme == "redis+sentinel":
+            from redis.sentinel import Sentinel
 
-    def call(self, *args: Any, block: float | None = None) -> Any:
-        """Send one command; ``block`` is how long a blocking command may wait (0: forever).
-
-        A connection kept from an earlier call may have died meanwhile (Redis
-        restarted, an idle timeout): then the command is sent once more on a
-        new one. A new connection that fails is reported at once.
-        """
-        reused = getattr(self._local, "stream", None) is not None and self._local.pid == os.getpid()
-        try:
-            return self._call(args, block)
-        except RedisUnreachable:
-            if not reused:
-                raise
-            return self._call(args, block)
-
-    def _call(self, args: Sequence[Any], block: float | None) -> Any:
-        local = self._connection()
-        try:
-            if block is not None:
-                local.sock.settimeout(None if block == 0 else block + self.timeout)
-            try:
-                return self._exchange(local, args)
-            finally:
-                if block is not None and local.stream is not None:
-                    local.sock.settimeout(self.timeout)
-        except RedisReplyError:
-            raise
-        except (OSError, ValueError) as error:
-            self._drop(local)
-            raise RedisUnreachable(str(error) or type(error).__name__) from error
-        except BaseException:
-            self._drop(local)
-            raise
-
-    def script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a Lua script by its SHA, loading it (again, after a Redis restart) when Redis lacks it."""
-        for _ in range(2):
-            sha = self._shas.get(source)
-            if sha is None:
-                sha = self._shas[source] = _text(self.call("SCRIPT", "LOAD", source))
-            try:
-                return self.call("EVALSHA", sha, len(keys), *keys, *args)
-            except RedisReplyError as error:
-                if not str(error).startswith("NOSCRIPT"):
-                    raise
-                self._shas.pop(source, None)
-        raise RedisReplyError("NOSCRIPT twice in a row")
-
-    def close(self) -> None:
-        if getattr(self._local, "stream", None) is not None:
-            self._drop(self._local)
+            timeouts = {"socket_timeout": common["socket_timeout"], "socket_connect_timeout": 5.0}
+            return Sentinel(list(self.hosts), sentinel_kwargs=timeouts).master_for(self.service, db=self.db, **common)
+        if self.scheme == "unix":
+            return redis.Redis(unix_socket_path=self.path, db=self.db, **common)
+        host, port = self.hosts[0]
+        tls = {"ssl": True, **dict(self.tls)} if self.scheme == "rediss" else {}
+        return redis.Redis(host=host, port=port, db=self.db, **common, **tls)
 
 
-class _RedisPyClient:
-    """A redis-py client seen through RespClient's three calls, its errors translated."""
-
-    def __init__(self, client: Any):
-        import redis
-
-        self.client, self._exceptions, self._scripts = client, redis.exceptions, {}
-
-    def describe(self) -> str:
-        kwargs = self.client.connection_pool.connection_kwargs
-        if "path" in kwargs:
-            return f"unix://{kwargs['path']}"
-        return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
-    @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        exceptions = self._exceptions
-        try:
-            yield
-        except (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.BusyLoadingError) as error:
-            raise RedisUnreachable(str(error)) from error
-        except exceptions.ResponseError as error:
-            raise RedisReplyError(str(error)) from error
-
-    def call(self, *args: Any, block: float | None = None) -> Any:
-        with self._translated():
-            return self.client.execute_command(*args)
-
-    def script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if source not in self._scripts:
-            self._scripts[source] = self.client.register_script(source)
-        with self._translated():
-            return self._scripts[source](keys=keys, args=args)
-
-    def close(self) -> None:
-        self.client.connection_pool.disconnect()
+def _describe_client(client: Any) -> str:
+    """Where a redis-py client points, without credentials."""
+    if hasattr(client, "get_nodes"):
+        return "Redis Cluster at " + ",".join(f"{node.host}:{node.port}" for node in client.get_nodes()[:3])
+    pool = getattr(client, "connection_pool", None)
+    if hasattr(pool, "service_name"):
+        return f"Redis Sentinel master {pool.service_name}"
+    kwargs = getattr(pool, "connection_kwargs", {})
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
-def _is_snapshot(reply: Any) -> bool:
-    return isinstance(reply, (bytes, str)) and reply[:1] in (b"{", "{")
+def _socket_timeout(client: Any) -> float | None:
+    """How long the client waits for one reply (None: forever), so blocking commands stay under it."""
+    if hasattr(client, "get_default_node"):
+        client = client.get_default_node().redis_connection or client
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    return kwargs.get("socket_timeout")
 
 
 class RedisQueue(Queue):
-    """A queue in Redis: every state change is one Lua script, Cluster-safe.
+    """A queue in Redis through redis-py: every state change is one script on its profile's slot.
 
-    ``client`` is a RespClient (what ``queue_from_dsn`` builds) or a
-    ``redis.Redis``; ``prefix`` names the queue, so two prefixes on one
-    server never see each other's tasks.
+    ``client`` is a ``redis.Redis``, a ``redis.cluster.RedisCluster`` or a
+    Sentinel master (``Sentinel(...).master_for(name)``); ``prefix`` names the
+    queue, so two prefixes on one server never see each other's tasks. With
+    ``replicas=N`` every change waits until N replicas have it (Redis
+    ``WAIT``, 1 s at most), so an acknowledged change survives its master.
+    Times are the Redis server's: ``clock()`` is the local clock plus an
+    offset to the server's, measured again every 30 seconds.
     """
 
-    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX):
-        if not prefix or "{" in prefix or "}" in prefix:
+    def __init__(self, client: Any, prefix: str = DEFAULT_PREFIX, *, replicas: int = 0,
+                 description: str | None = None):
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ConfigurationError("A Redis prefix is a non-empty name without braces")
-        self.client = client
-        self._redis = client if isinstance(client, RespClient) else _RedisPyClient(client)
-        self.prefix = prefix
-        self._base = f"{{{prefix}}}"
-        self._sources = {name: _LUA_PRELUDE + source for name, source in _REDIS_SCRIPTS.items()}
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ConfigurationError("replicas must be a whole number, 0 or more")
+        self.client, self.prefix, self.replicas = client, prefix, replicas
+        self._description = description or _describe_client(client)
+        self._exceptions = _import_redis().exceptions
+        self._cluster = hasattr(client, "get_nodes")
+        self._script = client.register_script(_REDIS_LIBRARY)
+        self._calls = threading.local()
+        self._known_profiles: frozenset = frozenset()
+        self._offset, self._offset_due = 0.0, 0.0
+        self._block_limit = _socket_timeout(client)
 
     def describe(self) -> str:
-        return f"Redis at {self._redis.describe()} (prefix {self.prefix})"
+        return f"{self._description} (prefix {self.prefix})"
+
+    # -- time, errors and calls ---------------------------------------------
+
+    _local_clock = staticmethod(time.time)
+
+    def clock(self) -> float:  # type: ignore[override]
+        local = self._local_clock()
+        if local >= self._offset_due:
+            self._offset_due = local + 30.0
+            with self._errors():
+                before = time.monotonic()
+                seconds, microseconds = self.client.time()
+                middle = self._local_clock() - (time.monotonic() - before) / 2
+            self._offset = seconds + microseconds / 1e6 - middle
+        return local + self._offset
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except RedisUnreachable as error:
-            raise BackendUnavailable(f"{self.describe()} is unavailable: {error}") from error
-        except RedisReplyError as error:
-            words = str(error).split()
+        except JobQueueError:
+            raise
+        except Exception as error:
+            raise self._translate(error) from error
+
+    def _translate(self, error: Exception) -> JobQueueError:
+        """The one place that turns redis-py's errors into ours."""
+        exceptions = self._exceptions
+        words = str(error).split()
+        if isinstance(error, exceptions.AuthenticationError) or words[:1] in (["WRONGPASS"], ["NOAUTH"]):
+            return ConfigurationError(f"{self.describe()} refused the credentials: {error}")
+        if isinstance(error, exceptions.ResponseError) and not isinstance(
+            error, (exceptions.ReadOnlyError, exceptions.BusyLoadingError)
+        ):
             if words[:1] == ["EXISTS"]:
-                raise ValidationError(f"Task {words[1]} already exists") from None
+                return ValidationError(f"Task {words[1]} already exists")
             if words[:1] == ["NOTFAILED"]:
-                raise ValidationError(f"Task {words[1]} is {words[2]}: only failed tasks can be retried") from None
-            raise BackendUnavailable(f"{self.describe()} refused a command: {error}") from error
+                return ValidationError(f"Task {words[1]} is {words[2]}: only failed tasks can be retried")
+            if not words or words[0] not in _REDIS_OUTAGES:
+                return JobQueueError(f"{self.describe()} refused a command: {error}")
+        if isinstance(error, (exceptions.RedisError, OSError)):
+            return BackendUnavailable(f"{self.describe()} is unavailable: {error or type(error).__name__}")
+        raise error
 
-    def _run(self, script: str, *args: Any) -> Any:
-        return self._redis.script(self._sources[script], [self._base], args)
+    def _token(self) -> tuple:
+        """This thread's caller name and a new call number: the key of one call's remembered reply."""
+        calls = self._calls
+        if getattr(calls, "pid", None) != os.getpid():
+            calls.pid, calls.caller, calls.numbers = os.getpid(), uuid.uuid4().hex[:16], itertools.count()
+        return calls.caller, next(calls.numbers)
 
-    def _task(self, reply: Any) -> Task | None:
-        """A task from a script's JSON snapshot or from HGETALL; None for none."""
-        if not reply:
+    def _base(self, profile: str) -> str:
+        return f"{{{self.prefix}:{profile}}}"
+
+    def _decoded(self, reply: Any) -> Any:
+        return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
+
+    def _call(self, profile: str, handler: str, *args: Any, register: bool = False) -> Any:
+        """Run one handler of the library on the profile's slot, once, acknowledged by ``replicas``."""
+        base = self._base(profile)
+        arguments = [handler, *self._token(), *args] if handler != "renew" else [handler, *args]
+        if not (self.replicas or (register and not self._cluster)):
+            if register:
+                self.client.sadd(f"{{{self.prefix}}}:profiles", profile)
+            return self._decoded(self._script(keys=[base], args=arguments))
+        if register and self._cluster:
+            self.client.sadd(f"{{{self.prefix}}}:profiles", profile)
+        node = self.client.get_redis_connection(self.client.get_node_from_key(base)) if self._cluster else self.client
+        for attempt in range(2):
+            pipe = node.pipeline(transaction=False)
+            if register and not self._cluster:
+                pipe.sadd(f"{{{self.prefix}}}:profiles", profile)
+            pipe.evalsha(self._script.sha, 1, base, *arguments)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, 1000)
+            replies = pipe.execute(raise_on_error=False)
+            reply = replies[1 if register and not self._cluster else 0]
+            if isinstance(reply, self._exceptions.NoScriptError) and attempt == 0:
+                node.script_load(_REDIS_LIBRARY)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if self.replicas and int(replies[-1]) < self.replicas:
+                raise BackendUnavailable(
+                    f"{self.describe()}: only {replies[-1]} of {self.replicas} replicas acknowledged the change "
+                    "within 1 s; it may be lost if the master fails (sending it again is safe)"
+                )
+            return self._decoded(reply)
+        raise BackendUnavailable(f"{self.describe()} keeps losing the jobqueue scripts")
+
+    def _read(self, commands: Iterable[tuple]) -> list[Any]:
+        """Send read commands in one pipeline: one round trip, or one per master on a cluster."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute()
+
+    def _profiles(self) -> list[str]:
+        names = sorted(_text(name) for name in self.client.smembers(f"{{{self.prefix}}}:profiles"))
+        self._known_profiles = frozenset(names)
+        return names
+
+    def _task(self, fields: Any) -> Task | None:
+        if not fields:
             return None
-        if isinstance(reply, (bytes, str)):
-            return _decode_task(json.loads(reply))
-        return _decode_task(_pairs(reply))
+        return _decode_task({_text(key): _text(value) for key, value in fields.items()})
+
+    # -- the contract ---------------------------------------------------------
 
     def _add(self, tasks: Sequence[Task], now: float) -> None:
-        args: list[Any] = [repr(now)]
+        batches: dict[str, list[str]] = {}
         for task in tasks:
-            stored = _encode_task(task)
-            args += [stored[name] for name in _REDIS_TASK_FIELDS]
-        self._run("add", *args)
+            batches.setdefault(task.profile, []).append(json.dumps(_encode_task(task)))
+        for profile, encoded in batches.items():
+            self._call(profile, "add", repr(now), *encoded, register=True)
+
+    def _claim_reply(self, reply: Any) -> Task | float | None:
+        if "task" in reply:
+            return self._task(reply["task"])
+        return float(reply["due"]) if "due" in reply else None
 
     def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = self.clock()
-            reply = self._run("claim", profile, worker, repr(now), repr(lease))
-            if _is_snapshot(reply):
-                return self._task(reply)
+            claimed = self._claim_reply(self._call(profile, "claim", worker, repr(now), repr(lease)))
+            if isinstance(claimed, Task):
+                return claimed
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 return None
-            if reply is not None:
-                due_in = max(float(reply) - now, 0.01)
-                remaining = due_in if remaining is None else min(remaining, due_in)
-            block = 0 if remaining is None else max(remaining, 0.001)
-            self._redis.call("BLPOP", f"{self._base}:wake:{profile}", repr(block), block=block)
+            block = 5.0 if remaining is None else remaining
+            if claimed is not None:
+                block = min(block, max(claimed - now, 0.01))
+            if self._block_limit:
+                block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
+            self.client.blpop([f"{self._base(profile)}:wake"], timeout=max(block, 0.01))
 
     def _renew(self, task: Task, until: float) -> bool:
-        return bool(self._run("renew", repr(until), task.identifier, task.attempts))
+        return bool(self._call(task.profile, "renew", repr(until), task.identifier, task.attempts))
 
     def _outcome(self, task: Task) -> list[Any]:
         finished = task.finished_at if task.status is not Status.WAITING else None
@@ -1681,70 +1631,163 @@ class RedisQueue(Queue):
                 _stamp(task.run_at)]
 
     def _complete(self, task: Task) -> bool:
-        return bool(self._run("complete", *self._outcome(task)))
+        return bool(self._call(task.profile, "complete", *self._outcome(task)))
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        recorded, following = self._run("complete_and_claim", *self._outcome(task), task.profile, worker, repr(lease))
-        return bool(recorded), self._task(following) if _is_snapshot(following) else None
+        recorded, following = self._call(
+            task.profile, "complete_and_claim", *self._outcome(task), worker, repr(lease)
+        )
+        claimed = self._claim_reply(following)
+        return bool(recorded), claimed if isinstance(claimed, Task) else None
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
-        reply = self._run("recover", repr(now), max_lost)
         recovered = []
-        for snapshot, worker in zip(reply[::2], reply[1::2]):
-            task = _decode_task(json.loads(snapshot))
-            task.worker = _text(worker)
-            recovered.append(task)
+        for profile in self._profiles():
+            for entry in self._call(profile, "recover", repr(now), max_lost) or []:
+                task = self._task(entry["task"])
+                task.worker = entry["worker"]
+                recovered.append(task)
         return recovered
 
+    def _locate(self, identifier: str) -> tuple:
+        """(profile, stored fields) of a task: one pipeline over the profiles, one round trip per master."""
+        known = sorted(self._known_profiles)
+        for _ in range(2):
+            replies = self._read([("SMEMBERS", f"{{{self.prefix}}}:profiles")] +
+                                 [("HGETALL", f"{self._base(p)}:task:{identifier}") for p in known])
+            for profile, fields in zip(known, replies[1:]):
+                if fields:
+                    return profile, fields
+            profiles = {_text(name) for name in replies[0]}
+            self._known_profiles = frozenset(profiles)
+            known = sorted(profiles - set(known))
+            if not known:
+                break
+        return None, None
+
     def _find(self, identifier: str) -> Task | None:
-        return self._task(self._redis.call("HGETALL", f"{self._base}:task:{identifier}"))
+        return self._task(self._locate(identifier)[1])
 
     def _update_status(self, identifier: str, status: Status, now: float, only_failed: bool) -> Task | None:
-        return self._task(self._run("update", identifier, status.value, repr(now), "1" if only_failed else "0"))
-
-    def _query_args(self, mode: str, query: Filter) -> list[Any]:
-        limit = -1 if query.limit is None else query.limit
-        status = query.status.value if query.status else ""
-        return [mode, query.order, query.offset, limit, query.profile or "", status, *query.tags]
-
-    def _search(self, query: Filter) -> list[Task]:
-        found = json.loads(self._run("search", *self._query_args("search", query)))
-        return [_decode_task(fields) for fields in found] if isinstance(found, list) else []
-
-    def _count(self, query: Filter) -> int:
-        return int(self._run("search", *self._query_args("count", query)))
+        profile = self._locate(identifier)[0]
+        if profile is None:
+            return None
+        reply = self._call(profile, "update", identifier, status.value, repr(now), "1" if only_failed else "0")
+        return self._task(reply.get("task"))
 
     def _delete(self, identifier: str) -> bool:
-        return bool(self._run("delete", identifier))
+        profile = self._locate(identifier)[0]
+        return profile is not None and bool(self._call(profile, "delete", identifier))
+
+    def _groups(self, query: Filter) -> list[tuple]:
+        profiles = [query.profile] if query.profile else self._profiles()
+        statuses = [query.status] if query.status else list(Status)
+        return [(profile, status) for profile in profiles for status in statuses]
+
+    def _tagged(self, query: Filter, groups: list[tuple]) -> dict[tuple, list[tuple]]:
+        """Each group's tasks having one of the tags, as (created, id), oldest first."""
+        profiles = sorted({profile for profile, _ in groups})
+        unions = self._read([("ZUNION", len(query.tags), *[f"{self._base(p)}:tag:{t}" for t in query.tags],
+                              "WITHSCORES") for p in profiles])
+        candidates = {profile: _score_pairs(reply) for profile, reply in zip(profiles, unions)}
+        asked = [(profile, status) for profile, status in groups if candidates[profile]]
+        members = self._read([("ZMSCORE", f"{self._base(p)}:status:{s.value}", *[i for _, i in candidates[p]])
+                              for p, s in asked])
+        found: dict[tuple, list[tuple]] = {group: [] for group in groups}
+        for (profile, status), scores in zip(asked, members):
+            found[(profile, status)] = [entry for entry, score in zip(candidates[profile], scores) if score is not None]
+        return found
+
+    def _count(self, query: Filter) -> int:
+        groups = self._groups(query)
+        if query.tags:
+            return sum(len(entries) for entries in self._tagged(query, groups).values())
+        return sum(self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups]))
+
+    def _search(self, query: Filter) -> list[Task]:
+        """Merge the groups (profile, status) in the query's order; read only the windows the page needs."""
+        groups = self._groups(query)
+        block = {"status": lambda group: group[1].rank, "profile": lambda group: group[0],
+                 "date": lambda group: 0}[query.order]
+        tagged = self._tagged(query, groups) if query.tags else None
+        sizes = ([len(tagged[group]) for group in groups] if tagged is not None
+                 else self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups]))
+        offset, wanted = query.offset, query.limit
+        chosen: list[tuple] = []
+        for _, members in itertools.groupby(sorted(zip(groups, sizes), key=lambda pair: block(pair[0])),
+                                            key=lambda pair: block(pair[0])):
+            members = [(group, size) for group, size in members if size]
+            total = sum(size for _, size in members)
+            if offset >= total:
+                offset -= total
+                continue
+            stop = -1 if wanted is None else offset + wanted - 1
+            if tagged is not None:
+                windows = [tagged[group][: None if stop < 0 else stop + 1] for group, _ in members]
+            else:
+                replies = self._read([("ZRANGE", f"{self._base(p)}:status:{s.value}", 0, stop, "WITHSCORES")
+                                      for (p, s), _ in members])
+                windows = [_score_pairs(reply) for reply in replies]
+            merged = sorted((created, identifier, group[0]) for (group, _), window in zip(members, windows)
+                            for created, identifier in window)
+            page = merged[offset: None if wanted is None else offset + wanted]
+            chosen += page
+            offset = 0
+            if wanted is not None:
+                wanted -= len(page)
+                if wanted <= 0:
+                    break
+        replies = self._read([("HGETALL", f"{self._base(p)}:task:{i}") for _, i, p in chosen]) if chosen else []
+        return [task for task in map(self._task, replies) if task is not None]
 
     def _purge(self, ended_before: float, statuses: tuple) -> int:
-        total, offset, batch = 0, 0, 500
-        while True:
-            removed, scanned = self._run("purge", repr(ended_before), offset, batch, *[s.value for s in statuses])
-            total += removed
-            offset += scanned - removed
-            if scanned < batch:
-                return total
+        total = 0
+        for profile in self._profiles():
+            offset, batch = 0, 500
+            while True:
+                removed, scanned = self._call(profile, "purge", repr(ended_before), offset, batch,
+                                                *[s.value for s in statuses])
+                total += removed
+                offset += scanned - removed
+                if scanned < batch:
+                    break
+        return total
 
     def _flush(self) -> int:
-        return int(self._run("flush"))
+        removed = sum(int(self._call(profile, "flush")) for profile in self._profiles())
+        self.client.delete(f"{{{self.prefix}}}:profiles")
+        self._known_profiles = frozenset()
+        return removed
 
     def _restore(self, now: float, include_leased: bool) -> int:
-        return int(self._run("restore", repr(now), "1" if include_leased else "0"))
+        return sum(int(self._call(profile, "restore", repr(now), "1" if include_leased else "0"))
+                   for profile in self._profiles())
 
     def _stats(self) -> dict[tuple, int]:
-        flat = self._run("stats")
-        return {(_text(flat[i]), _text(flat[i + 1])): int(flat[i + 2]) for i in range(0, len(flat), 3)}
+        groups = self._groups(Filter())
+        sizes = self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups])
+        used = {profile for (profile, _), size in zip(groups, sizes) if size}
+        return {(p, s.value): size for (p, s), size in zip(groups, sizes) if p in used}
 
     def _completed(self) -> dict[tuple, int]:
-        counts = _pairs(self._redis.call("HGETALL", f"{self._base}:completed"))
-        return {tuple(name.split(":", 1)): int(number) for name, number in counts.items()}
+        profiles = self._profiles()
+        replies = self._read([("HGETALL", f"{self._base(p)}:completed") for p in profiles])
+        return {(profile, _text(outcome)): int(number) for profile, counts in zip(profiles, replies)
+                for outcome, number in counts.items()}
 
     def _ping(self) -> None:
-        self._redis.call("PING")
+        self.client.ping()
 
     def close(self) -> None:
-        self._redis.close()
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def _score_pairs(reply: Any) -> list[tuple]:
+    """(score, member) pairs from a WITHSCORES reply, in its order."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        reply = list(zip(reply[::2], reply[1::2]))
+    return [(float(score), _text(member)) for member, score in reply]
 
 
 # == Queue: SQLite ===========================================================
@@ -2188,31 +2231,27 @@ class SQLiteQueue(Queue):
 
 # == DSN =====================================================================
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp")
-
-
-def _redis_queue(dsn: str) -> RedisQueue:
-    parts = urlsplit(dsn)
-    query = parse_qsl(parts.query)
-    prefix = dict(query).get("prefix", DEFAULT_PREFIX)
-    rest = urlencode([(key, value) for key, value in query if key != "prefix"])
-    scheme = "redis" if parts.scheme.lower() == "tcp" else parts.scheme
-    url = f"{scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
-    return RedisQueue(RespClient.from_url(url), prefix=prefix)
-
-
 def queue_from_dsn(dsn: str) -> Queue:
     """Build a queue from a DSN.
 
-    ``redis://``, ``rediss://``, ``unix://`` and ``tcp://host:port`` select Redis
-    (``?prefix=name`` names the queue); ``sqlite:///relative.db``,
-    ``sqlite:////absolute.db`` or a bare path select SQLite.
+    ``redis://``, ``rediss://``, ``unix://``, ``tcp://host:port``,
+    ``redis+sentinel://`` and ``redis+cluster://`` select Redis through
+    redis-py (``?prefix=name`` names the queue, ``?replicas=N`` waits for N
+    replicas); ``sqlite:///relative.db``, ``sqlite:////absolute.db`` or a
+    bare path select SQLite.
     """
     if not isinstance(dsn, str) or not dsn.strip():
         raise ConfigurationError("A queue DSN is needed, such as redis://localhost:6379 or jobqueue.db")
     scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
     if scheme in _REDIS_SCHEMES:
-        return _redis_queue(dsn)
+        parsed = RedisDSN.parse(dsn)
+        try:
+            client = parsed.connect()
+        except JobQueueError:
+            raise
+        except Exception as error:
+            raise BackendUnavailable(f"{parsed.text} is unavailable: {error}") from error
+        return RedisQueue(client, parsed.prefix, replicas=parsed.replicas, description=parsed.text.split("?")[0])
     if scheme == "sqlite":
         path = dsn[len("sqlite:///"):] if dsn.lower().startswith("sqlite:///") else ""
         if not path:
@@ -2220,7 +2259,8 @@ def queue_from_dsn(dsn: str) -> Queue:
         return SQLiteQueue(path)
     if scheme:
         raise ConfigurationError(
-            f'Unsupported DSN "{redact(dsn)}": use redis://, rediss://, unix://, tcp://host:port or sqlite:///path'
+            f'Unsupported DSN "{redact(dsn)}": use redis://, rediss://, unix://, tcp://host:port, '
+            "redis+sentinel://, redis+cluster:// or sqlite:///path"
         )
     return SQLiteQueue(dsn)
 

@@ -945,7 +945,7 @@ def test_tasks_are_stored_as_json(dsn, queue):
     task = Task("p", RecordingJob, {"k": "v"}, ["t"])
     queue.add(task)
     if isinstance(queue, RedisQueue):
-        stored = redis.Redis.from_url(dsn.split("?")[0]).hgetall(f"{{{queue.prefix}}}:task:{task.identifier}")
+        stored = redis.Redis.from_url(dsn.split("?")[0]).hgetall(f"{{{queue.prefix}:p}}:task:{task.identifier}")
         parameters, tags = stored[b"parameters"], stored[b"tags"]
     else:
         with sqlite3.connect(dsn) as connection:
@@ -955,16 +955,22 @@ def test_tasks_are_stored_as_json(dsn, queue):
     assert json.loads(parameters) == {"k": "v"} and json.loads(tags) == ["t"]
 
 
-def test_redis_keys_share_one_hash_tag(redis_server):
+def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     queue = RedisQueue(redis_server.client(), prefix="tagged")
-    task = Task("p", RecordingJob, tags=["t"])
-    queue.add(task)
-    queue.fetch("p", timeout=0)
-    queue.search(tags=["t"])
-    keys = [key.decode() for key in redis_server.client().scan_iter(match="*")]
-    assert keys and all(key.startswith("{tagged}:") for key in keys)
+    for profile in ("p", "q"):
+        task = Task(profile, RecordingJob, tags=["t"])
+        queue.add(task)
+        claimed = queue.fetch(profile, timeout=0)
+        claimed.status = Status.FINISHED
+        assert queue.complete(claimed)
+    assert len(queue.search(tags=["t"])) == 2
+    keys = {key.decode() for key in redis_server.client().scan_iter(match="*tagged*")}
+    by_tag = {key[: key.index("}") + 1] for key in keys}
+    assert by_tag == {"{tagged}", "{tagged:p}", "{tagged:q}"}
+    assert [key for key in keys if key.startswith("{tagged}")] == ["{tagged}:profiles"]
     queue.flush()
-    assert list(redis_server.client().scan_iter(match="{tagged}:*")) == []
+    left = {key.decode() for key in redis_server.client().scan_iter(match="*tagged*")}
+    assert left and all(":call:" in key and redis_server.client().ttl(key) > 0 for key in left)
 
 
 @pytest.mark.parametrize("filters", [
@@ -998,38 +1004,81 @@ def test_queue_from_dsn_picks_the_backend(tmp_path):
         queue_from_dsn("mysql://x")
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("redis://127.0.0.1:6380/3", ("127.0.0.1", 6380, 3, None, None, False)),
-    ("redis://app:s%40cret@h.example:7000?db=2", ("h.example", 7000, 2, "app", "s@cret", False)),
-    ("rediss://:pw@secure.example", ("secure.example", 6379, 0, None, "pw", True)),
+@pytest.mark.parametrize("dsn, expected", [
+    ("redis://127.0.0.1:6380/3", dict(scheme="redis", hosts=(("127.0.0.1", 6380),), db=3)),
+    ("tcp://h:7000", dict(scheme="tcp", hosts=(("h", 7000),), db=0)),
+    ("redis://app:s%40cret@h.example:7000/2?prefix=jobs", dict(hosts=(("h.example", 7000),), db=2,
+                                                          username="app", password="s@cret", prefix="jobs")),
+    ("redis://us%3Aer:p%3Aw@h", dict(username="us:er", password="p:w", hosts=(("h", 6379),))),
+    ("redis://:pw@[::1]:7001", dict(username=None, password="pw", hosts=(("::1", 7001),))),
+    ("rediss://:pw@secure.example?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
+     dict(scheme="rediss", tls=(("ssl_ca_certs", "/ca.pem"), ("ssl_cert_reqs", "none")))),
+    ("unix:///run/redis.sock?db=4&prefix=u", dict(scheme="unix", path="/run/redis.sock", db=4, prefix="u")),
+    ("redis+sentinel://:pw@s1:26379,s2:26380/mymaster/5?replicas=1",
+     dict(hosts=(("s1", 26379), ("s2", 26380)), service="mymaster", db=5, password="pw", replicas=1)),
+    ("redis+cluster://n1:7000,n2:7001?prefix=c", dict(hosts=(("n1", 7000), ("n2", 7001)), prefix="c")),
 ])
-def test_resp_client_reads_its_dsn(url, expected):
-    client = jobqueue.RespClient.from_url(url)
-    assert (client.host, client.port, client.db, client.username, client.password, client.tls) == expected
-    assert "cret" not in jobqueue.redact(url)
+def test_redis_dsn_table(dsn, expected):
+    parsed = jobqueue.RedisDSN.parse(dsn)
+    assert {name: getattr(parsed, name) for name in expected} == expected
+    assert "cret" not in parsed.text and "pw" not in parsed.text.replace("pwd", "")
 
 
-def test_resp_client_refuses_unknown_dsn_options():
-    with pytest.raises(ConfigurationError, match='Unknown option "pool_size"'):
-        queue_from_dsn("redis://localhost/0?pool_size=3")
+@pytest.mark.parametrize("dsn, message", [
+    ("redis://localhost/0?pool_size=3", 'Unknown option "pool_size"'),
+    ("redis://localhost/0?ssl_certfile=x", 'Unknown option "ssl_certfile"'),
+    ("redis://localhost/x", 'database in the Redis DSN redis://localhost/x must be a whole number, not "x"'),
+    ("redis://localhost:99999", "port in the Redis DSN .* must be from 1 to 65535"),
+    ("redis://localhost?replicas=-1", 'replicas in the Redis DSN .* must be a whole number, not "-1"'),
+    ("redis://a:1,b:2", "Only redis\\+sentinel:// and redis\\+cluster:// take several hosts"),
+    ("redis+sentinel://s1:26379", "names no service"),
+    ("redis+cluster://n1:7000/2", "A Redis Cluster has no databases"),
+    ("redis://localhost?prefix=a{b}", "prefix is a non-empty name without braces"),
+    ("redis://:s3cret@localhost?bogus=1", r"redis://:\*\*\*@localhost"),
+])
+def test_redis_dsn_mistakes_are_named(dsn, message):
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        queue_from_dsn(dsn)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_redis_dsn_builds_the_matching_redis_py_client(tmp_path):
+    redis = pytest.importorskip("redis")
+    tls = queue_from_dsn("rediss://u:p@h:7000/1?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem").client
+    kwargs = tls.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["username"], kwargs["password"]) == ("h", 7000, 1,
+                                                                                                      "u", "p")
+    assert kwargs["ssl_cert_reqs"] == "none" and kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert tls.connection_pool.connection_class is redis.SSLConnection
+    unix = queue_from_dsn("unix:///run/r.sock?db=3").client.connection_pool.connection_kwargs
+    assert (unix["path"], unix["db"]) == ("/run/r.sock", 3)
+    sentinel = queue_from_dsn("redis+sentinel://:pw@127.0.0.1:1/mymaster/2").client
+    assert sentinel.connection_pool.service_name == "mymaster"
+    assert sentinel.connection_pool.connection_kwargs["password"] == "pw"
+    assert queue_from_dsn("redis://h?replicas=2").replicas == 2
 
 
 def test_redis_with_a_password_a_database_and_a_unix_socket(tmp_path, redis_server):
     own = RedisServer(shutil.which("redis-server"), tmp_path)
     own.start()
     try:
+        own.client().execute_command("ACL", "SETUSER", "us:er", "on", ">p@ss:w", "~*", "+@all")
         own.client().config_set("requirepass", "s3cret")
         queue = queue_from_dsn(f"redis://:s3cret@127.0.0.1:{own.port}/2?prefix=locked")
-        queue.add(Task("p", RecordingJob))
+        task = Task("p", RecordingJob)
+        queue.add(task)
         assert queue.count() == 1
         import redis
 
         database_two = redis.Redis(port=own.port, db=2, password="s3cret")
-        assert database_two.exists("{locked}:all") and not redis.Redis(port=own.port, password="s3cret").keys()
+        assert database_two.exists(f"{{locked:p}}:task:{task.identifier}")
+        assert not redis.Redis(port=own.port, password="s3cret").keys()
+        named_user = queue_from_dsn(f"redis://us%3Aer:p%40ss%3Aw@127.0.0.1:{own.port}/2?prefix=locked")
+        assert named_user.find(task.identifier).identifier == task.identifier
         wrong = queue_from_dsn(f"redis://:nope@127.0.0.1:{own.port}/2?prefix=locked")
-        with pytest.raises(BackendUnavailable) as caught:
+        with pytest.raises(ConfigurationError) as caught:
             wrong.count()
-        assert "nope" not in str(caught.value) and "WRONGPASS" in str(caught.value)
+        assert "nope" not in str(caught.value) and "refused the credentials" in str(caught.value)
     finally:
         own.stop()
     socket_path = tmp_path / "redis.sock"
@@ -1085,27 +1134,31 @@ def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, mo
     assert queue.count() == 1 and len(attempts) == 3
 
 
-def test_both_backends_work_without_redis_py(tmp_path, request):
-    code = (
+def test_sqlite_works_without_redis_py_and_a_redis_dsn_says_what_to_install(tmp_path):
+    block = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'redis': raise ImportError('no redis here')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import jobqueue\n"
-        "for dsn in sys.argv[1:]:\n"
-        "    q = jobqueue.queue_from_dsn(dsn)\n"
-        "    q.add(jobqueue.Task('p', 'a.B'))\n"
-        "    print(type(q).__name__, q.count(), q.fetch('p', timeout=0).status)\n"
     )
-    dsns = [str(tmp_path / "q.db")]
-    if redis_missing_reason() is None:
-        dsns.append(f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0?prefix=noredispy")
-    result = subprocess.run([sys.executable, "-c", code, *dsns], cwd=HERE, capture_output=True, text=True, timeout=30)
+    code = block + (
+        "import jobqueue\n"
+        "q = jobqueue.queue_from_dsn(sys.argv[1])\n"
+        "q.add(jobqueue.Task('p', 'a.B'))\n"
+        "print(type(q).__name__, q.count(), q.fetch('p', timeout=0).status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.db")], cwd=HERE, capture_output=True,
+                            text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "SQLiteQueue 1 running" in result.stdout
-    if len(dsns) == 2:
-        assert "RedisQueue 1 running" in result.stdout
+    cli_code = block + (
+        "import runpy; sys.argv = ['jobqueue', 'manager', 'stats']; runpy.run_path('jobqueue.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", cli_code], cwd=HERE, capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "JOBQUEUE_REDIS_DSN": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 2, result.stderr
+    assert "pip install redis" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_from_env_and_service_container(tmp_path):
