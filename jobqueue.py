@@ -1281,7 +1281,8 @@ return H[ARGV[1]](args)
 """
 
 # Replies that mean the server cannot take writes for now (a failover, a load, a cluster change).
-_REDIS_OUTAGES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MOVED", "ASK")
+_REDIS_OUTAGES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MOVED", "ASK",
+                  "UNBLOCKED")
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp", "redis+sentinel", "redis+cluster")
 _REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")

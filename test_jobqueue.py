@@ -24,6 +24,7 @@ import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -174,26 +175,54 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class RedisServer:
-    """A redis-server of the tests' own, on a free port, in a temp dir; ``persistent`` keeps data over restarts."""
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too, as a cluster node needs."""
+    import random as chance
 
-    def __init__(self, binary: str, directory: Path, persistent: bool = False):
+    for _ in range(200):
+        port = chance.randint(20000, 55000)
+        with contextlib.ExitStack() as probes:
+            try:
+                for number in (port, port + 10000):
+                    probe = probes.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", number))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisServer:
+    """A redis-server of the tests' own, on a free port, in a temp dir; ``persistent`` keeps data over restarts.
+
+    ``extra`` adds command-line options (a cluster node, a replica); ``sentinel`` runs it as a Sentinel.
+    """
+
+    def __init__(self, binary: str, directory: Path, persistent: bool = False, extra: tuple = (),
+                 sentinel: str | None = None):
         self.binary, self.directory, self.persistent = binary, directory, persistent
-        self.port = free_port()
+        self.extra, self.sentinel = extra, sentinel
+        self.port = free_cluster_port() if "--cluster-enabled" in extra else free_port()
         self.process: subprocess.Popen | None = None
+        self.log_path = directory / f"redis-{self.port}.log"
 
     def start(self) -> None:
-        log = open(self.directory / "redis.log", "ab")
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory),
-             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"])],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        log = open(self.log_path, "ab")
+        if self.sentinel:
+            config = self.directory / f"sentinel-{self.port}.conf"
+            config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n{self.sentinel}\n")
+            command = [self.binary, str(config), "--sentinel"]
+        else:
+            command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                       "--dir", str(self.directory), *self.extra,
+                       *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                         else ["--appendonly", "no"])]
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.directory / 'redis.log').read_text()}")
+                raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
                     connection.sendall(b"PING\r\n")
@@ -212,15 +241,85 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait(5)
 
-    def client(self):
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def client(self, **options):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port)
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
+
+@contextlib.contextmanager
+def redis_servers(directory: Path, count: int, **options):
+    """Start ``count`` servers (RedisServer options); stop every one of them, even when a test fails."""
+    servers: list[RedisServer] = []
+    try:
+        for index in range(count):
+            folder = directory / f"node-{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            servers.append(RedisServer(shutil.which("redis-server"), folder, **options))
+            servers[-1].start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+class RedisCluster:
+    """Three masters joined by ``redis-cli --cluster create``, on free loopback ports."""
+
+    def __init__(self, nodes: list[RedisServer]):
+        self.nodes = nodes
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        result = subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *addresses,
+                                 "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_until(self.ready, 30)
+
+    def ready(self) -> bool:
+        return all(b"cluster_state:ok" in node.client().execute_command("CLUSTER", "INFO") for node in self.nodes)
+
+    @property
+    def dsn(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.client().flushall()
+
+
+def sentinel_config(master: RedisServer, down_after_ms: int = 1000) -> str:
+    return (f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds mymaster {down_after_ms}\n"
+            "sentinel failover-timeout mymaster 5000\n")
+
+
+def sentinel_knows_a_replica(sentinel: RedisServer) -> bool:
+    replicas = sentinel.client(decode_responses=True).execute_command("SENTINEL", "REPLICAS", "mymaster")
+    return any("s_down" not in replica["flags"] and "disconnected" not in replica["flags"] for replica in replicas)
+
+
+@contextlib.contextmanager
+def sentinel_group(directory: Path, down_after_ms: int = 1000):
+    """A master, its replica and one Sentinel watching them as "mymaster"."""
+    with redis_servers(directory / "data", 1) as (master,):
+        with redis_servers(directory / "replica", 1, extra=("--replicaof", "127.0.0.1", str(master.port))) as (
+                replica,):
+            sentinel_dir = directory / "sentinel"
+            sentinel_dir.mkdir(parents=True, exist_ok=True)
+            with redis_servers(sentinel_dir, 1, sentinel=sentinel_config(master, down_after_ms)) as (sentinel,):
+                wait_until(lambda: sentinel_knows_a_replica(sentinel), 30)
+                yield master, replica, sentinel
 
 
 def redis_missing_reason() -> str | None:
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed (apt-get install redis-server): the Redis half is skipped"
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        return "redis-server or redis-cli is not installed (apt-get install redis-server): the Redis half is skipped"
     try:
         import redis  # noqa: F401
     except ImportError:
@@ -228,36 +327,67 @@ def redis_missing_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
+def require_redis() -> None:
     reason = redis_missing_reason()
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; with CI=true the Redis tests must run", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    require_redis()
     server = RedisServer(shutil.which("redis-server"), tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    require_redis()
+    with redis_servers(tmp_path_factory.mktemp("cluster"), 3, extra=("--cluster-enabled", "yes",
+                                                                      "--cluster-node-timeout", "2000")) as nodes:
+        yield RedisCluster(nodes)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory):
+    require_redis()
+    with sentinel_group(tmp_path_factory.mktemp("sentinel")) as servers:
+        yield servers
+
+
+BACKENDS = ["sqlite", "redis"]
+CONTRACT_BACKENDS = [*BACKENDS, "cluster", "sentinel"]
+contract = pytest.mark.contract
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``contract`` run on every Redis topology too; the rest on SQLite and one Redis."""
+    if "make_dsn" in metafunc.fixturenames:
+        backends = CONTRACT_BACKENDS if metafunc.definition.get_closest_marker("contract") else BACKENDS
+        metafunc.parametrize("make_dsn", backends, indirect=True)
+
+
+@pytest.fixture
 def make_dsn(request, tmp_path):
     """Make DSNs of fresh, separate queues on the parametrised backend."""
-    if request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-
-        def make() -> str:
-            return f"redis://127.0.0.1:{server.port}/0?prefix=test-{uuid.uuid4().hex[:8]}"
-
-        yield make
-        server.client().flushall()
+    if request.param == "sqlite":
+        yield lambda: str(tmp_path / f"queue-{uuid.uuid4().hex[:8]}.db")
+        return
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        base, flush = cluster.dsn, cluster.flush
+    elif request.param == "sentinel":
+        master, _, sentinel = request.getfixturevalue("redis_sentinel")
+        base, flush = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster", master.client().flushall
     else:
-
-        def make() -> str:
-            return str(tmp_path / f"queue-{uuid.uuid4().hex[:8]}.db")
-
-        yield make
+        server = request.getfixturevalue("redis_server")
+        base, flush = f"redis://127.0.0.1:{server.port}/0", server.client().flushall
+    yield lambda: f"{base}?prefix=test-{uuid.uuid4().hex[:8]}"
+    flush()
 
 
 @pytest.fixture
@@ -459,6 +589,7 @@ def test_raising_listener_is_logged_and_others_still_run(caplog):
 # == Queue contract (both backends) ==========================================
 
 
+@contract
 def test_seed_scenario(queue):
     """The PHP component's own queue scenario, step by step."""
     first = Task("profile1", RecordingJob, {"name_1": "value_1", "name_2": "value_2"}, ["tag1", "tag2"])
@@ -503,6 +634,7 @@ def test_seed_scenario(queue):
     assert queue.search() == [] and queue.count() == 0 and queue.stats() == {}
 
 
+@contract
 def test_fetch_is_fifo_per_profile(queue):
     a = [Task("alpha", RecordingJob, {"n": i}) for i in range(5)]
     b = [Task("beta", RecordingJob, {"n": i}) for i in range(3)]
@@ -513,6 +645,7 @@ def test_fetch_is_fifo_per_profile(queue):
     assert queue.fetch("alpha", timeout=0) is None
 
 
+@contract
 def test_fetch_records_the_claim(queue):
     queue.add(Task("p", RecordingJob))
     fetched = queue.fetch("p", timeout=0, worker="web1-42")
@@ -520,12 +653,14 @@ def test_fetch_records_the_claim(queue):
     assert stored.worker == "web1-42" and stored.attempts == 1 and stored.started_at is not None
 
 
+@contract
 def test_fetch_times_out_with_none(queue):
     started = time.monotonic()
     assert queue.fetch("empty", timeout=0.3) is None
     assert 0.25 <= time.monotonic() - started < 5
 
 
+@contract
 def test_blocking_fetch_wakes_when_a_task_arrives(queue, dsn):
     got = []
     waiter = threading.Thread(target=lambda: got.append(queue_from_dsn(dsn).fetch("late", timeout=10)))
@@ -538,6 +673,7 @@ def test_blocking_fetch_wakes_when_a_task_arrives(queue, dsn):
     assert got[0].identifier == task.identifier
 
 
+@contract
 def test_one_task_is_never_handed_to_two_fetchers(queue, dsn):
     queue.add(*[Task("race", RecordingJob) for _ in range(200)])
     claimed: list[str] = []
@@ -555,6 +691,7 @@ def test_one_task_is_never_handed_to_two_fetchers(queue, dsn):
     assert len(claimed) == 200 and len(set(claimed)) == 200
 
 
+@contract
 def test_find_unknown_task(queue):
     with pytest.raises(KeyError) as caught:
         queue.find("nope")
@@ -562,6 +699,7 @@ def test_find_unknown_task(queue):
     assert str(caught.value) == "Task nope does not exists"
 
 
+@contract
 def test_running_cannot_be_set_by_hand(queue):
     task = Task("p", RecordingJob)
     queue.add(task)
@@ -572,11 +710,13 @@ def test_running_cannot_be_set_by_hand(queue):
     assert queue.find(task.identifier).status is Status.WAITING
 
 
+@contract
 def test_update_status_of_unknown_task(queue):
     with pytest.raises(TaskNotFound):
         queue.update_status("nope", Status.FINISHED)
 
 
+@contract
 def test_back_to_waiting_requeues_at_the_back(queue):
     first, second = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(first, second)
@@ -590,6 +730,7 @@ def test_back_to_waiting_requeues_at_the_back(queue):
     assert queue.fetch("p", timeout=0).identifier == first.identifier
 
 
+@contract
 def test_finished_task_is_not_fetched(queue):
     task = Task("p", RecordingJob)
     queue.add(task)
@@ -609,6 +750,7 @@ def _ordered_tasks(queue):
     return tasks
 
 
+@contract
 def test_search_orders(queue):
     tasks = _ordered_tasks(queue)
     running = queue.fetch("beta", timeout=0)
@@ -628,6 +770,7 @@ def test_search_orders(queue):
     assert order(tags=["t1"], order="profile") == [3, 0]
 
 
+@contract
 def test_search_filters_combine(queue):
     _ordered_tasks(queue)
     assert [t.get_parameter("i") for t in queue.search(profile="beta", status="waiting")] == [0, 2]
@@ -637,6 +780,7 @@ def test_search_filters_combine(queue):
     assert queue.search(profile="nobody") == []
 
 
+@contract
 def test_search_limit_and_offset(queue):
     _ordered_tasks(queue)
     page = [t.get_parameter("i") for t in queue.search(order="date", limit=2, offset=1)]
@@ -646,6 +790,7 @@ def test_search_limit_and_offset(queue):
     assert queue.search(limit=0) == []
 
 
+@contract
 def test_search_rejects_bad_arguments(queue):
     with pytest.raises(ValueError, match='^Impossible to order by "foobar"$'):
         queue.search(order="foobar")
@@ -657,6 +802,7 @@ def test_search_rejects_bad_arguments(queue):
         queue.search(limit=-1)
 
 
+@contract
 def test_count_matches_search(queue):
     _ordered_tasks(queue)
     queue.fetch("alpha", timeout=0)
@@ -666,6 +812,7 @@ def test_count_matches_search(queue):
     assert queue.count(status="running") == 1
 
 
+@contract
 def test_stats_lists_every_status_for_each_profile(queue):
     _ordered_tasks(queue)
     queue.fetch("alpha", timeout=0)
@@ -676,6 +823,7 @@ def test_stats_lists_every_status_for_each_profile(queue):
     }
 
 
+@contract
 def test_delete_removes_the_task_everywhere(queue):
     keep, gone = Task("p", RecordingJob, tags=["x"]), Task("q", RecordingJob, tags=["x", "y"])
     queue.add(keep, gone)
@@ -688,6 +836,7 @@ def test_delete_removes_the_task_everywhere(queue):
     assert queue.find(keep.identifier).status is Status.WAITING
 
 
+@contract
 def test_flush_leaves_other_queues_alone(make_dsn):
     mine, theirs = queue_from_dsn(make_dsn()), queue_from_dsn(make_dsn())
     mine.add(Task("p", RecordingJob, tags=["t"]))
@@ -700,6 +849,7 @@ def test_flush_leaves_other_queues_alone(make_dsn):
     assert theirs.fetch("p", timeout=0).identifier == kept.identifier
 
 
+@contract
 def test_restore_requeues_running_and_failed_oldest_first(queue):
     tasks = [Task("p", RecordingJob, {"i": i}) for i in range(4)]
     queue.add(*tasks)
@@ -713,6 +863,7 @@ def test_restore_requeues_running_and_failed_oldest_first(queue):
     assert [queue.fetch("p", timeout=0).get_parameter("i") for _ in range(3)] == [3, 0, 2]
 
 
+@contract
 def test_adding_a_task_twice_is_refused_and_changes_nothing(queue):
     task = Task("p", RecordingJob)
     queue.add(task)
@@ -728,6 +879,7 @@ def test_adding_a_task_twice_is_refused_and_changes_nothing(queue):
     assert queue.fetch("p", timeout=0) is None
 
 
+@contract
 def test_parameters_round_trip_exactly(queue):
     parameters = {"s": "héllo ✓", "i": 2**53 + 1, "f": 0.1, "t": True, "n": None, "e": ""}
     task = Task("p", RecordingJob, parameters, ["ünï", "a:b"])
@@ -743,6 +895,7 @@ def later(queue, seconds: float) -> None:
     queue.clock = lambda: time.time() + seconds
 
 
+@contract
 def test_expired_lease_is_recovered_to_the_head(queue):
     first, second = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(first, second)
@@ -757,6 +910,7 @@ def test_expired_lease_is_recovered_to_the_head(queue):
     assert claimed.attempts == 1 and queue.recover() == []
 
 
+@contract
 def test_renewed_lease_is_not_recovered(queue):
     queue.add(Task("p", RecordingJob))
     claimed = queue.fetch("p", timeout=0, worker="w1", lease=10)
@@ -768,6 +922,7 @@ def test_renewed_lease_is_not_recovered(queue):
     assert len(queue.recover()) == 1
 
 
+@contract
 def test_task_lease_wins_over_the_workers(queue):
     queue.add(Task("p", RecordingJob, lease=100))
     queue.fetch("p", timeout=0, lease=1)
@@ -775,6 +930,7 @@ def test_task_lease_wins_over_the_workers(queue):
     assert queue.recover() == []
 
 
+@contract
 def test_task_lost_too_often_fails_saying_why(queue):
     task = Task("p", RecordingJob)
     queue.add(task)
@@ -790,6 +946,7 @@ def test_task_lost_too_often_fails_saying_why(queue):
     assert queue.fetch("p", timeout=0) is None
 
 
+@contract
 def test_a_run_that_lost_its_lease_cannot_record_over_its_successor(queue):
     queue.add(Task("p", RecordingJob))
     old_run = queue.fetch("p", timeout=0, worker="w1", lease=5)
@@ -807,6 +964,7 @@ def test_a_run_that_lost_its_lease_cannot_record_over_its_successor(queue):
     assert queue.find(new_run.identifier).result == "fresh"
 
 
+@contract
 def test_complete_after_a_hand_edit_or_delete_records_nothing(queue):
     queue.add(Task("p", RecordingJob), Task("p", RecordingJob))
     edited, deleted = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
@@ -818,6 +976,7 @@ def test_complete_after_a_hand_edit_or_delete_records_nothing(queue):
     assert queue.find(edited.identifier).status is Status.FAILED
 
 
+@contract
 def test_delayed_task_is_not_fetched_before_its_time(queue):
     delayed = Task("p", RecordingJob, delay=60)
     queue.add(delayed)
@@ -829,6 +988,7 @@ def test_delayed_task_is_not_fetched_before_its_time(queue):
     assert queue.fetch("p", timeout=0).identifier == delayed.identifier
 
 
+@contract
 def test_due_tasks_join_the_queue_in_run_at_order(queue):
     now = datetime.now(timezone.utc)
     waiting = Task("p", RecordingJob, {"n": "waiting"})
@@ -839,6 +999,7 @@ def test_due_tasks_join_the_queue_in_run_at_order(queue):
     assert [queue.fetch("p", timeout=0).get_parameter("n") for _ in range(3)] == ["waiting", "first", "second"]
 
 
+@contract
 def test_blocking_fetch_wakes_for_a_delayed_task(queue):
     task = Task("p", RecordingJob, delay=0.3)
     queue.add(task)
@@ -847,6 +1008,7 @@ def test_blocking_fetch_wakes_for_a_delayed_task(queue):
     assert datetime.now(timezone.utc) >= task.run_at
 
 
+@contract
 def test_a_retry_waits_in_the_delayed_set(queue):
     queue.add(Task("p", RecordingJob, retries=2))
     run = queue.fetch("p", timeout=0)
@@ -862,6 +1024,7 @@ def test_a_retry_waits_in_the_delayed_set(queue):
     assert again.attempts == 2 and again.failures == 1
 
 
+@contract
 def test_retry_puts_a_failed_task_back_and_refuses_others(queue):
     failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(failed, waiting)
@@ -875,6 +1038,7 @@ def test_retry_puts_a_failed_task_back_and_refuses_others(queue):
     assert [queue.fetch("p", timeout=0).identifier for _ in range(2)] == [waiting.identifier, failed.identifier]
 
 
+@contract
 def test_purge_deletes_tasks_that_ended_long_ago(queue):
     old_done, old_failed, new_done, waiting = (Task("p", RecordingJob) for _ in range(4))
     queue.add(old_done, old_failed, new_done, waiting)
@@ -890,6 +1054,7 @@ def test_purge_deletes_tasks_that_ended_long_ago(queue):
         queue.purge(60, Status.WAITING)
 
 
+@contract
 def test_restore_leaves_live_leases_alone_unless_told(queue):
     live, expired, failed = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(expired, live, failed)
@@ -903,6 +1068,7 @@ def test_restore_leaves_live_leases_alone_unless_told(queue):
     assert queue.count(status="waiting") == 3
 
 
+@contract
 @pytest.mark.parametrize("options, message", [
     ({"delay": -1}, "delay must be 0 or more seconds"),
     ({"delay": "soon"}, "delay must be a number of seconds"),
@@ -917,18 +1083,21 @@ def test_task_options_are_validated(options, message):
         Task("p", RecordingJob, **options)
 
 
+@contract
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800),
                                            ("1.5", 1.5), (" 3M ", 180)])
 def test_durations(text, seconds):
     assert jobqueue.parse_duration(text) == seconds
 
 
+@contract
 @pytest.mark.parametrize("text", ["", "ten", "5w", "-5", "1e3", "5 m"])
 def test_bad_durations(text):
     with pytest.raises(ValidationError, match=r"must be a number of seconds, or a number with s, m, h or d"):
         jobqueue.parse_duration(text)
 
 
+@contract
 def test_task_options_survive_storage_and_json(queue):
     task = Task("p", RecordingJob, retries=3, retry_delay=0.5, timeout=12, lease=40, delay=30)
     queue.add(task)
@@ -940,12 +1109,12 @@ def test_task_options_survive_storage_and_json(queue):
     assert (again.retries, again.retry_delay, again.timeout, again.lease, again.run_at) == expected
 
 
+@contract
 def test_tasks_are_stored_as_json(dsn, queue):
-    redis = pytest.importorskip("redis")
     task = Task("p", RecordingJob, {"k": "v"}, ["t"])
     queue.add(task)
     if isinstance(queue, RedisQueue):
-        stored = redis.Redis.from_url(dsn.split("?")[0]).hgetall(f"{{{queue.prefix}:p}}:task:{task.identifier}")
+        stored = queue.client.hgetall(f"{{{queue.prefix}:p}}:task:{task.identifier}")
         parameters, tags = stored[b"parameters"], stored[b"tags"]
     else:
         with sqlite3.connect(dsn) as connection:
@@ -955,6 +1124,7 @@ def test_tasks_are_stored_as_json(dsn, queue):
     assert json.loads(parameters) == {"k": "v"} and json.loads(tags) == ["t"]
 
 
+@contract
 def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     queue = RedisQueue(redis_server.client(), prefix="tagged")
     for profile in ("p", "q"):
@@ -973,6 +1143,7 @@ def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     assert left and all(":call:" in key and redis_server.client().ttl(key) > 0 for key in left)
 
 
+@contract
 @pytest.mark.parametrize("filters", [
     {"status": "waiting"}, {"profile": "p"}, {"profile": "p", "status": "failed"}, {"tags": ["t"]}, {},
 ])
@@ -987,6 +1158,146 @@ def test_sqlite_search_uses_an_index(tmp_path, filters):
     details = [row["detail"] for row in plan]
     table_scans = [d for d in details if d.startswith("SCAN jobqueue_tasks") and "INDEX" not in d]
     assert table_scans == [], details
+
+
+# == Queue: Redis in production =============================================
+
+
+def profiles_on_each_master(cluster: RedisCluster, prefix: str) -> dict[int, str]:
+    """One profile name per master port, found by asking the cluster which node serves its hash tag."""
+    import redis
+
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    found: dict[int, str] = {}
+    for index in range(200):
+        profile = f"p{index}"
+        found.setdefault(client.get_node_from_key(f"{{{prefix}:{profile}}}").port, profile)
+        if len(found) == len(cluster.nodes):
+            return found
+    raise AssertionError("no profile found for every master")
+
+
+def test_profiles_spread_over_the_cluster_masters(redis_cluster):
+    queue = queue_from_dsn(f"{redis_cluster.dsn}?prefix=spread")
+    profiles = profiles_on_each_master(redis_cluster, "spread")
+    tasks = {port: Task(profile, RecordingJob, tags=["x"]) for port, profile in profiles.items()}
+    queue.add(*tasks.values())
+    for node in redis_cluster.nodes:
+        node.client().config_resetstat()
+    for port, task in tasks.items():
+        node = next(n for n in redis_cluster.nodes if n.port == port)
+        assert node.client().exists(f"{{spread:{task.profile}}}:task:{task.identifier}")
+        assert queue.find(task.identifier).profile == task.profile
+    assert {t.identifier for t in queue.search(tags=["x"])} == {t.identifier for t in tasks.values()}
+    assert queue.fetch(profiles[redis_cluster.nodes[2].port], timeout=0).status is Status.RUNNING
+    assert queue.stats()[profiles[redis_cluster.nodes[2].port]]["running"] == 1
+    for node in redis_cluster.nodes:
+        commands = node.client().info("commandstats")
+        assert not {"cmdstat_scan", "cmdstat_keys"} & set(commands), commands
+    queue.flush()
+    assert queue.count() == 0
+
+
+class EverythingTwice:
+    """A redis-py client that sends every command and every pipeline twice, as a retry after a lost reply does."""
+
+    @staticmethod
+    def client(port: int):
+        import redis
+        from redis.client import Pipeline
+
+        class TwicePipeline(Pipeline):
+            def _execute_pipeline(self, connection, commands, raise_on_error):
+                super()._execute_pipeline(connection, commands, False)
+                return super()._execute_pipeline(connection, commands, raise_on_error)
+
+        class TwiceRedis(redis.Redis):
+            sent: ClassVar[list] = []
+
+            def execute_command(self, *args, **options):
+                self.sent.append(args[0])
+                super().execute_command(*args, **options)
+                return super().execute_command(*args, **options)
+
+            def pipeline(self, transaction=True, shard_hint=None):
+                return TwicePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+        return TwiceRedis(host="127.0.0.1", port=port)
+
+
+def test_every_change_sent_twice_acts_once(redis_server):
+    twice = RedisQueue(EverythingTwice.client(redis_server.port), prefix="twice")
+    first, second = Task("p", RecordingJob), Task("p", RecordingJob)
+    twice.add(first, second)
+    assert twice.count() == 2 and twice.count(status="waiting") == 2
+    claimed = twice.fetch("p", timeout=0, worker="w")
+    assert claimed.identifier == first.identifier
+    assert twice.count(status="running") == 1 and twice.count(status="waiting") == 1
+    claimed.status, claimed.result = Status.FINISHED, 1
+    assert twice.complete(claimed)
+    assert twice.completed() == {"p": {"finished": 1, "failed": 0}}
+    following = twice.fetch("p", timeout=0, worker="w")
+    following.status, following.error = Status.FAILED, "boom"
+    recorded, nothing = twice.complete_and_fetch(following, "w")
+    assert recorded and nothing is None
+    assert twice.retry(following.identifier).status is Status.WAITING
+    assert twice.update_status(following.identifier, Status.FAILED).status is Status.FAILED
+    twice.delete(first.identifier)
+    assert twice.count() == 1 and twice.restore() == 1
+    assert "EVALSHA" in twice.client.sent
+    assert twice.flush() == 1
+
+
+def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_server):
+    ahead, behind = (RedisQueue(redis_server.client(), prefix="clocks") for _ in range(2))
+    ahead._local_clock = lambda: time.time() + 600
+    behind._local_clock = lambda: time.time() - 600
+    assert abs(ahead.clock() - time.time()) < 1 and abs(behind.clock() - time.time()) < 1
+    ahead.add(Task("p", RecordingJob), Task("p", RecordingJob, delay=0.5))
+    behind.fetch("p", timeout=0, worker="slow-clock", lease=2)
+    assert ahead.recover() == [], "a live lease was taken by a worker whose clock is ten minutes fast"
+    assert behind.fetch("p", timeout=0) is None, "the delayed task ran early"
+    delayed = ahead.fetch("p", timeout=3)
+    assert delayed is not None and delayed.run_at is not None
+    wait_until(lambda: behind.recover(), timeout=5)
+
+
+def test_a_server_that_never_answers_is_an_outage_not_a_hang(tmp_path):
+    import redis
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        queue = RedisQueue(redis.Redis(port=port, password="pw", socket_timeout=0.5, socket_connect_timeout=0.5,
+                                       retry=None), prefix="silent")
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="is unavailable"):
+            queue.count()
+        assert time.monotonic() - started < 5
+    assert jobqueue.RedisDSN.parse("redis://h").connect().connection_pool.connection_kwargs["socket_timeout"] <= 10
+
+
+def test_replicas_acknowledge_every_change_before_it_returns(tmp_path):
+    require_redis()
+    with redis_servers(tmp_path / "m", 1) as (master,):
+        dsn = f"redis://127.0.0.1:{master.port}/0?prefix=acked&replicas=1"
+        unacknowledged = Task("p", RecordingJob)
+        with pytest.raises(BackendUnavailable, match="only 0 of 1 replicas acknowledged"):
+            queue_from_dsn(dsn).add(unacknowledged)
+        with redis_servers(tmp_path / "r", 1, extra=("--replicaof", "127.0.0.1", str(master.port))) as (replica,):
+            wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up")
+            queue = queue_from_dsn(dsn)
+            tasks = [Task("p", RecordingJob) for _ in range(200)]
+            for task in tasks:
+                queue.add(task)
+            claimed = queue.fetch("p", timeout=0)
+            master.kill()
+            replica.client().execute_command("REPLICAOF", "NO", "ONE")
+            promoted = queue_from_dsn(f"redis://127.0.0.1:{replica.port}/0?prefix=acked")
+            assert {t.identifier for t in tasks} <= {t.identifier for t in promoted.search()}
+            assert promoted.count() == 201, "the unacknowledged task reached the replica once it was attached"
+            assert promoted.find(claimed.identifier).status is Status.RUNNING
 
 
 # == DSN and configuration ===================================================
@@ -2788,6 +3099,89 @@ def test_running_worker_records_its_result_after_a_redis_restart(tmp_path, redis
         worker.wait_for("Backend is back", "err")
     finally:
         own.stop()
+
+
+def add_while_failing_over(queue, tasks) -> None:
+    """Add each task, trying again (safe: a change sent twice acts once) while the backend fails over."""
+    for task in tasks:
+        wait_until(lambda task=task: _added(queue, task), timeout=30)
+
+
+def _added(queue, task) -> bool:
+    try:
+        queue.add(task)
+    except BackendUnavailable:
+        return False
+    except ValidationError:
+        pass  # stored by an attempt whose reply was lost
+    return True
+
+
+def finished_count(queue, tasks) -> int:
+    try:
+        return sum(queue.find(t.identifier).status is Status.FINISHED for t in tasks)
+    except BackendUnavailable:
+        return 0
+
+
+def test_worker_rides_through_a_sentinel_failover(tmp_path, running):
+    require_redis()
+    with sentinel_group(tmp_path) as (master, replica, sentinel):
+        dsn = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster?prefix=failover"
+        queue = queue_from_dsn(dsn)
+        log = tmp_path / "runs.log"
+        before = [Task("p", count_execution, {"log": str(log)}) for _ in range(20)]
+        queue.add(*before)
+        worker = running(dsn, "worker", "p", "--lease", "2")
+        wait_until(lambda: finished_count(queue, before) == 20)
+        wait_until(lambda: replica.client().info("replication")["master_repl_offset"]
+                   == master.client().info("replication")["master_repl_offset"])
+        sentinel.client().execute_command("SENTINEL", "FAILOVER", "mymaster")
+        wait_until(lambda: sentinel.client().sentinel_get_master_addr_by_name("mymaster")[1] == replica.port, 30)
+        after = [Task("p", count_execution, {"log": str(log)}) for _ in range(20)]
+        add_while_failing_over(queue, after)
+        wait_until(lambda: finished_count(queue, before + after) == 40, timeout=60)
+        assert replica.client().info("replication")["role"] == "master"
+        assert worker.process.poll() is None, worker.err
+        ran = log.read_text().split()[::2]
+        assert set(ran) == {t.identifier for t in before + after}
+
+
+def test_worker_rides_through_a_cluster_replica_promotion(tmp_path, running):
+    require_redis()
+    extra = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    with redis_servers(tmp_path, 4, extra=extra) as nodes:
+        cluster = RedisCluster(nodes[:3])
+        spare = nodes[3]
+        spare.client().execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port)
+        profile = profiles_on_each_master(cluster, "promote")[nodes[0].port]
+        master_id = nodes[0].client().execute_command("CLUSTER", "MYID")
+        wait_until(lambda: _replicate(spare, master_id))
+        wait_until(lambda: spare.client().info("replication").get("master_link_status") == "up")
+        dsn = f"{cluster.dsn}?prefix=promote"
+        queue = queue_from_dsn(dsn)
+        log = tmp_path / "runs.log"
+        before = [Task(profile, count_execution, {"log": str(log)}) for _ in range(20)]
+        queue.add(*before)
+        worker = running(dsn, "worker", profile, "--lease", "2")
+        wait_until(lambda: finished_count(queue, before) == 20)
+        spare.client().execute_command("CLUSTER", "FAILOVER")
+        wait_until(lambda: spare.client().info("replication")["role"] == "master", 30)
+        after = [Task(profile, count_execution, {"log": str(log)}) for _ in range(20)]
+        add_while_failing_over(queue, after)
+        wait_until(lambda: finished_count(queue, before + after) == 40, timeout=60)
+        assert worker.process.poll() is None, worker.err
+        assert set(log.read_text().split()[::2]) == {t.identifier for t in before + after}
+
+
+def _replicate(node: RedisServer, master_id) -> bool:
+    import redis
+
+    try:
+        node.client().execute_command("CLUSTER", "REPLICATE", master_id)
+    except redis.ResponseError:
+        return False  # the node does not know the master yet
+    return True
 
 
 def test_chaos_workers_killed_at_random_lose_nothing(dsn, queue, tmp_path):
