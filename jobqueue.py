@@ -1007,7 +1007,8 @@ local function once(change)
     local reply = change(args)
     if type(reply) == 'table' and reply.err then return reply end
     reply = cjson.encode(reply)
-    redis.call('SET', memo, token .. reply, 'EX', 600)
+    -- An empty reply (nothing claimed, nothing recovered) changed nothing worth remembering.
+    if reply ~= '{}' then redis.call('SET', memo, token .. reply, 'EX', 600) end
     return reply
   end
 end
@@ -1104,6 +1105,7 @@ local function complete(args, i)
   if new == 'waiting' then
     redis.call('HSET', key, 'run_at', run_at)
     redis.call('ZADD', DELAYED, run_at, id)
+    wake(1)
   else
     redis.call('HINCRBY', COMPLETED, new, 1)
   end
