@@ -1691,7 +1691,7 @@ class RedisQueue(Queue):
         """Each group's tasks having one of the tags, as (created, id), oldest first."""
         profiles = sorted({profile for profile, _ in groups})
         unions = self._read([("ZUNION", len(query.tags), *[f"{self._base(p)}:tag:{t}" for t in query.tags],
-                              "WITHSCORES") for p in profiles])
+                              "AGGREGATE", "MIN", "WITHSCORES") for p in profiles])
         candidates = {profile: _score_pairs(reply) for profile, reply in zip(profiles, unions)}
         asked = [(profile, status) for profile, status in groups if candidates[profile]]
         members = self._read([("ZMSCORE", f"{self._base(p)}:status:{s.value}", *[i for _, i in candidates[p]])

@@ -791,6 +791,38 @@ def test_search_limit_and_offset(queue):
 
 
 @contract
+def test_every_page_of_every_order_matches_a_model(queue):
+    """Cross-profile merges page exactly like one sorted list, whatever the order, filters and window."""
+    import random as chance
+
+    rng = chance.Random(7)
+    base = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
+    tasks = []
+    for i in range(36):
+        task = Task(rng.choice(["a", "b", "c"]), RecordingJob, {"i": i}, rng.sample(["x", "y", "z"], rng.randint(0, 2)))
+        task.created_at = datetime.fromtimestamp(base + rng.randint(0, 20), timezone.utc)
+        tasks.append(task)
+    queue.add(*tasks)
+    for task in rng.sample(tasks, 12):
+        queue.update_status(task, rng.choice([Status.FINISHED, Status.FAILED]))
+    stored = {t.identifier: t for t in queue.search()}
+    keys = {"date": lambda t: (t.created_at,), "profile": lambda t: (t.profile, t.created_at),
+            "status": lambda t: (t.status.rank, t.created_at)}
+    for order, key in keys.items():
+        for filters in ({}, {"profile": "b"}, {"status": "waiting"}, {"tags": ["x", "z"]},
+                        {"tags": ["y"], "status": "finished"}):
+            matching = [t for t in stored.values()
+                        if all(getattr(t, name) == value for name, value in filters.items() if name != "tags")
+                        and (not filters.get("tags") or set(t.tags) & set(filters["tags"]))]
+            expected = [key(t) for t in sorted(matching, key=key)]
+            assert queue.count(**filters) == len(matching), (order, filters)
+            for offset, limit in ((0, None), (0, 5), (3, 4), (7, 100), (30, 10)):
+                page = queue.search(order=order, limit=limit, offset=offset, **filters)
+                window = expected[offset: None if limit is None else offset + limit]
+                assert [key(t) for t in page] == window, (order, filters, offset, limit)
+
+
+@contract
 def test_search_rejects_bad_arguments(queue):
     with pytest.raises(ValueError, match='^Impossible to order by "foobar"$'):
         queue.search(order="foobar")
