@@ -1288,7 +1288,8 @@ _REDIS_OUTAGES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp", "redis+sentinel", "redis+cluster")
 _REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-_REDIS_SOCKET_TIMEOUT = 10.0
+# A reply later than this is an outage; with one retry, a silent server is reported within 10 s.
+_REDIS_SOCKET_TIMEOUT = 5.0
 
 
 def _text(value: Any) -> str:
@@ -1417,7 +1418,7 @@ class RedisDSN:
 
         common: dict[str, Any] = {
             "username": self.username, "password": self.password, "socket_timeout": _REDIS_SOCKET_TIMEOUT,
-            "socket_connect_timeout": 5.0, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            "socket_connect_timeout": 5.0, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
         }
         if self.scheme == "redis+cluster":
             from redis.cluster import ClusterNode, RedisCluster

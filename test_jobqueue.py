@@ -1401,6 +1401,32 @@ def test_redis_dsn_builds_the_matching_redis_py_client(tmp_path):
     assert queue_from_dsn("redis://h?replicas=2").replicas == 2
 
 
+def test_rediss_dsn_speaks_tls_with_its_options(tmp_path):
+    require_redis()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate to test TLS with")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    port = free_port()
+    tls = ("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "optional")
+    with redis_servers(tmp_path, 1, extra=tls):
+        verified = queue_from_dsn(f"rediss://127.0.0.1:{port}?prefix=tls&ssl_ca_certs={cert}")
+        task = Task("p", RecordingJob)
+        verified.add(task)
+        assert verified.fetch("p", timeout=0).identifier == task.identifier
+        unchecked = queue_from_dsn(f"rediss://127.0.0.1:{port}?prefix=tls&ssl_cert_reqs=none")
+        assert unchecked.count() == 1
+        with_client_cert = queue_from_dsn(f"rediss://127.0.0.1:{port}?prefix=tls&ssl_ca_certs={cert}"
+                                          f"&ssl_certfile={cert}&ssl_keyfile={key}")
+        assert with_client_cert.find(task.identifier).status is Status.RUNNING
+        with pytest.raises(BackendUnavailable, match="certificate verify failed"):
+            queue_from_dsn(f"rediss://127.0.0.1:{port}?prefix=tls").count()
+
+
 def test_redis_with_a_password_a_database_and_a_unix_socket(tmp_path, redis_server):
     own = RedisServer(shutil.which("redis-server"), tmp_path)
     own.start()
