@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import importlib
 import itertools
 import json
@@ -987,12 +988,16 @@ def _remaining(deadline: float | None) -> float | None:
 # caller's key, so a call that redis-py sends again after losing the first
 # reply gets that reply instead of a second run.
 _REDIS_LIBRARY = """
-local base = KEYS[1]
 local H = {}
 local STATUSES = {'waiting', 'running', 'finished', 'failed'}
-local QUEUE, DELAYED, WAKE = base .. ':queue', base .. ':delayed', base .. ':wake'
-local LEASES, ENDED, TAGS, COMPLETED = base .. ':leases', base .. ':ended', base .. ':tags', base .. ':completed'
 local WAKE_MAX = 100
+-- The profile's key names, bound at the start of each call from KEYS[1], "{prefix:profile}".
+local base, QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED
+local function bind(keys)
+  base = keys[1]
+  QUEUE, DELAYED, WAKE = base .. ':queue', base .. ':delayed', base .. ':wake'
+  LEASES, ENDED, TAGS, COMPLETED = base .. ':leases', base .. ':ended', base .. ':tags', base .. ':completed'
+end
 local function task_key(id) return base .. ':task:' .. id end
 local function status_key(s) return base .. ':status:' .. s end
 local function tag_key(t) return base .. ':tag:' .. t end
@@ -1000,7 +1005,8 @@ local function ended(s) return s == 'finished' or s == 'failed' end
 
 -- A change runs once per (caller, token); the same call again returns the first reply.
 local function once(change)
-  return function(args)
+  return function(keys, args)
+    bind(keys)
     local memo, token = base .. ':call:' .. args[1], args[2] .. '\\n'
     local last = redis.call('GET', memo)
     if last and string.sub(last, 1, #token) == token then return string.sub(last, #token + 1) end
@@ -1173,7 +1179,8 @@ H.complete_and_claim = once(function(args)
 end)
 
 -- args: lease expiry, then identifier and attempts of each task. Sent twice, it sets the same expiry.
-H.renew = function(args)
+H.renew = function(keys, args)
+  bind(keys)
   local renewed = 0
   for i = 2, #args, 2 do
     local key = task_key(args[i])
@@ -1276,10 +1283,16 @@ H.flush = once(function(args)
   redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
   return removed
 end)
+"""
 
+# How the library is installed: as Redis Functions (loaded once, then FCALL
+# jobqueue_<version>_<handler>), or where the server has none (before Redis 7)
+# as one script whose first argument names the handler.
+_REDIS_HANDLERS = tuple(re.findall(r"^H\.(\w+) =", _REDIS_LIBRARY, re.M))
+_REDIS_AS_SCRIPT = """
 local args = {}
 for i = 2, #ARGV do args[i - 1] = ARGV[i] end
-return H[ARGV[1]](args)
+return H[ARGV[1]](KEYS, args)
 """
 
 # Replies that mean the server cannot take writes for now (a failover, a load, a cluster change).
@@ -1479,9 +1492,12 @@ class RedisQueue(Queue):
         self._description = description or _describe_client(client)
         self._exceptions = _import_redis().exceptions
         self._cluster = hasattr(client, "get_nodes")
-        self._script = client.register_script(_REDIS_LIBRARY)
+        self._library = "jobqueue_" + hashlib.sha1(_REDIS_LIBRARY.encode()).hexdigest()[:12]
+        self._functions = True
+        self._script = client.register_script(_REDIS_LIBRARY + _REDIS_AS_SCRIPT)
         self._calls = threading.local()
         self._known_profiles: frozenset = frozenset()
+        self._registered: dict[str, float] = {}
         self._offset, self._offset_due = 0.0, 0.0
         self._block_limit = _socket_timeout(client)
 
@@ -1544,38 +1560,70 @@ class RedisQueue(Queue):
     def _decoded(self, reply: Any) -> Any:
         return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
 
-    def _call(self, profile: str, handler: str, *args: Any, register: bool = False) -> Any:
+    def _call(self, profile: str, handler: str, *args: Any) -> Any:
         """Run one handler of the library on the profile's slot, once, acknowledged by ``replicas``."""
         base = self._base(profile)
         arguments = [handler, *self._token(), *args] if handler != "renew" else [handler, *args]
-        if not (self.replicas or (register and not self._cluster)):
-            if register:
-                self.client.sadd(f"{{{self.prefix}}}:profiles", profile)
-            return self._decoded(self._script(keys=[base], args=arguments))
-        if register and self._cluster:
+        for _ in range(3):
+            try:
+                if self.replicas:
+                    return self._decoded(self._acknowledged(base, arguments))
+                return self._decoded(self.client.execute_command(*self._command(base, arguments)))
+            except self._exceptions.ResponseError as error:
+                if not self._install(error, base):
+                    raise
+        raise BackendUnavailable(f"{self.describe()} keeps losing the jobqueue library")
+
+    def _command(self, base: str, arguments: list) -> tuple:
+        if self._functions:
+            return ("FCALL", f"{self._library}_{arguments[0]}", 1, base, *arguments[1:])
+        return ("EVALSHA", self._script.sha, 1, base, *arguments)
+
+    def _node(self, base: str) -> Any:
+        """The client of the server that holds this key: the client itself unless it is a cluster."""
+        return self.client.get_redis_connection(self.client.get_node_from_key(base)) if self._cluster else self.client
+
+    def _install(self, error: Exception, base: str) -> bool:
+        """Load the library where a call found it missing (a new or restarted server); False if that is not it."""
+        message = str(error).lower()
+        if "unknown command" in message and "fcall" in message:
+            self._functions = False
+        elif "function not found" in message:
+            register = "".join(f"redis.register_function('{self._library}_{name}', H.{name})\n"
+                               for name in _REDIS_HANDLERS)
+            self._node(base).function_load(f"#!lua name={self._library}\n{_REDIS_LIBRARY}{register}", replace=True)
+        elif isinstance(error, self._exceptions.NoScriptError):
+            self._node(base).script_load(self._script.script)
+        else:
+            return False
+        return True
+
+    def _acknowledged(self, base: str, arguments: list) -> Any:
+        """The call and a ``WAIT`` on one connection, so the replicas counted are those of this change."""
+        pipe = self._node(base).pipeline(transaction=False)
+        pipe.execute_command(*self._command(base, arguments))
+        pipe.execute_command("WAIT", self.replicas, 1000)
+        reply, acknowledged = pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        if int(acknowledged) < self.replicas:
+            raise BackendUnavailable(
+                f"{self.describe()}: only {acknowledged} of {self.replicas} replicas acknowledged the change "
+                "within 1 s; it may be lost if the master fails (sending it again is safe)"
+            )
+        return reply
+
+    def _register(self, profile: str) -> None:
+        """List the profile where cross-profile reads look: once per process, again every few seconds.
+
+        Asking again puts the name back after a ``flush`` by another process,
+        which empties the list; until then that profile is still served by
+        ``fetch``, only missing from cross-profile reads for a few seconds.
+        """
+        now = time.monotonic()
+        if self._registered.get(profile, 0.0) <= now:
             self.client.sadd(f"{{{self.prefix}}}:profiles", profile)
-        node = self.client.get_redis_connection(self.client.get_node_from_key(base)) if self._cluster else self.client
-        for attempt in range(2):
-            pipe = node.pipeline(transaction=False)
-            if register and not self._cluster:
-                pipe.sadd(f"{{{self.prefix}}}:profiles", profile)
-            pipe.evalsha(self._script.sha, 1, base, *arguments)
-            if self.replicas:
-                pipe.execute_command("WAIT", self.replicas, 1000)
-            replies = pipe.execute(raise_on_error=False)
-            reply = replies[1 if register and not self._cluster else 0]
-            if isinstance(reply, self._exceptions.NoScriptError) and attempt == 0:
-                node.script_load(_REDIS_LIBRARY)
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if self.replicas and int(replies[-1]) < self.replicas:
-                raise BackendUnavailable(
-                    f"{self.describe()}: only {replies[-1]} of {self.replicas} replicas acknowledged the change "
-                    "within 1 s; it may be lost if the master fails (sending it again is safe)"
-                )
-            return self._decoded(reply)
-        raise BackendUnavailable(f"{self.describe()} keeps losing the jobqueue scripts")
+            self._registered[profile] = now + 5.0
 
     def _read(self, commands: Iterable[tuple]) -> list[Any]:
         """Send read commands in one pipeline: one round trip, or one per master on a cluster."""
@@ -1601,7 +1649,8 @@ class RedisQueue(Queue):
         for task in tasks:
             batches.setdefault(task.profile, []).append(json.dumps(_encode_task(task)))
         for profile, encoded in batches.items():
-            self._call(profile, "add", repr(now), *encoded, register=True)
+            self._register(profile)
+            self._call(profile, "add", repr(now), *encoded)
 
     def _claim_reply(self, reply: Any) -> Task | float | None:
         if "task" in reply:
@@ -1760,7 +1809,7 @@ class RedisQueue(Queue):
     def _flush(self) -> int:
         removed = sum(int(self._call(profile, "flush")) for profile in self._profiles())
         self.client.delete(f"{{{self.prefix}}}:profiles")
-        self._known_profiles = frozenset()
+        self._known_profiles, self._registered = frozenset(), {}
         return removed
 
     def _restore(self, now: float, include_leased: bool) -> int:

@@ -1276,8 +1276,24 @@ def test_every_change_sent_twice_acts_once(redis_server):
     assert twice.update_status(following.identifier, Status.FAILED).status is Status.FAILED
     twice.delete(first.identifier)
     assert twice.count() == 1 and twice.restore() == 1
-    assert "EVALSHA" in twice.client.sent
+    assert "FCALL" in twice.client.sent
     assert twice.flush() == 1
+
+
+def test_the_library_is_loaded_again_when_the_server_lost_it_and_runs_as_a_script_without_functions(redis_server):
+    queue = RedisQueue(redis_server.client(), prefix="library")
+    queue.add(Task("p", RecordingJob))
+    redis_server.client().function_flush()
+    queue.add(Task("p", RecordingJob))
+    assert queue.count() == 2
+    assert any(name.startswith(b"jobqueue_") for name in
+               (dict(zip(entry[::2], entry[1::2]))[b"library_name"] for entry in redis_server.client().function_list()))
+    older_server = RedisQueue(redis_server.client(), prefix="library")
+    older_server._functions = False  # as before Redis 7, which has EVALSHA but no FCALL
+    redis_server.client().script_flush()
+    claimed = older_server.fetch("p", timeout=0)
+    claimed.status = Status.FINISHED
+    assert older_server.complete(claimed) and queue.count(status="finished") == 1
 
 
 def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_server):
