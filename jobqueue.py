@@ -2537,9 +2537,8 @@ class Worker:
             target = self._targets[task.job] = resolve_job(task.job)
         return target
 
-    def _execute(self, task: Task) -> Any:
+    def _execute(self, target: Any, task: Task) -> Any:
         """Run the task's job here; a coroutine job runs on the worker's event loop while this thread waits."""
-        target = self._target(task)
         if not _is_coroutine_job(target):
             return _perform(target, task)
         future = _asyncio().run_coroutine_threadsafe(_outcome_of(_perform_async(target, task)), self._event_loop())
@@ -2755,7 +2754,11 @@ class _Slot:
         """Run the job; return (result, None) or (None, the error text to record)."""
         if self.child is not None:
             return self.child.run(task, timeout)
-        value, error = self.guard.call(lambda: self.worker._execute(task))
+        try:
+            target = self.worker._target(task)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
+            return None, format_error(error)
+        value, error = self.guard.call(lambda: self.worker._execute(target, task))
         if isinstance(error, JobTimeout):
             return None, f"Timed out after {timeout:g} s\n"
         if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
