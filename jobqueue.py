@@ -2562,7 +2562,7 @@ class Worker:
         with self._loop_lock:
             if self._loop is None:
                 loop = _asyncio().new_event_loop()
-                threading.Thread(target=loop.run_forever, name=f"{self.name}-loop", daemon=True).start()
+                threading.Thread(target=_run_loop, args=(loop,), name=f"{self.name}-loop", daemon=True).start()
                 self._loop = loop
             return self._loop
 
@@ -2579,6 +2579,13 @@ def _asyncio() -> Any:
     import asyncio
 
     return asyncio
+
+
+def _run_loop(loop: Any) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 def _simple_queue() -> Any:
@@ -2817,8 +2824,8 @@ class _Child:
         root = logging.getLogger()
         self.process = subprocess.Popen(
             [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
-             str(root.getEffectiveLevel() if root.handlers else 0)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent_hook(signal.SIGKILL),
+             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         self._buffer = b""
 
@@ -2870,17 +2877,18 @@ if name == "__main__":
     spec.loader.exec_module(module)
 else:
     module = importlib.import_module(name)
-module._serve_isolated(level)
+module._serve_isolated(level, int(sys.argv[5]))
 """
 
 
-def _serve_isolated(log_level: int) -> None:
+def _serve_isolated(log_level: int, worker_pid: int) -> None:
     """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
 
     The job's own prints go to stderr. SIGINT is ignored: the worker decides
-    whether a task ends or is abandoned.
+    whether a task ends or is abandoned; if the worker dies, so does the child.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(signal.SIGKILL, worker_pid)
     if log_level:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     replies = os.fdopen(os.dup(1), "w")
@@ -2905,21 +2913,16 @@ def _serve_isolated(log_level: int) -> None:
         replies.flush()
 
 
-def _die_with_parent_hook(signum: int) -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to send ``signum`` to the child when its parent dies (None elsewhere)."""
+def _die_with_parent(signum: int, parent: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
     if not sys.platform.startswith("linux"):
-        return None
-    parent = os.getpid()
+        return False
+    import ctypes
 
-    def hook() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signum)
-
-    return hook
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before we asked
+        os.kill(os.getpid(), signum)
+    return True
 
 
 class _Watchdog:
@@ -4254,6 +4257,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     threads=args.threads)
     _stop_on_signals(worker)
     if args.supervisor is not None:
+        _die_with_parent(signal.SIGTERM, args.supervisor)
         _stop_with_supervisor(worker, args.supervisor)
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
     worker.consume(args.quantity, burst=args.burst)
@@ -4302,8 +4306,7 @@ def supervise(args: argparse.Namespace) -> int:
     pending: dict[str, float] = {}
 
     def start(name: str) -> None:
-        children[name] = subprocess.Popen(_child_command(args, name), start_new_session=True,
-                                          preexec_fn=_die_with_parent_hook(signal.SIGTERM))
+        children[name] = subprocess.Popen(_child_command(args, name), start_new_session=True)
         started_at[name] = time.monotonic()
         log.info("Started worker %s (pid %d)", name, children[name].pid)
 
