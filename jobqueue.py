@@ -81,6 +81,7 @@ DEFAULT_LEASE = 30.0
 DEFAULT_RETRY_DELAY = 5.0
 RETRY_DELAY_MAX = 3600.0
 DEFAULT_MAX_LOST = 3
+ISOLATIONS = ("thread", "process")
 ERROR_MAX_BYTES = 64 * 1024
 RESULT_MAX_BYTES = 1024 * 1024
 SQLITE_BUSY_TIMEOUT = 30.0
@@ -2345,20 +2346,28 @@ def _encode_result(value: Any) -> Any:
 
 
 class Worker:
-    """Takes tasks of one profile from a queue and runs them, one at a time.
+    """Takes tasks of one profile from a queue and runs them.
 
     ``consume(quantity)`` loops until ``quantity`` tasks ran (forever if None),
     or until the profile is empty with ``burst=True``, or until ``stop()``.
     ``run(task)`` handles one fetched task and returns it, so tests can drive
     a worker in-process.
 
-    While a job runs, a watchdog thread renews the task's lease every third of
-    it and interrupts the job at its timeout. Every ``maintenance_interval``
+    ``threads=N`` runs up to N tasks at once, each in a thread of the worker
+    (coroutine jobs run on one event loop the worker owns). ``isolation``
+    says where a job's code runs: ``"thread"`` (in this process, fastest) or
+    ``"process"`` (in a long-lived child process per thread, replaced when
+    it dies or is killed at a timeout), for jobs that may crash, leak, or hold
+    the GIL.
+
+    A watchdog thread renews the lease of every task in hand every third of
+    it and interrupts in-process jobs at their timeout; the interruption lands
+    only in the job's own code (see ``_Guard``). Every ``maintenance_interval``
     seconds the worker returns tasks of lost workers to the queue (``recover``)
     and, with ``finished_ttl``, deletes finished tasks older than that. When
-    the backend is unreachable it waits and tries again, with capped backoff,
-    logging one line per outage; a result it could not record is recorded
-    once the backend is back.
+    the backend is unreachable, or does not answer, it waits and tries again,
+    with capped backoff, logging one line per outage; a result it could not
+    record is recorded once the backend is back.
     """
 
     def __init__(
@@ -2373,6 +2382,8 @@ class Worker:
         timeout: float | None = None,
         max_lost: int = DEFAULT_MAX_LOST,
         finished_ttl: float | None = None,
+        isolation: str = "thread",
+        threads: int = 1,
     ):
         self.name = name or _default_worker_name()
         self.queue = queue
@@ -2383,16 +2394,27 @@ class Worker:
         self.timeout = _seconds("timeout", timeout, allow_zero=False)
         self.max_lost = max_lost
         self.finished_ttl = finished_ttl
+        if isolation not in ISOLATIONS:
+            raise ValidationError(f'isolation must be "thread" or "process", not "{isolation}"')
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValidationError("threads must be a whole number, 1 or more")
+        self.isolation, self.threads = isolation, threads
         self.maintenance_interval = min(self.lease / 2, 5.0)  # type: ignore[operator]
         self.logger = logging.getLogger("jobqueue.worker")
+        self.wake_signal: int | None = None
         self.watchdog = _Watchdog(self)
         self._stopping = threading.Event()
+        self._aborting = False
+        self._maintenance = threading.Lock()
         self._next_maintenance = 0.0
         self._outage_since: float | None = None
         self._targets: dict[str, Any] = {}
+        self._guards: dict[int, _Guard] = {}
+        self._loop: Any = None
+        self._loop_lock = threading.Lock()
 
     def stop(self) -> None:
-        """Ask the worker to stop once the current task is done."""
+        """Ask the worker to stop once the tasks in hand are done."""
         self._stopping.set()
 
     @property
@@ -2402,58 +2424,106 @@ class Worker:
     def consume(self, quantity: int | None = None, *, burst: bool = False) -> int:
         """Run tasks until one of the stop conditions; return how many ran."""
         self.dispatcher.dispatch(WORKER_START, WorkerEvent(WORKER_START, self))
-        done, task = 0, None
+        quota = _Quota(quantity)
         try:
-            while not self.stopping and (quantity is None or done < quantity):
-                self.maintain()
-                if task is None:
-                    task = self._backend(
+            if self.threads == 1:
+                self._serve(quota, burst)
+            else:
+                self._serve_in_threads(quota, burst)
+        finally:
+            self.watchdog.close()
+            self._close_loop()
+            self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
+        return quota.done
+
+    def run(self, task: Task) -> Task:
+        """Run one fetched task, record its outcome and emit its events."""
+        slot = _Slot(self)
+        try:
+            self._run(task, False, slot)
+        finally:
+            slot.close()
+        return task
+
+    def interrupt_timed_out_job(self) -> None:
+        """Raise JobTimeout if this thread's job is past its timeout: the handler of ``wake_signal``."""
+        guard = self._guards.get(threading.get_ident())
+        if guard is not None:
+            guard.wake()
+
+    def _serve_in_threads(self, quota: _Quota, burst: bool) -> None:
+        """Run ``threads`` runners; a second interruption here stops their jobs and gives their tasks back."""
+        runners = [threading.Thread(target=self._serve, args=(quota, burst), name=f"{self.name}-{number}",
+                                    daemon=True) for number in range(1, self.threads + 1)]
+        for runner in runners:
+            runner.start()
+        try:
+            while any(runner.is_alive() for runner in runners):
+                runners[0].join(0.1) if runners[0].is_alive() else runners.pop(0)
+        except BaseException:
+            self._aborting = True
+            self._stopping.set()
+            for guard in list(self._guards.values()):
+                guard.fire(KeyboardInterrupt)
+            for runner in runners:
+                runner.join(10)
+            raise
+
+    def _serve(self, quota: _Quota, burst: bool) -> None:
+        """One runner: fetch, run, record, until the quota, the end of a burst, or a stop."""
+        slot, following = _Slot(self), None
+        try:
+            while not self.stopping:
+                if following is None:
+                    if not quota.take():
+                        break
+                    self.maintain()
+                    following = self._backend(
                         lambda: self.queue.fetch(
                             self.profile, timeout=0 if burst else self.poll, worker=self.name, lease=self.lease
                         ),
                         give_up_when_stopping=True,
                     )
-                    if task is _UNAVAILABLE or task is None:
-                        task = None
+                    if following is _UNAVAILABLE or following is None:
+                        following = None
+                        quota.release()
                         if burst:
                             break
                         continue
-                current, task = task, None
-                more = quantity is None or done + 1 < quantity
-                task = self._run(current, fetch_next=more and not self.stopping)  # type: ignore[arg-type]
-                done += 1
+                current, following = following, None
+                fetch_next = not self.stopping and quota.take()
+                following = self._run(current, fetch_next, slot)
+                quota.finish()
+                if fetch_next and following is None:
+                    quota.release()
+        except (KeyboardInterrupt, _JobAbandoned):
+            if threading.current_thread() is threading.main_thread():
+                raise
         finally:
-            if task is not None:
-                self._give_back(task, "claimed but not started")
-            self.watchdog.close()
-            self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
-        return done
+            if following is not None:
+                quota.release()
+                self._give_back(following, "claimed but not started")
+            slot.close()
 
-    def run(self, task: Task) -> Task:
-        """Run one fetched task, record its outcome and emit its events."""
-        self._run(task, fetch_next=False)
-        return task
-
-    def _run(self, task: Task, fetch_next: bool) -> Task | None:
+    def _run(self, task: Task, fetch_next: bool, slot: _Slot) -> Task | None:
         """Run ``task``; with ``fetch_next``, claim the next one as its outcome is recorded, and return it."""
         self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
         started = time.monotonic()
         timeout = task.timeout or self.timeout
         try:
-            try:
-                self.watchdog.watch(task, timeout)
-                result = _encode_result(self._execute(task))
-            finally:
-                self.watchdog.release()
-        except JobTimeout:
-            self._failed(task, f"Timed out after {timeout:g} s\n")
-        except Exception as error:  # noqa: BLE001 - any error a job raises fails its task
-            self._failed(task, format_error(error))
+            with self.watchdog.watching(task, slot.guard, timeout):
+                result, error = slot.execute(task, timeout)
         except BaseException:
             self._give_back(task, "interrupted")
             raise
+        if error is None:
+            try:
+                task.result, task.error = _encode_result(result), None
+                task.status = Status.FINISHED
+            except JobError as refused:
+                self._failed(task, format_error(refused))
         else:
-            task.status, task.result, task.error = Status.FINISHED, result, None
+            self._failed(task, error)
         task.finished_at = None if task.status is Status.WAITING else _utcnow()
         following = None
         if fetch_next:
@@ -2469,17 +2539,21 @@ class Worker:
     def maintain(self, force: bool = False) -> None:
         """Recover tasks of lost workers and expire old finished tasks, when it is time to."""
         now = time.monotonic()
-        if not force and now < self._next_maintenance:
+        if (not force and now < self._next_maintenance) or not self._maintenance.acquire(blocking=False):
             return
-        self._next_maintenance = now + self.maintenance_interval
-        recovered = self._backend(lambda: self.queue.recover(self.max_lost), give_up_when_stopping=True)
-        for task in recovered if isinstance(recovered, list) else []:
-            outcome = "failed for good" if task.status is Status.FAILED else "back to waiting"
-            self.logger.warning("%s %s recovered from lost worker %s: %s (lost %d times)",
-                                task.identifier, task.job_name, task.worker, outcome, task.lost)
-            self.dispatcher.dispatch(TASK_RECOVERED, TaskEvent(TASK_RECOVERED, task, self))
-        if self.finished_ttl:
-            self._backend(lambda: self.queue.purge(self.finished_ttl, Status.FINISHED), give_up_when_stopping=True)
+        try:
+            self._next_maintenance = now + self.maintenance_interval
+            recovered = self._backend(lambda: self.queue.recover(self.max_lost), give_up_when_stopping=True)
+            for task in recovered if isinstance(recovered, list) else []:
+                outcome = "failed for good" if task.status is Status.FAILED else "back to waiting"
+                self.logger.warning("%s %s recovered from lost worker %s: %s (lost %d times)",
+                                    task.identifier, task.job_name, task.worker, outcome, task.lost)
+                self.dispatcher.dispatch(TASK_RECOVERED, TaskEvent(TASK_RECOVERED, task, self))
+            if self.finished_ttl:
+                self._backend(lambda: self.queue.purge(self.finished_ttl, Status.FINISHED),
+                              give_up_when_stopping=True)
+        finally:
+            self._maintenance.release()
 
     def _failed(self, task: Task, error: str) -> None:
         task.failures += 1
@@ -2511,7 +2585,7 @@ class Worker:
         task.status, task.run_at, task.error = Status.WAITING, _utcnow(), None
         try:
             given = self.queue.complete(task)
-        except JobQueueError as error:
+        except (JobQueueError, OSError) as error:
             self.logger.error("%s %s %s and not given back (%s): its lease will expire",
                               task.identifier, task.job_name, why, error)
             return
@@ -2521,17 +2595,17 @@ class Worker:
     def _backend(self, action: Callable[[], Any], give_up_when_stopping: bool = False) -> Any:
         """Run ``action`` until the backend answers, waiting with capped backoff meanwhile.
 
-        Returns _UNAVAILABLE instead of waiting further once the worker is
-        stopping, if ``give_up_when_stopping``.
+        Any BackendUnavailable, and any OSError (a refused or timed-out
+        socket, an answer that never came) that a client lets out, is an
+        outage. Returns _UNAVAILABLE instead of waiting further once the
+        worker is stopping, if ``give_up_when_stopping``.
         """
         pause = 0.1
         while True:
             try:
                 result = action()
-            except BackendUnavailable as error:
-                if self._outage_since is None:
-                    self._outage_since = time.monotonic()
-                    self.logger.error("%s; worker %s keeps trying", error, self.name)
+            except (BackendUnavailable, OSError) as error:
+                self._outage(error)
                 if give_up_when_stopping and self.stopping:
                     return _UNAVAILABLE
                 self._stopping.wait(pause) if give_up_when_stopping else time.sleep(pause)
@@ -2542,70 +2616,439 @@ class Worker:
                 self._outage_since = None
             return result
 
-    def _execute(self, task: Task) -> Any:
+    def _outage(self, error: BaseException) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since = time.monotonic()
+        if not isinstance(error, BackendUnavailable):
+            error = BackendUnavailable(f"{self.queue.describe()} is unavailable: {type(error).__name__}: {error}")
+        self.logger.error("%s; worker %s keeps trying", error, self.name)
+
+    def _target(self, task: Task) -> Any:
         target = self._targets.get(task.job)
         if target is None:
             target = self._targets[task.job] = resolve_job(task.job)
-        if not isinstance(target, type):
-            return target(task)
-        instance = target()
-        instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
-        instance.set_up(task)
+        return target
+
+    def _execute(self, target: Any, task: Task) -> Any:
+        """Run the task's job here; a coroutine job runs on the worker's event loop while this thread waits."""
+        if not _is_coroutine_job(target):
+            return _perform(target, task)
+        future = _asyncio().run_coroutine_threadsafe(_outcome_of(_perform_async(target, task)), self._event_loop())
+        done: Any = _simple_queue()
+        future.add_done_callback(done.put)
         try:
-            return instance.perform(task)
-        finally:
-            instance.tear_down(task)
+            while True:
+                with contextlib.suppress(Exception):
+                    done.get(timeout=0.1)
+                    break
+        except BaseException:
+            future.cancel()
+            raise
+        ok, value = future.result()
+        if ok:
+            return value
+        raise value
+
+    def _event_loop(self) -> Any:
+        """The worker's own event loop, in a thread of its own, started with the first coroutine job."""
+        with self._loop_lock:
+            if self._loop is None:
+                loop = _asyncio().new_event_loop()
+                threading.Thread(target=_run_loop, args=(loop,), name=f"{self.name}-loop", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def _close_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
 
 
 _UNAVAILABLE = object()
 
 
-class _Watchdog:
-    """Renews the running task's lease and enforces its timeout, from a thread of its own.
+def _asyncio() -> Any:
+    import asyncio
 
-    A timeout raises JobTimeout in the worker's thread (which stops Python
-    code, CPU-bound loops included); with ``wake_signal`` set (the CLI sets
-    SIGALRM), that signal is also sent, so that a job blocked in a sleep or a
-    system call wakes up to it.
+    return asyncio
+
+
+def _run_loop(loop: Any) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _simple_queue() -> Any:
+    import queue
+
+    return queue.SimpleQueue()
+
+
+def _is_coroutine_job(target: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(target.perform if isinstance(target, type) else target)
+
+
+def _job_instance(target: type, task: Task) -> Job:
+    instance = target()
+    instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
+    return instance
+
+
+def _perform(target: Any, task: Task) -> Any:
+    if not isinstance(target, type):
+        return target(task)
+    instance = _job_instance(target, task)
+    instance.set_up(task)
+    try:
+        return instance.perform(task)
+    finally:
+        instance.tear_down(task)
+
+
+async def _perform_async(target: Any, task: Task) -> Any:
+    """A coroutine job: ``async def perform`` (set_up and tear_down may be either) or an async @job function."""
+    import inspect
+
+    if not isinstance(target, type):
+        return await target(task)
+    instance = _job_instance(target, task)
+    if inspect.isawaitable(prepared := instance.set_up(task)):
+        await prepared
+    try:
+        return await instance.perform(task)
+    finally:
+        if inspect.isawaitable(cleaned := instance.tear_down(task)):
+            await cleaned
+
+
+async def _outcome_of(coroutine: Any) -> tuple[bool, Any]:
+    """(True, value) or (False, error): a job's SystemExit must fail its task, not stop the event loop."""
+    try:
+        return True, await coroutine
+    except _asyncio().CancelledError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - handed to the worker thread that waits for it
+        return False, error
+
+
+class _Quota:
+    """How many tasks the runners of one ``consume`` may still take, shared between them."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.taken, self.done = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit is not None and self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done += 1
+
+
+class _Guard:
+    """Delivers an exception into one runner thread only while that thread runs job code.
+
+    The runner sets ``inside`` around the job. The watchdog raises (with
+    PyThreadState_SetAsyncExc) only while it is set, marking ``arming`` around
+    its check-and-raise; the runner, leaving, clears ``inside``, waits out
+    ``arming`` and cancels anything still pending, in a loop that absorbs an
+    exception landing meanwhile. So a timeout lands in the job or in these few
+    lines, never in a lock, a ``finally`` of the worker, or between tasks, and
+    at most once per task. In the main thread, when the CLI installed a
+    handler for ``wake_signal``, the watchdog sends that signal instead and the
+    handler (``wake``) raises, which also stops a sleep or a blocking call.
+    """
+
+    def __init__(self, wake_signal: int | None):
+        self.thread = threading.get_ident()
+        self.wake_signal = wake_signal
+        self.inside = self.arming = False
+        self.due: type | None = None
+        self.fired: type | None = None
+
+    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
+        value, error, late = None, None, None
+        self.due = self.fired = None
+        try:
+            try:
+                self.inside = True
+                value = function()
+            except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
+                error = caught
+            finally:
+                late = self._leave()
+        except BaseException as caught:  # noqa: BLE001 - an interruption that landed after the job
+            late = self._leave() or caught
+        if self.fired is not None:
+            return None, self.fired()
+        return value, late if isinstance(late, KeyboardInterrupt) else error
+
+    def fire(self, exception: type) -> None:
+        """From another thread: interrupt the job, if one runs, with ``exception``."""
+        if self.wake_signal is not None:
+            self.due = exception
+            signal.pthread_kill(self.thread, self.wake_signal)
+            return
+        self.arming = True
+        if self.inside and self.fired is None:
+            self.fired = exception
+            _async_raise(self.thread, exception)
+        self.arming = False
+
+    def wake(self) -> None:
+        """In the guarded thread (a signal handler): raise what ``fire`` asked for, if the job still runs."""
+        if self.inside and self.due is not None and self.fired is None:
+            self.fired = self.due
+            raise self.fired
+
+    def _leave(self) -> BaseException | None:
+        """Leave the job; return an interruption that landed here (a timeout is also recorded in ``fired``)."""
+        landed = None
+        while True:
+            try:
+                self.inside = False
+                while self.arming:
+                    time.sleep(0)
+                if self.wake_signal is None and self.fired is not None:
+                    _async_raise(self.thread, None)
+                return landed
+            except BaseException as caught:  # noqa: BLE001
+                landed = caught
+
+
+def _async_raise(thread_id: int, exception: type | None) -> None:
+    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
+class _Slot:
+    """Where one runner executes its tasks: its own thread (guarded), or its own child process."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        main = threading.current_thread() is threading.main_thread()
+        self.guard = _Guard(worker.wake_signal if main else None)
+        self.child = _Child(worker) if worker.isolation == "process" else None
+        worker._guards[self.guard.thread] = self.guard
+
+    def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        """Run the job; return (result, None) or (None, the error text to record)."""
+        if self.child is not None:
+            return self.child.run(task, timeout)
+        try:
+            target = self.worker._target(task)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
+            return None, format_error(error)
+        value, error = self.guard.call(lambda: self.worker._execute(target, task))
+        if isinstance(error, JobTimeout):
+            return None, f"Timed out after {timeout:g} s\n"
+        if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
+            raise error
+        return value, None if error is None else format_error(error)
+
+    def close(self) -> None:
+        self.worker._guards.pop(self.guard.thread, None)
+        if self.child is not None:
+            self.child.close()
+
+
+class _JobAbandoned(BaseException):
+    """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
+
+
+class _Child:
+    """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
+
+    The worker sends each task as a JSON line and reads the outcome back as
+    one; meanwhile its watchdog renews the lease. At the timeout the child
+    is killed (SIGKILL) and the next task starts a new one, as it does after a
+    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
+    the measurement that chose this over a fork per task.
     """
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.wake_signal: int | None = None
+        self.process: Any = None
+        self._buffer = b""
+
+    def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        try:
+            self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
+            self.process.stdin.flush()
+            line = self._read_line(deadline)
+        except BaseException:
+            self.close()
+            raise
+        if line is None:
+            self.close()
+            return None, f"Timed out after {timeout:g} s (job process killed)\n"
+        if not line:
+            return None, self._death()
+        outcome = json.loads(line)
+        return outcome.get("result"), outcome.get("error")
+
+    def _start(self) -> None:
+        import subprocess
+
+        module = sys.modules[__name__]
+        name = __name__ if __name__ != "__main__" else "__main__"
+        root = logging.getLogger()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
+             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self._buffer = b""
+
+    def _read_line(self, deadline: float | None) -> bytes | None:
+        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
+        import select
+
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if self.worker._aborting:
+                raise _JobAbandoned
+            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
+            if not select.select([fd], [], [], wait)[0]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _death(self) -> str:
+        code = self.process.wait()
+        self.process = None
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return f"Job process died: killed by signal {name}\n"
+        return f"Job process died: exit status {code}\n"
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+_CHILD_BOOT = """\
+import importlib, importlib.util, json, sys
+name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if name == "__main__":
+    spec = importlib.util.spec_from_file_location("jobqueue", path)
+    module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+else:
+    module = importlib.import_module(name)
+module._serve_isolated(level, int(sys.argv[5]))
+"""
+
+
+def _serve_isolated(log_level: int, worker_pid: int) -> None:
+    """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
+
+    The job's own prints go to stderr. SIGINT is ignored: the worker decides
+    whether a task ends or is abandoned; if the worker dies, so does the child.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(signal.SIGKILL, worker_pid)
+    if log_level:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    targets: dict[str, Any] = {}
+    loop = None
+    for line in sys.stdin:
+        task = Task.from_json(json.loads(line))
+        try:
+            target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
+            if _is_coroutine_job(target):
+                loop = loop or _asyncio().new_event_loop()
+                ok, value = loop.run_until_complete(_outcome_of(_perform_async(target, task)))
+                if not ok:
+                    raise value
+            else:
+                value = _perform(target, task)
+            outcome = {"result": _encode_result(value)}
+        except BaseException as error:  # noqa: BLE001 - SystemExit too: every error fails the task
+            outcome = {"error": format_error(error)}
+        replies.write(json.dumps(outcome) + "\n")
+        replies.flush()
+
+
+def _die_with_parent(signum: int, parent: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before we asked
+        os.kill(os.getpid(), signum)
+    return True
+
+
+class _Watchdog:
+    """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
+
+    It never blocks on the job: a job that holds the GIL in C code delays it
+    (that is what ``isolation="process"`` is for). A renewal that fails, for
+    any reason, is logged and tried again at the next third of the lease.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._task: Task | None = None
-        self._target = 0
-        self._deadline: float | None = None
-        self._renew_at = 0.0
-        self._fired = False
+        self._runs: dict[int, _WatchedRun] = {}
 
-    def watch(self, task: Task, timeout: float | None) -> None:
+    @contextlib.contextmanager
+    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+        now = time.monotonic()
+        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
         with self._condition:
-            now = time.monotonic()
-            self._task, self._target, self._fired = task, threading.get_ident(), False
-            self._deadline = None if timeout is None else now + timeout
-            self._renew_at = now + self._lease(task) / 3
+            self._runs[id(run)] = run
             if self._thread is None or not self._thread.is_alive():
                 self._closed = False
                 self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
                 self._thread.start()
             self._condition.notify()
-
-    def release(self) -> None:
-        with self._condition:
-            if self._fired:
-                _async_raise(self._target, None)
-            self._task, self._deadline, self._fired = None, None, False
-
-    def timed_out(self) -> bool:
-        """True while the current job is past its timeout (for the wake signal's handler)."""
-        with self._condition:
-            if self._task is None or not self._fired:
-                return False
-            _async_raise(self._target, None)
-            return True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._runs.pop(id(run), None)
 
     def close(self) -> None:
         with self._condition:
@@ -2620,43 +3063,40 @@ class _Watchdog:
             with self._condition:
                 while not self._closed:
                     now = time.monotonic()
-                    if self._task is not None:
-                        due = min(self._renew_at, self._deadline or math.inf)
-                        if now >= due:
-                            break
-                        self._condition.wait(due - now)
-                    else:
-                        self._condition.wait()
+                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
+                              default=math.inf)
+                    if now >= due:
+                        break
+                    self._condition.wait(None if due == math.inf else due - now)
                 if self._closed:
                     return
-                task, now = self._task, time.monotonic()
-                if self._deadline is not None and now >= self._deadline:
-                    self._deadline, self._fired = None, True
-                    _async_raise(self._target, JobTimeout)
-                    if self.wake_signal is not None:
-                        signal.pthread_kill(self._target, self.wake_signal)
-                renew = now >= self._renew_at
-                if renew:
-                    self._renew_at = now + self._lease(task) / 3  # type: ignore[arg-type]
-            if renew:
-                self._renew(task)  # type: ignore[arg-type]
+                renewals = []
+                for run in self._runs.values():
+                    if run.deadline is not None and now >= run.deadline:
+                        run.deadline = None
+                        if run.guard is not None:
+                            run.guard.fire(JobTimeout)
+                    if now >= run.renew_at:
+                        run.renew_at = now + self._lease(run.task) / 3
+                        renewals.append(run.task)
+            for task in renewals:
+                self._renew(task)
 
     def _renew(self, task: Task) -> None:
         try:
             if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
                 self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
                                            task.identifier, task.job_name)
-        except JobQueueError as error:
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
             self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
 
 
-def _async_raise(thread_id: int, exception: type | None) -> None:
-    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
-    )
+@dataclass
+class _WatchedRun:
+    task: Task
+    guard: _Guard | None
+    deadline: float | None
+    renew_at: float
 
 
 # == Configuration ===========================================================
@@ -3874,14 +4314,24 @@ def _stop_on_signals(worker: Worker) -> None:
         )
         worker.stop()
 
-    def wake(signum: int, frame: Any) -> None:
-        if worker.watchdog.timed_out():
-            raise JobTimeout
-
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGALRM, wake)
-    worker.watchdog.wake_signal = signal.SIGALRM
+    signal.signal(signal.SIGALRM, lambda signum, frame: worker.interrupt_timed_out_job())
+    worker.wake_signal = signal.SIGALRM
+
+
+def _stop_with_supervisor(worker: Worker, supervisor: int) -> None:
+    """Where no parent-death signal exists: stop as on SIGTERM once the supervising process is gone."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor and not worker.stopping:
+            time.sleep(1)
+        if not worker.stopping:
+            worker.logger.warning("Supervisor %d is gone: worker %s stops after the current task",
+                                  supervisor, worker.name)
+            worker.stop()
+
+    threading.Thread(target=watch, name=f"{worker.name}-parent-watch", daemon=True).start()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -3891,13 +4341,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     services = ServiceContainer.get_instance()
     validate_profile(args.profile)
     _import_modules([*services.config.imports, *args.imports])
-    queue = _queue()
+    queue = services.queue
     if args.concurrency > 1:
         return supervise(args)
     config = services.config
     worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
-                    max_lost=config.max_lost, finished_ttl=config.finished_ttl)
+                    max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
+                    threads=args.threads)
     _stop_on_signals(worker)
+    if args.supervisor is not None:
+        _die_with_parent(signal.SIGTERM, args.supervisor)
+        _stop_with_supervisor(worker, args.supervisor)
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.", flush=True)
@@ -3906,7 +4360,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _child_command(args: argparse.Namespace, name: str) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name,
-               "--lease", repr(args.lease)]
+               "--lease", repr(args.lease), "--isolation", args.isolation, "--threads", str(args.threads),
+               "--supervisor", str(os.getpid())]
     if args.timeout is not None:
         command += ["--timeout", repr(args.timeout)]
     if args.quantity is not None:
@@ -3927,7 +4382,11 @@ def supervise(args: argparse.Namespace) -> int:
 
     Children run in their own session, so a terminal's Ctrl-C reaches only the
     supervisor, which passes on SIGTERM (finish the task) and, the second
-    time, SIGINT (interrupt it).
+    time, SIGINT (interrupt it). If the supervisor dies, even by SIGKILL, its
+    children stop as on SIGTERM (a parent-death signal on Linux, a watch of
+    the parent elsewhere). A child slot that keeps dying is restarted at once
+    three times, then after 1, 2, 4... seconds (at most 30); a child that ran
+    a minute starts its slot's count again.
     """
     log = logging.getLogger("jobqueue.supervisor")
     base = args.name or _default_worker_name()
@@ -3935,10 +4394,21 @@ def supervise(args: argparse.Namespace) -> int:
 
     children: dict[str, subprocess.Popen] = {}
     signals: list[int] = []
+    deaths: dict[str, int] = {}
+    started_at: dict[str, float] = {}
+    pending: dict[str, float] = {}
 
     def start(name: str) -> None:
         children[name] = subprocess.Popen(_child_command(args, name), start_new_session=True)
+        started_at[name] = time.monotonic()
         log.info("Started worker %s (pid %d)", name, children[name].pid)
+
+    def restart_later(name: str, code: int) -> None:
+        deaths[name] = 1 if time.monotonic() - started_at[name] > 60 else deaths.get(name, 0) + 1
+        delay = 0.0 if deaths[name] <= 3 else min(2.0 ** (deaths[name] - 4), 30.0)
+        log.warning("Worker %s died (exit status %s); starting it again%s", name, code,
+                    f" in {delay:g}s" if delay else "")
+        pending[name] = time.monotonic() + delay
 
     def handle(signum: int, frame: Any) -> None:
         signals.append(signum)
@@ -3952,8 +4422,14 @@ def supervise(args: argparse.Namespace) -> int:
     for number in range(1, args.concurrency + 1):
         start(f"{base}-{number}")
     status = 0
-    while children:
+    while children or (pending and not signals):
         time.sleep(0.1)
+        for name, at in list(pending.items()):
+            if signals:
+                pending.clear()
+            elif time.monotonic() >= at:
+                del pending[name]
+                start(name)
         for name, child in list(children.items()):
             code = child.poll()
             if code is None:
@@ -3966,8 +4442,7 @@ def supervise(args: argparse.Namespace) -> int:
                 status = 2
                 handle(signal.SIGTERM, None)
                 continue
-            log.warning("Worker %s died (exit status %s); starting it again", name, code)
-            start(name)
+            restart_later(name, code)
     return status
 
 
@@ -4078,6 +4553,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interrupt a job running longer (default: no limit; a task's own timeout wins)")
     worker.add_argument("--concurrency", type=_positive, default=1, metavar="N",
                         help="run N worker processes under one supervisor")
+    worker.add_argument("--threads", type=_positive, default=1, metavar="N",
+                        help="run up to N tasks at once in each worker process, for jobs that wait on I/O")
+    worker.add_argument("--isolation", choices=ISOLATIONS, default="thread",
+                        help="run each job in this process (thread, the default) or in a child process (process)")
+    worker.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
     worker.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, e.g. to add listeners (repeatable; also $JOBQUEUE_IMPORTS)")
     _add_verbosity(worker)

@@ -29,3 +29,10 @@ def noop(*args, **kwargs):
 
 def rq_latency(sent):
     record_latency(sent)
+
+
+class SleepJob(jobqueue.Job):
+    """Waits on nothing for ``seconds``, as an I/O-bound job does."""
+
+    def perform(self, task):
+        time.sleep(task.get_parameter("seconds"))
