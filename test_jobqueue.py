@@ -1931,10 +1931,7 @@ def test_coroutine_jobs_run_on_the_workers_loop_with_their_timeouts(queue):
 
 
 @pytest.mark.parametrize("due", ["delayed", "retried"])
-def test_a_blocked_fetch_takes_a_task_within_a_second_of_its_due_time(queue, dsn, due, request):
-    if dsn.startswith("redis"):
-        request.applymarker(pytest.mark.xfail(
-            reason="Redis side lands with the redis-py rewrite (issue 10)", strict=False))
+def test_a_blocked_fetch_takes_a_task_within_a_second_of_its_due_time(queue, dsn, due):
     fetched = []
     if due == "retried":
         queue.add(Task("p", RecordingJob))
