@@ -791,12 +791,11 @@ class Queue:
         with self._errors():
             return self._complete_and_fetch(task, worker, float(lease))
 
-    @staticmethod
-    def _check_outcome(task: Task) -> None:
+    def _check_outcome(self, task: Task) -> None:
         if task.status is Status.RUNNING or (task.status is Status.WAITING and task.run_at is None):
             raise ValidationError("A run completes as finished, failed, or waiting with a run_at (a retry)")
         if task.finished_at is None and task.status is not Status.WAITING:
-            task.finished_at = _utcnow()
+            task.finished_at = _from_timestamp(self.clock())
 
     def recover(self, max_lost: int = DEFAULT_MAX_LOST) -> list[Task]:
         with self._errors():
@@ -984,10 +983,12 @@ def _remaining(deadline: float | None) -> float | None:
 # outside a profile is "{prefix}:profiles", the set of profile names that
 # cross-profile reads visit.
 #
-# The scripts are one library, run by EVALSHA with the handler's name first.
-# Every change runs through ``once``: the reply is remembered under the
-# caller's key, so a call that redis-py sends again after losing the first
-# reply gets that reply instead of a second run.
+# The scripts are one library of handlers, loaded once as Redis Functions
+# (FCALL jobqueue_<version>_<handler>), or run by EVALSHA where the server has
+# none. Every change runs through ``once``: the reply is remembered under the
+# caller's key, so a call sent again after its reply was lost (by redis-py,
+# or by us after an outage) gets that reply instead of a second run. Each
+# handler that changes state takes ``now`` first, after the caller and token.
 _REDIS_LIBRARY = """
 local H = {}
 local STATUSES = {'waiting', 'running', 'finished', 'failed'}
@@ -1004,7 +1005,9 @@ local function status_key(s) return base .. ':status:' .. s end
 local function tag_key(t) return base .. ':tag:' .. t end
 local function ended(s) return s == 'finished' or s == 'failed' end
 
--- A change runs once per (caller, token); the same call again returns the first reply.
+-- A change runs once per (caller, token); the same call again returns the first reply. The
+-- caller names a thread of a client and a handler; each remembers its last reply for a while.
+local MEMO_SECONDS = 120
 local function once(change)
   return function(keys, args)
     bind(keys)
@@ -1015,7 +1018,7 @@ local function once(change)
     if type(reply) == 'table' and reply.err then return reply end
     reply = cjson.encode(reply)
     -- An empty reply (nothing claimed, nothing recovered) changed nothing worth remembering.
-    if reply ~= '{}' then redis.call('SET', memo, token .. reply, 'EX', 600) end
+    if reply ~= '{}' then redis.call('SET', memo, token .. reply, 'EX', MEMO_SECONDS) end
     return reply
   end
 end
@@ -1086,7 +1089,7 @@ local function claim(id, worker, now, lease)
 end
 
 -- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {}.
-local function claim_next(worker, now, lease)
+local function claim_next(now, worker, lease)
   promote(now)
   local id = redis.call('RPOP', QUEUE)
   while id do
@@ -1099,9 +1102,9 @@ local function claim_next(worker, now, lease)
 end
 
 -- Record how a run ended, if the run (its attempt number) still holds the task.
--- args[i..i+7]: identifier, attempts, new status, now, error, result, failures, run_at.
+-- args[i..i+7]: now (when it ended), identifier, attempts, new status, error, result, failures, run_at.
 local function complete(args, i)
-  local id, attempts, new, now, err, result, failures, run_at = unpack(args, i, i + 7)
+  local now, id, attempts, new, err, result, failures, run_at = unpack(args, i, i + 7)
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts')
   if f[2] ~= 'running' or f[4] ~= attempts then return 0 end
@@ -1168,7 +1171,7 @@ H.add = once(function(args)
   return #tasks
 end)
 
--- args: caller, token, worker, now, lease.
+-- args: caller, token, now, worker, lease.
 H.claim = once(function(args) return claim_next(args[3], args[4], args[5]) end)
 
 -- args: caller, token, then complete's eight.
@@ -1176,7 +1179,7 @@ H.complete = once(function(args) return complete(args, 3) end)
 
 -- args: caller, token, complete's eight, worker, lease: one round trip from one task to the next.
 H.complete_and_claim = once(function(args)
-  return {complete(args, 3), claim_next(args[11], args[6], args[12])}
+  return {complete(args, 3), claim_next(args[3], args[11], args[12])}
 end)
 
 -- args: lease expiry, then identifier and attempts of each task. Sent twice, it sets the same expiry.
@@ -1222,9 +1225,9 @@ H.recover = once(function(args)
   return recovered
 end)
 
--- args: caller, token, identifier, new status, now, '1' to move only a failed task (retry).
+-- args: caller, token, now, identifier, new status, '1' to move only a failed task (retry).
 H.update = once(function(args)
-  local id, new, now = args[3], args[4], args[5]
+  local now, id, new = args[3], args[4], args[5]
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'status', 'created_at')
   if not f[1] then return {} end
@@ -1237,8 +1240,8 @@ H.update = once(function(args)
   return {task = fields(key)}
 end)
 
--- args: caller, token, identifier.
-H.delete = once(function(args) return remove(args[3]) end)
+-- args: caller, token, now, identifier.
+H.delete = once(function(args) return remove(args[4]) end)
 
 -- args: caller, token, ended before, offset, limit, statuses... Returns {removed, scanned}.
 H.purge = once(function(args)
@@ -1271,18 +1274,25 @@ H.restore = once(function(args)
   return #stale
 end)
 
--- args: caller, token. Removes the profile's tasks and indexes; the call memos expire by themselves.
+-- args: caller, token, now, batch. Removes up to batch tasks, then the indexes once none is left
+-- (meanwhile a claim skips the ids whose task is gone).
+-- Returns {removed, left}; the call memos expire by themselves.
 H.flush = once(function(args)
+  local budget = tonumber(args[4])
   local removed = 0
   for _, s in ipairs(STATUSES) do
-    local ids = redis.call('ZRANGE', status_key(s), 0, -1)
-    for _, id in ipairs(ids) do redis.call('DEL', task_key(id)) end
+    local ids = redis.call('ZRANGE', status_key(s), 0, budget - removed - 1)
+    for i, id in ipairs(ids) do ids[i] = task_key(id) end
+    if #ids > 0 then
+      redis.call('DEL', unpack(ids))
+      redis.call('ZREMRANGEBYRANK', status_key(s), 0, #ids - 1)
+    end
     removed = removed + #ids
-    redis.call('DEL', status_key(s))
+    if removed >= budget then return {removed, 1} end
   end
   for _, tag in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(tag)) end
   redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
-  return removed
+  return {removed, 0}
 end)
 """
 
@@ -1297,13 +1307,17 @@ return H[ARGV[1]](KEYS, args)
 """
 
 # Replies that mean the server cannot take writes for now (a failover, a load, a cluster change).
-_REDIS_OUTAGES = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MOVED", "ASK",
-                  "UNBLOCKED")
+# Error replies that redis-py passes on as plain ResponseErrors but that mean "not now": a failover, a
+# load, a long script, a full memory. They are outages, waited out like a lost connection.
+_REDIS_OUTAGE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "NOREPLICAS", "UNBLOCKED", "CLUSTERDOWN",
+                         "TRYAGAIN", "OOM")
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp", "redis+sentinel", "redis+cluster")
 _REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 # A reply later than this is an outage; with one retry, a silent server is reported within 10 s.
-_REDIS_SOCKET_TIMEOUT = 5.0
+_REDIS_SOCKET_TIMEOUT = 4.5
+# How many tasks one call of a long operation (flush) handles, so Redis is never blocked for long.
+_REDIS_BATCH = 1000
 
 
 def _text(value: Any) -> str:
@@ -1358,6 +1372,8 @@ class RedisDSN:
             "prefix": options.pop("prefix", DEFAULT_PREFIX), "replicas": cls._whole("replicas", options, dsn),
         }
         if scheme == "unix":
+            if not location.strip("/"):
+                raise ConfigurationError(f"The Redis DSN {redact(dsn)} names no socket: unix:///path/redis.sock")
             fields.update(path=unquote(location), db=cls._whole("db", options, dsn))
         else:
             netloc, _, path = location.partition("/")
@@ -1367,15 +1383,19 @@ class RedisDSN:
                 if not segments:
                     raise ConfigurationError(f"The Sentinel DSN {redact(dsn)} names no service: add /SERVICE")
                 fields["service"], segments = segments[0], segments[1:]
-            if segments and scheme != "redis+cluster":
-                fields["db"] = cls._number("database", segments[0], dsn)
-            elif segments:
+            if segments and scheme == "redis+cluster":
                 raise ConfigurationError(f"A Redis Cluster has no databases: remove /{segments[0]} from {redact(dsn)}")
+            if len(segments) > 1:
+                raise ConfigurationError(f'The Redis DSN {redact(dsn)} has more path than a database: "/{path}"')
+            if segments:
+                fields["db"] = cls._number("database", segments[0], dsn)
             if len(fields["hosts"]) > 1 and scheme not in ("redis+sentinel", "redis+cluster"):
                 raise ConfigurationError(
                     f"Only redis+sentinel:// and redis+cluster:// take several hosts: {redact(dsn)}"
                 )
         fields["tls"] = tuple(sorted(options.items()))
+        if fields["replicas"] > 100:
+            raise ConfigurationError(f"replicas in the Redis DSN {redact(dsn)} must be from 0 to 100")
         if not fields["prefix"] or "{" in fields["prefix"] or "}" in fields["prefix"]:
             raise ConfigurationError("A Redis prefix is a non-empty name without braces")
         return cls(**fields)
@@ -1391,12 +1411,20 @@ class RedisDSN:
     def _options(scheme: str, query: str, dsn: str) -> dict[str, str]:
         known = {"prefix", "replicas"} | ({"db"} if scheme == "unix" else set())
         known |= set(_REDIS_TLS_OPTIONS) if scheme == "rediss" else set()
-        options = dict(parse_qsl(query, keep_blank_values=True))
+        pairs = parse_qsl(query, keep_blank_values=True)
+        options = dict(pairs)
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigurationError(
-                f'Unknown option "{unknown[0]}" in the Redis DSN {redact(dsn)} (known here: {", ".join(sorted(known))})'
-            )
+            names = ", ".join(f'"{name}"' for name in unknown)
+            raise ConfigurationError(f"Unknown option{'s' * (len(unknown) > 1)} {names} in the Redis DSN "
+                                     f"{redact(dsn)} (known here: {', '.join(sorted(known))})")
+        if len(options) < len(pairs):
+            raise ConfigurationError(f"An option is given twice in the Redis DSN {redact(dsn)}")
+        if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+            raise ConfigurationError('ssl_cert_reqs in a rediss:// DSN is "none", "optional" or "required"')
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if name in options and not os.path.isfile(options[name]):
+                raise ConfigurationError(f'{name} in the Redis DSN names no file: "{options[name]}"')
         return options
 
     @staticmethod
@@ -1498,7 +1526,7 @@ class RedisQueue(Queue):
         self._script = client.register_script(_REDIS_LIBRARY + _REDIS_AS_SCRIPT)
         self._calls = threading.local()
         self._known_profiles: frozenset = frozenset()
-        self._registered: dict[str, float] = {}
+        self._registered: set[str] = set()
         self._offset, self._offset_due = 0.0, 0.0
         self._block_limit = _socket_timeout(client)
 
@@ -1510,14 +1538,15 @@ class RedisQueue(Queue):
     _local_clock = staticmethod(time.time)
 
     def clock(self) -> float:  # type: ignore[override]
+        """Now on the server's clock; during an outage, the last offset measured (the call itself will fail)."""
         local = self._local_clock()
         if local >= self._offset_due:
-            self._offset_due = local + 30.0
-            with self._errors():
+            self._offset_due = local + 1.0
+            with contextlib.suppress(Exception):
                 before = time.monotonic()
                 seconds, microseconds = self.client.time()
                 middle = self._local_clock() - (time.monotonic() - before) / 2
-            self._offset = seconds + microseconds / 1e6 - middle
+                self._offset, self._offset_due = seconds + microseconds / 1e6 - middle, local + 30.0
         return local + self._offset
 
     @contextlib.contextmanager
@@ -1527,33 +1556,49 @@ class RedisQueue(Queue):
         except JobQueueError:
             raise
         except Exception as error:
-            raise self._translate(error) from error
+            translated = self._translate(error)
+            if translated is None:
+                raise
+            raise translated from error
 
-    def _translate(self, error: Exception) -> JobQueueError:
-        """The one place that turns redis-py's errors into ours."""
+    def _translate(self, error: Exception) -> JobQueueError | None:
+        """The one place that turns redis-py's errors into ours; None for an error that is not Redis's (a bug)."""
         exceptions = self._exceptions
-        words = str(error).split()
-        if isinstance(error, exceptions.AuthenticationError) or words[:1] in (["WRONGPASS"], ["NOAUTH"]):
+        code = str(error).split(" ", 1)[0]
+        if isinstance(error, exceptions.AuthenticationError) or code in ("WRONGPASS", "NOAUTH"):
             return ConfigurationError(f"{self.describe()} refused the credentials: {error}")
-        if isinstance(error, exceptions.ResponseError) and not isinstance(
-            error, (exceptions.ReadOnlyError, exceptions.BusyLoadingError)
-        ):
-            if words[:1] == ["EXISTS"]:
-                return ValidationError(f"Task {words[1]} already exists")
-            if words[:1] == ["NOTFAILED"]:
-                return ValidationError(f"Task {words[1]} is {words[2]}: only failed tasks can be retried")
-            if not words or words[0] not in _REDIS_OUTAGES:
-                return JobQueueError(f"{self.describe()} refused a command: {error}")
-        if isinstance(error, (exceptions.RedisError, OSError)):
+        if code == "EXISTS":
+            return ValidationError(f"Task {str(error).split()[1]} already exists")
+        if code == "NOTFAILED":
+            _, identifier, status = str(error).split()[:3]
+            return ValidationError(f"Task {identifier} is {status}: only failed tasks can be retried")
+        if isinstance(error, exceptions.MovedError) and not self._cluster:
+            return ConfigurationError(f"{self.describe()} is a node of a Redis Cluster: use redis+cluster://host:port")
+        outages = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError, exceptions.AskError,
+                   exceptions.TryAgainError, exceptions.ReadOnlyError, exceptions.OutOfMemoryError,
+                   exceptions.RedisClusterException, OSError)
+        if isinstance(error, outages) or code in _REDIS_OUTAGE_REPLIES:
             return BackendUnavailable(f"{self.describe()} is unavailable: {error or type(error).__name__}")
-        raise error
+        if isinstance(error, exceptions.RedisError):
+            return JobQueueError(f"{self.describe()} refused a command: {error}")
+        return None
 
-    def _token(self) -> tuple:
-        """This thread's caller name and a new call number: the key of one call's remembered reply."""
+    def _token(self, handler: str, call: tuple) -> tuple:
+        """(caller, token, pending): the key of this call's remembered reply on the server.
+
+        The caller names this thread and handler; the token is new, unless the
+        same call raised before (then it stays in ``pending`` until it succeeds).
+        """
         calls = self._calls
         if getattr(calls, "pid", None) != os.getpid():
-            calls.pid, calls.caller, calls.numbers = os.getpid(), uuid.uuid4().hex[:16], itertools.count()
-        return calls.caller, next(calls.numbers)
+            calls.pid, calls.caller = os.getpid(), uuid.uuid4().hex[:16]
+            calls.numbers, calls.pending = itertools.count(), {}
+        key = (handler, *call)
+        if key not in calls.pending:
+            if len(calls.pending) >= 64:
+                calls.pending.clear()
+            calls.pending[key] = next(calls.numbers)
+        return f"{calls.caller}:{handler}", calls.pending[key], calls.pending
 
     def _base(self, profile: str) -> str:
         return f"{{{self.prefix}:{profile}}}"
@@ -1561,17 +1606,30 @@ class RedisQueue(Queue):
     def _decoded(self, reply: Any) -> Any:
         return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
 
-    def _call(self, profile: str, handler: str, *args: Any) -> Any:
-        """Run one handler of the library on the profile's slot, once, acknowledged by ``replicas``."""
+    def _call(self, profile: str, handler: str, now: str, *args: Any) -> Any:
+        """Run one handler of the library on the profile's slot, once, acknowledged by ``replicas``.
+
+        A call that raised may have run (its reply lost): sent again from this
+        thread with the same arguments (``now`` aside), it reuses its token, so
+        the server answers with the first run's reply instead of running twice.
+        """
         base = self._base(profile)
-        arguments = [handler, *self._token(), *args] if handler != "renew" else [handler, *args]
+        if handler == "renew":
+            arguments = [handler, now, *args]
+        else:
+            caller, token, pending = self._token(handler, (profile, *args))
+            arguments = [handler, caller, token, now, *args]
         for _ in range(3):
             try:
                 if self.replicas:
-                    return self._decoded(self._acknowledged(base, arguments))
-                return self._decoded(self.client.execute_command(*self._command(base, arguments)))
+                    reply = self._acknowledged(base, arguments)
+                else:
+                    reply = self.client.execute_command(*self._command(base, arguments))
+                if handler != "renew":
+                    pending.pop((handler, profile, *args), None)
+                return self._decoded(reply)
             except self._exceptions.ResponseError as error:
-                if not self._install(error, base):
+                if not self._repair(error, base):
                     raise
         raise BackendUnavailable(f"{self.describe()} keeps losing the jobqueue library")
 
@@ -1584,10 +1642,12 @@ class RedisQueue(Queue):
         """The client of the server that holds this key: the client itself unless it is a cluster."""
         return self.client.get_redis_connection(self.client.get_node_from_key(base)) if self._cluster else self.client
 
-    def _install(self, error: Exception, base: str) -> bool:
-        """Load the library where a call found it missing (a new or restarted server); False if that is not it."""
+    def _repair(self, error: Exception, base: str) -> bool:
+        """Mend what a call found missing or stale (the library, a cluster's slot map); False if that is not it."""
         message = str(error).lower()
-        if "unknown command" in message and "fcall" in message:
+        if self._cluster and isinstance(error, self._exceptions.AskError):
+            self.client.nodes_manager.initialize()
+        elif "unknown command" in message and "fcall" in message:
             self._functions = False
         elif "function not found" in message:
             register = "".join(f"redis.register_function('{self._library}_{name}', H.{name})\n"
@@ -1615,16 +1675,10 @@ class RedisQueue(Queue):
         return reply
 
     def _register(self, profile: str) -> None:
-        """List the profile where cross-profile reads look: once per process, again every few seconds.
-
-        Asking again puts the name back after a ``flush`` by another process,
-        which empties the list; until then that profile is still served by
-        ``fetch``, only missing from cross-profile reads for a few seconds.
-        """
-        now = time.monotonic()
-        if self._registered.get(profile, 0.0) <= now:
+        """List the profile where cross-profile reads look (once per process: names are never unlisted)."""
+        if profile not in self._registered:
             self.client.sadd(f"{{{self.prefix}}}:profiles", profile)
-            self._registered[profile] = now + 5.0
+            self._registered.add(profile)
 
     def _read(self, commands: Iterable[tuple]) -> list[Any]:
         """Send read commands in one pipeline: one round trip, or one per master on a cluster."""
@@ -1662,7 +1716,7 @@ class RedisQueue(Queue):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = self.clock()
-            claimed = self._claim_reply(self._call(profile, "claim", worker, repr(now), repr(lease)))
+            claimed = self._claim_reply(self._call(profile, "claim", repr(now), worker, repr(lease)))
             if isinstance(claimed, Task):
                 return claimed
             remaining = _remaining(deadline)
@@ -1680,7 +1734,7 @@ class RedisQueue(Queue):
 
     def _outcome(self, task: Task) -> list[Any]:
         finished = task.finished_at if task.status is not Status.WAITING else None
-        return [task.identifier, task.attempts, task.status.value, _stamp(finished) or repr(self.clock()),
+        return [_stamp(finished) or repr(self.clock()), task.identifier, task.attempts, task.status.value,
                 task.error or "", "" if task.result is None else json.dumps(task.result), task.failures,
                 _stamp(task.run_at)]
 
@@ -1726,12 +1780,12 @@ class RedisQueue(Queue):
         profile = self._locate(identifier)[0]
         if profile is None:
             return None
-        reply = self._call(profile, "update", identifier, status.value, repr(now), "1" if only_failed else "0")
+        reply = self._call(profile, "update", repr(now), identifier, status.value, "1" if only_failed else "0")
         return self._task(reply.get("task"))
 
     def _delete(self, identifier: str) -> bool:
         profile = self._locate(identifier)[0]
-        return profile is not None and bool(self._call(profile, "delete", identifier))
+        return profile is not None and bool(self._call(profile, "delete", repr(self.clock()), identifier))
 
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
@@ -1808,9 +1862,17 @@ class RedisQueue(Queue):
         return total
 
     def _flush(self) -> int:
-        removed = sum(int(self._call(profile, "flush")) for profile in self._profiles())
-        self.client.delete(f"{{{self.prefix}}}:profiles")
-        self._known_profiles, self._registered = frozenset(), {}
+        """Each profile in batches, so Redis is never blocked long; the profile names stay listed.
+
+        Keeping the names means a task that another process adds meanwhile is
+        never left out of the cross-profile reads.
+        """
+        removed = 0
+        for profile in self._profiles():
+            left = True
+            while left:
+                count, left = self._call(profile, "flush", repr(self.clock()), _REDIS_BATCH)
+                removed += count
         return removed
 
     def _restore(self, now: float, include_leased: bool) -> int:
@@ -2524,7 +2586,7 @@ class Worker:
                 self._failed(task, format_error(refused))
         else:
             self._failed(task, error)
-        task.finished_at = None if task.status is Status.WAITING else _utcnow()
+        task.finished_at = None if task.status is Status.WAITING else self._now()
         following = None
         if fetch_next:
             recorded, following = self._backend(lambda: self.queue.complete_and_fetch(task, self.name, self.lease))
@@ -2560,9 +2622,13 @@ class Worker:
         task.error, task.result = error, None
         if task.failures <= task.retries:
             delay = min(task.retry_delay * 2 ** (task.failures - 1), RETRY_DELAY_MAX) * random.uniform(0.5, 1.0)
-            task.status, task.run_at = Status.WAITING, _utcnow() + timedelta(seconds=delay)
+            task.status, task.run_at = Status.WAITING, self._now() + timedelta(seconds=delay)
         else:
             task.status = Status.FAILED
+
+    def _now(self) -> datetime:
+        """The queue's time (the Redis server's clock on Redis), so a worker's own clock never counts."""
+        return _from_timestamp(self.queue.clock())  # type: ignore[return-value]
 
     def _report(self, task: Task, seconds: float) -> None:
         summary = (task.error or "").split("\n", 1)[0]
@@ -2570,7 +2636,7 @@ class Worker:
             self.logger.info("%s %s finished in %.3fs", task.identifier, task.job_name, seconds)
             self.dispatcher.dispatch(TASK_EXECUTED, TaskEvent(TASK_EXECUTED, task, self))
         elif task.status is Status.WAITING:
-            wait = (task.run_at - _utcnow()).total_seconds()  # type: ignore[operator]
+            wait = (task.run_at - self._now()).total_seconds()  # type: ignore[operator]
             self.logger.warning("%s %s failed in %.3fs (failure %d of %d allowed; retrying in %.1fs): %s",
                                 task.identifier, task.job_name, seconds, task.failures, task.retries + 1,
                                 max(wait, 0), summary)
@@ -2582,7 +2648,7 @@ class Worker:
 
     def _give_back(self, task: Task, why: str) -> None:
         """A task this worker will not finish (interrupted, or claimed last) goes back to waiting, due now."""
-        task.status, task.run_at, task.error = Status.WAITING, _utcnow(), None
+        task.status, task.run_at, task.error = Status.WAITING, self._now(), None
         try:
             given = self.queue.complete(task)
         except (JobQueueError, OSError) as error:

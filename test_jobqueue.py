@@ -731,14 +731,18 @@ def test_fetch_times_out_with_none(queue):
 @contract
 def test_blocking_fetch_wakes_when_a_task_arrives(queue, dsn):
     got = []
-    waiter = threading.Thread(target=lambda: got.append(queue_from_dsn(dsn).fetch("late", timeout=10)))
+    waiter = threading.Thread(target=lambda: got.append((queue_from_dsn(dsn).fetch("late", timeout=10),
+                                                         time.monotonic())))
     waiter.start()
-    time.sleep(0.2)
+    time.sleep(0.3)
     task = Task("late", RecordingJob)
     queue.add(task)
+    added = time.monotonic()
     waiter.join(10)
     assert not waiter.is_alive()
-    assert got[0].identifier == task.identifier
+    fetched, at = got[0]
+    assert fetched.identifier == task.identifier
+    assert at - added < 2.0, "the idle fetch was not woken by the add (it waited for its own timeout)"
 
 
 @contract
@@ -1224,7 +1228,6 @@ def test_tasks_are_stored_as_json(dsn, queue):
     assert json.loads(parameters) == {"k": "v"} and json.loads(tags) == ["t"]
 
 
-@contract
 def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     queue = RedisQueue(redis_server.client(), prefix="tagged")
     for profile in ("p", "q"):
@@ -1239,11 +1242,11 @@ def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     assert by_tag == {"{tagged}", "{tagged:p}", "{tagged:q}"}
     assert [key for key in keys if key.startswith("{tagged}")] == ["{tagged}:profiles"]
     queue.flush()
-    left = {key.decode() for key in redis_server.client().scan_iter(match="*tagged*")}
+    left = {key.decode() for key in redis_server.client().scan_iter(match="*tagged*")} - {"{tagged}:profiles"}
     assert left and all(":call:" in key and redis_server.client().ttl(key) > 0 for key in left)
+    assert queue.stats() == {} and queue.search() == []
 
 
-@contract
 @pytest.mark.parametrize("filters", [
     {"status": "waiting"}, {"profile": "p"}, {"profile": "p", "status": "failed"}, {"tags": ["t"]}, {},
 ])
@@ -1376,6 +1379,34 @@ def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_serv
     delayed = ahead.fetch("p", timeout=3)
     assert delayed is not None and delayed.run_at is not None
     wait_until(lambda: behind.recover(), timeout=5)
+    ahead.add(Task("q", RecordingJob, retries=1, retry_delay=30), Task("q", RecordingJob))
+    slow_worker = Worker("slow", behind, "q", lease=2)
+    slow_worker.logger.disabled = True
+    first = behind.fetch("q", timeout=0, worker="slow", lease=2)
+    first.status = Status.FINISHED
+    recorded, following = behind.complete_and_fetch(first, "slow", lease=2)
+    assert recorded and following is not None
+    assert ahead.recover() == [], "the task claimed along with an outcome got a lease in the past"
+    assert following.started_at.timestamp() == pytest.approx(time.time(), abs=2)
+    assert slow_worker._now().timestamp() == pytest.approx(time.time(), abs=1)
+
+
+def test_driver_errors_are_translated_in_one_place(redis_server):
+    import redis.exceptions as driver
+
+    queue = RedisQueue(redis_server.client(), prefix="errors")
+    outages = [driver.ClusterDownError("The cluster is down"), driver.TryAgainError("TRYAGAIN"),
+               driver.MasterDownError("MASTERDOWN"), driver.ReadOnlyError("You can't write against a read only"),
+               driver.ResponseError("BUSY Redis is busy running a script"), driver.ConnectionError("refused"),
+               driver.TimeoutError("Timeout reading from socket"), driver.RedisClusterException("no nodes"),
+               driver.ResponseError("LOADING Redis is loading the dataset in memory"), TimeoutError("raw")]
+    for error in outages:
+        assert isinstance(queue._translate(error), BackendUnavailable), error
+    assert isinstance(queue._translate(driver.AuthenticationError("invalid password")), ConfigurationError)
+    moved = queue._translate(driver.MovedError("3999 127.0.0.1:7001"))
+    assert isinstance(moved, ConfigurationError) and "redis+cluster://" in str(moved)
+    assert type(queue._translate(driver.ResponseError("ERR unknown command"))) is jobqueue.JobQueueError
+    assert queue._translate(KeyError("a bug of ours")) is None
 
 
 def test_a_server_that_never_answers_is_an_outage_not_a_hang(tmp_path):
@@ -1398,9 +1429,22 @@ def test_replicas_acknowledge_every_change_before_it_returns(tmp_path):
     require_redis()
     with redis_servers(tmp_path / "m", 1) as (master,):
         dsn = f"redis://127.0.0.1:{master.port}/0?prefix=acked&replicas=1"
-        unacknowledged = Task("p", RecordingJob)
+        unacknowledged, second = Task("p", RecordingJob), Task("p", RecordingJob)
+        alone = queue_from_dsn(dsn)
         with pytest.raises(BackendUnavailable, match="only 0 of 1 replicas acknowledged"):
-            queue_from_dsn(dsn).add(unacknowledged)
+            alone.add(unacknowledged)
+        with pytest.raises(BackendUnavailable):
+            alone.add(unacknowledged)  # sent again: stored once, still not acknowledged
+        with pytest.raises(BackendUnavailable):
+            alone.add(second)
+        with pytest.raises(BackendUnavailable):
+            first_claim = alone.fetch("p", timeout=0, worker="w")
+        with pytest.raises(BackendUnavailable):
+            first_claim = alone.fetch("p", timeout=0, worker="w")
+        plain = queue_from_dsn(dsn.replace("&replicas=1", ""))
+        assert plain.count() == 2 and plain.count(status="running") == 1, "a re-sent claim took a second task"
+        first_claim = plain.search(status="running")[0]
+        assert first_claim.identifier == unacknowledged.identifier and first_claim.attempts == 1
         with redis_servers(tmp_path / "r", 1, extra=("--replicaof", "127.0.0.1", str(master.port))) as (replica,):
             wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up")
             queue = queue_from_dsn(dsn)
@@ -1412,7 +1456,7 @@ def test_replicas_acknowledge_every_change_before_it_returns(tmp_path):
             replica.client().execute_command("REPLICAOF", "NO", "ONE")
             promoted = queue_from_dsn(f"redis://127.0.0.1:{replica.port}/0?prefix=acked")
             assert {t.identifier for t in tasks} <= {t.identifier for t in promoted.search()}
-            assert promoted.count() == 201, "the unacknowledged task reached the replica once it was attached"
+            assert promoted.count() == 202, "the unacknowledged tasks reached the replica once it was attached"
             assert promoted.find(claimed.identifier).status is Status.RUNNING
 
 
@@ -1438,8 +1482,8 @@ def test_queue_from_dsn_picks_the_backend(tmp_path):
                                                           username="app", password="s@cret", prefix="jobs")),
     ("redis://us%3Aer:p%3Aw@h", dict(username="us:er", password="p:w", hosts=(("h", 6379),))),
     ("redis://:pw@[::1]:7001", dict(username=None, password="pw", hosts=(("::1", 7001),))),
-    ("rediss://:pw@secure.example?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
-     dict(scheme="rediss", tls=(("ssl_ca_certs", "/ca.pem"), ("ssl_cert_reqs", "none")))),
+    (f"rediss://:pw@secure.example?ssl_cert_reqs=none&ssl_ca_certs={HERE / 'LICENSE'}",
+     dict(scheme="rediss", tls=(("ssl_ca_certs", str(HERE / "LICENSE")), ("ssl_cert_reqs", "none")))),
     ("unix:///run/redis.sock?db=4&prefix=u", dict(scheme="unix", path="/run/redis.sock", db=4, prefix="u")),
     ("redis+sentinel://:pw@s1:26379,s2:26380/mymaster/5?replicas=1",
      dict(hosts=(("s1", 26379), ("s2", 26380)), service="mymaster", db=5, password="pw", replicas=1)),
@@ -1461,6 +1505,14 @@ def test_redis_dsn_table(dsn, expected):
     ("redis+sentinel://s1:26379", "names no service"),
     ("redis+cluster://n1:7000/2", "A Redis Cluster has no databases"),
     ("redis://localhost?prefix=a{b}", "prefix is a non-empty name without braces"),
+    ("redis://localhost/0?b=1&a=2", 'Unknown options "a", "b" in the Redis DSN'),
+    ("redis://localhost/0?prefix=a&prefix=b", "An option is given twice"),
+    ("redis://localhost/2/junk", 'has more path than a database: "/2/junk"'),
+    ("redis+sentinel://s:26379/svc/2/x", 'has more path than a database: "/svc/2/x"'),
+    ("unix://", "names no socket"),
+    ("rediss://h?ssl_cert_reqs=bogus", 'ssl_cert_reqs in a rediss:// DSN is "none", "optional" or "required"'),
+    ("rediss://h?ssl_ca_certs=/no/such/ca.pem", 'ssl_ca_certs in the Redis DSN names no file: "/no/such/ca.pem"'),
+    ("redis://h?replicas=99999999999", "replicas in the Redis DSN .* must be from 0 to 100"),
     ("redis://:s3cret@localhost?bogus=1", r"redis://:\*\*\*@localhost"),
 ])
 def test_redis_dsn_mistakes_are_named(dsn, message):
@@ -1471,11 +1523,12 @@ def test_redis_dsn_mistakes_are_named(dsn, message):
 
 def test_redis_dsn_builds_the_matching_redis_py_client(tmp_path):
     redis = pytest.importorskip("redis")
-    tls = queue_from_dsn("rediss://u:p@h:7000/1?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem").client
+    ca = str(HERE / "LICENSE")
+    tls = queue_from_dsn(f"rediss://u:p@h:7000/1?ssl_cert_reqs=none&ssl_ca_certs={ca}").client
     kwargs = tls.connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["username"], kwargs["password"]) == ("h", 7000, 1,
                                                                                                       "u", "p")
-    assert kwargs["ssl_cert_reqs"] == "none" and kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert kwargs["ssl_cert_reqs"] == "none" and kwargs["ssl_ca_certs"] == ca
     assert tls.connection_pool.connection_class is redis.SSLConnection
     unix = queue_from_dsn("unix:///run/r.sock?db=3").client.connection_pool.connection_kwargs
     assert (unix["path"], unix["db"]) == ("/run/r.sock", 3)
@@ -3544,6 +3597,18 @@ def test_worker_rides_through_a_cluster_replica_promotion(tmp_path, running):
         wait_until(lambda: finished_count(queue, before + after) == 40, timeout=60)
         assert worker.process.poll() is None, worker.err
         assert set(log.read_text().split()[::2]) == {t.identifier for t in before + after}
+        spare.kill()  # its slots have no replica left: the cluster goes down
+        wait_until(lambda: _raises_backend_unavailable(queue), timeout=30)
+        worker.wait_for("is unavailable", "err", timeout=30)
+        assert worker.process.poll() is None, "a cluster outage stopped the worker"
+
+
+def _raises_backend_unavailable(queue) -> bool:
+    try:
+        queue.count()
+    except BackendUnavailable:
+        return True
+    return False
 
 
 def _replicate(node: RedisServer, master_id) -> bool:
