@@ -611,6 +611,159 @@ def _decode_task(fields: Mapping[str, Any]) -> Task:
     return task
 
 
+# -- Schedules: cron expressions and time zones --------------------------------
+
+if TYPE_CHECKING:
+    from datetime import tzinfo
+
+# One row per field of a cron expression: name, lowest, highest, names (the first is `lowest`).
+CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("weekday", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+CRON_SHORTHANDS = {
+    "@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+}
+_LONGEST_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_GREGORIAN_CYCLE = 400  # years after which the calendar repeats, weekdays included
+
+
+def _wall_clock_instant(local: datetime, where: tzinfo) -> datetime:
+    """The UTC instant of a wall-clock time: its first occurrence, or the end of the gap it falls in."""
+    while True:
+        instant = local.replace(tzinfo=where, fold=0).astimezone(timezone.utc)
+        if instant.astimezone(where).replace(tzinfo=None) == local:
+            return instant
+        local += timedelta(minutes=1)
+
+
+def schedule_zone(name: str) -> tzinfo:
+    """The IANA time zone `name` (a ``zoneinfo.ZoneInfo``); ``"UTC"`` works even without a zone database."""
+    if name == "UTC":
+        return timezone.utc
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (LookupError, ValueError, TypeError, OSError):
+        pass
+    try:
+        zoneinfo.ZoneInfo("UTC")
+    except LookupError:
+        raise ValidationError(f'Time zone "{name}" needs a time zone database and this machine has none: '
+                              "install the tzdata package (pip install tzdata)") from None
+    raise ValidationError(f'Unknown time zone "{name}"')
+
+
+def _cron_number(text: str, name: str, lowest: int, highest: int, names: tuple[str, ...]) -> int:
+    allowed = f"{lowest}-{highest}" + (f" or {names[0]}-{names[-1]}" if names else "")
+    if text.lower() in names:
+        return lowest + names.index(text.lower())
+    if not (text.isascii() and text.isdigit()):
+        raise ValidationError(f'Cron field "{name}" allows {allowed}, not "{text}"')
+    if not lowest <= int(text) <= highest:
+        raise ValidationError(f'Cron field "{name}" allows {allowed}, not {int(text)}')
+    return int(text)
+
+
+def _cron_field(text: str, name: str, lowest: int, highest: int, names: tuple[str, ...]) -> frozenset[int]:
+    """The values one field allows: a list of `*`, `N` or `N-M`, each with an optional `/STEP`.
+
+    `N/STEP` runs from N to the field's highest value, as `*/STEP` runs from its lowest.
+    """
+    values: set[int] = set()
+    for item in text.split(","):
+        span, has_step, step = item.partition("/")
+        if span == "*":
+            start, end = lowest, highest
+        else:
+            first, has_end, last = span.partition("-")
+            start = _cron_number(first, name, lowest, highest, names)
+            end = _cron_number(last, name, lowest, highest, names) if has_end else highest if has_step else start
+            if start > end:
+                raise ValidationError(f'Cron field "{name}" has the range {span} backwards: write it low-high')
+        if has_step and not (step.isascii() and step.isdigit() and int(step) > 0):
+            raise ValidationError(f'Cron field "{name}" allows steps of 1 or more, not "{step}"')
+        values.update(range(start, end + 1, int(step) if has_step else 1))
+    return frozenset(value % 7 for value in values) if name == "weekday" else frozenset(values)
+
+
+@dataclass(frozen=True)
+class CronExpression:
+    """A five-field cron expression (minute hour day month weekday) or an ``@`` shorthand, parsed once.
+
+    Fields take ``*``, lists, ranges, steps and the names ``jan``-``dec`` and ``sun``-``sat``;
+    weekday 0 and 7 are both Sunday. As in Vixie cron, when both day and weekday are restricted
+    (neither starts with ``*``) a day matching either one matches; otherwise it must match both.
+    """
+
+    text: str
+    allowed: Mapping[str, frozenset[int]] = field(init=False, repr=False, compare=False)
+    day_or_weekday: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValidationError("A cron expression is a string")
+        text = self.text.strip()
+        if text.startswith("@"):
+            if text.lower() not in CRON_SHORTHANDS:
+                raise ValidationError(f'Unknown cron shorthand "{text}": use one of {", ".join(CRON_SHORTHANDS)}')
+            text = CRON_SHORTHANDS[text.lower()]
+        parts = text.split()
+        if len(parts) != len(CRON_FIELDS):
+            raise ValidationError(
+                f"A cron expression has five fields (minute hour day month weekday), not {len(parts)}")
+        allowed = {row[0]: _cron_field(part, *row) for part, row in zip(parts, CRON_FIELDS)}
+        object.__setattr__(self, "allowed", allowed)
+        object.__setattr__(self, "day_or_weekday", not parts[2].startswith("*") and not parts[4].startswith("*"))
+        if not self.day_or_weekday and not any(day <= _LONGEST_MONTH[month - 1]
+                                               for month in allowed["month"] for day in allowed["day"]):
+            raise ValidationError(f'Cron expression "{self.text}" never matches: '
+                                  'no month in field "month" has a day in field "day"')
+
+    def _matches_day(self, moment: datetime) -> bool:
+        in_month = moment.day in self.allowed["day"]
+        in_week = moment.isoweekday() % 7 in self.allowed["weekday"]
+        return in_month or in_week if self.day_or_weekday else in_month and in_week
+
+    def _next_local(self, local: datetime, before_year: int) -> datetime | None:
+        """The first matching wall-clock minute from `local` on, skipping whole months, days and hours."""
+        while local.year < before_year:
+            if local.month not in self.allowed["month"]:
+                local = datetime(local.year + local.month // 12, local.month % 12 + 1, 1)
+            elif not self._matches_day(local):
+                local = datetime(local.year, local.month, local.day) + timedelta(days=1)
+            elif local.hour not in self.allowed["hour"]:
+                local = local.replace(minute=0) + timedelta(hours=1)
+            elif local.minute not in self.allowed["minute"]:
+                local += timedelta(minutes=1)
+            else:
+                return local
+        return None
+
+    def next_after(self, moment: datetime, zone: str = "UTC") -> datetime:
+        """The first matching minute strictly after `moment`, read on the clocks of `zone`, in UTC.
+
+        A wall-clock time that the clocks skip (spring forward) runs once, at the end of the gap;
+        one they show twice (fall back) runs once, at its first occurrence. A naive `moment` is UTC.
+        """
+        where = schedule_zone(zone)
+        moment = _parse_datetime(moment)  # type: ignore[assignment]
+        local = moment.astimezone(where).replace(tzinfo=None, second=0, microsecond=0, fold=0)
+        local += timedelta(minutes=1)
+        before_year = min(local.year + _GREGORIAN_CYCLE, 9999)
+        while (found := self._next_local(local, before_year)) is not None:
+            instant = _wall_clock_instant(found, where)
+            if instant > moment:
+                return instant
+            local = found + timedelta(minutes=1)  # the second pass of an hour the clocks repeat
+        raise ValidationError(f'Cron expression "{self.text}" never matches after {moment.isoformat()}')
+
+
 # == Events ==================================================================
 
 WORKER_START = "worker.start"

@@ -615,6 +615,140 @@ def test_from_json_reports_what_is_missing():
         Task.from_json({"job": "a.B"})
 
 
+def _utc(*parts):
+    return datetime(*parts, tzinfo=timezone.utc)
+
+
+CRON_NEXT_TIMES = [  # expression, after (UTC), its next time (UTC)
+    ("*/15 * * * *", _utc(2025, 1, 1, 10, 7, 59), _utc(2025, 1, 1, 10, 15)),
+    ("10-50/10 * * * *", _utc(2025, 1, 1, 10, 50), _utc(2025, 1, 1, 11, 10)),
+    ("5/20 * * * *", _utc(2025, 1, 1, 10, 6), _utc(2025, 1, 1, 10, 25)),  # 5-59/20
+    ("1,5 * * * *", _utc(2025, 1, 1, 10, 1), _utc(2025, 1, 1, 10, 5)),
+    ("0 9-17 * * mon-fri", _utc(2025, 1, 3, 17, 0), _utc(2025, 1, 6, 9, 0)),  # Friday evening -> Monday
+    ("5 4 * * sun", _utc(2025, 1, 1), _utc(2025, 1, 5, 4, 5)),
+    ("0 0 * * 7", _utc(2025, 1, 1), _utc(2025, 1, 5)),  # 7 is Sunday too
+    ("0 0 * * 5-7", _utc(2025, 1, 5, 12), _utc(2025, 1, 10)),  # Fri, Sat, Sun
+    ("0 0 1 JAN,jul *", _utc(2025, 2, 1), _utc(2025, 7, 1)),
+    ("0 0 13 * Fri", _utc(2025, 1, 4), _utc(2025, 1, 10)),  # both restricted: a Friday will do
+    ("0 0 13 * Fri", _utc(2025, 1, 10, 1), _utc(2025, 1, 13)),  # ... and so will a 13th, a Monday
+    ("0 0 */2 * 1", _utc(2025, 1, 1), _utc(2025, 1, 13)),  # day starts with *: odd day AND Monday
+    ("0 12 31 * *", _utc(2025, 4, 1), _utc(2025, 5, 31, 12)),  # April has no 31st
+    ("0 0 29 2 *", _utc(2025, 3, 1), _utc(2028, 2, 29)),
+    ("59 23 31 12 *", _utc(2025, 12, 31, 23, 59), _utc(2026, 12, 31, 23, 59)),
+    ("0 0 * * *", _utc(2025, 12, 31, 23, 30), _utc(2026, 1, 1)),
+    ("@hourly", _utc(2025, 1, 1, 10), _utc(2025, 1, 1, 11)),  # strictly after
+    ("@daily", _utc(2025, 1, 1, 10), _utc(2025, 1, 2)),
+    ("@midnight", _utc(2025, 1, 1, 10), _utc(2025, 1, 2)),
+    ("@weekly", _utc(2025, 1, 1, 10), _utc(2025, 1, 5)),
+    ("@monthly", _utc(2025, 1, 1, 10), _utc(2025, 2, 1)),
+    ("@Yearly", _utc(2025, 1, 1, 10), _utc(2026, 1, 1)),
+    ("@annually", _utc(2025, 1, 1, 10), _utc(2026, 1, 1)),
+]
+
+
+@pytest.mark.parametrize(("expression", "after", "expected"), CRON_NEXT_TIMES)
+def test_cron_next_times(expression, after, expected):
+    assert jobqueue.CronExpression(expression).next_after(after) == expected
+
+
+CRON_ZONED_TIMES = [  # expression, zone, after (UTC), its next time (UTC)
+    ("30 9 * * *", "Asia/Kolkata", _utc(2025, 1, 1), _utc(2025, 1, 1, 4, 0)),  # +05:30
+    ("0 0 * * *", "Asia/Kolkata", _utc(2025, 1, 1, 18, 29), _utc(2025, 1, 1, 18, 30)),
+    ("0 9 * * mon-fri", "America/New_York", _utc(2025, 3, 7, 15), _utc(2025, 3, 10, 13)),  # EST -> EDT
+    ("0 9 * * mon-fri", "America/New_York", _utc(2025, 10, 31, 14), _utc(2025, 11, 3, 14)),  # EDT -> EST
+    # Paris springs forward at 02:00 on 2025-03-30: 02:30 does not exist and runs once at 03:00 CEST.
+    ("30 2 * * *", "Europe/Paris", _utc(2025, 3, 29, 12), _utc(2025, 3, 30, 1)),
+    ("30 2 * * *", "Europe/Paris", _utc(2025, 3, 30, 1), _utc(2025, 3, 31, 0, 30)),
+    ("*/20 2 * * *", "Europe/Paris", _utc(2025, 3, 30, 1), _utc(2025, 3, 31, 0, 0)),  # 02:00-02:40 ran as one
+    # Paris falls back at 03:00 on 2025-10-26: 02:30 happens twice and runs at the first one only.
+    ("30 2 * * *", "Europe/Paris", _utc(2025, 10, 25, 12), _utc(2025, 10, 26, 0, 30)),
+    ("30 2 * * *", "Europe/Paris", _utc(2025, 10, 26, 0, 30), _utc(2025, 10, 27, 1, 30)),
+    ("30 2 * * *", "Europe/Paris", _utc(2025, 10, 26, 1, 15), _utc(2025, 10, 27, 1, 30)),  # in the second pass
+]
+
+
+@pytest.mark.parametrize(("expression", "zone", "after", "expected"), CRON_ZONED_TIMES)
+def test_cron_next_times_in_a_zone(expression, zone, after, expected):
+    assert jobqueue.CronExpression(expression).next_after(after, zone) == expected
+
+
+@pytest.mark.parametrize(("start", "utc_hours", "paris_hours"), [
+    (_utc(2025, 3, 29, 21, 30), [22, 23, 0, 1, 2, 3], [23, 0, 1, 3, 4, 5]),  # spring: no 02:00 to run
+    (_utc(2025, 10, 25, 20, 30), [21, 22, 23, 0, 2, 3], [23, 0, 1, 2, 3, 4]),  # autumn: 02:00 runs once
+])
+def test_cron_hourly_across_daylight_saving_changes(start, utc_hours, paris_hours):
+    hourly, paris = jobqueue.CronExpression("0 * * * *"), jobqueue.schedule_zone("Europe/Paris")
+    runs = [start]
+    for _ in range(6):
+        runs.append(hourly.next_after(runs[-1], "Europe/Paris"))
+    runs = runs[1:]
+    assert all(later > earlier for earlier, later in zip(runs, runs[1:]))
+    assert [run.hour for run in runs] == utc_hours
+    assert [run.astimezone(paris).hour for run in runs] == paris_hours
+    assert all(run.minute == 0 and run.tzinfo == timezone.utc for run in runs)
+
+
+def test_cron_naive_moment_is_utc():
+    assert jobqueue.CronExpression("0 * * * *").next_after(datetime(2025, 1, 1, 10, 30)) == _utc(2025, 1, 1, 11)
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("", "A cron expression has five fields (minute hour day month weekday), not 0"),
+    ("* * * *", "A cron expression has five fields (minute hour day month weekday), not 4"),
+    ("* * * * * *", "A cron expression has five fields (minute hour day month weekday), not 6"),
+    ("60 * * * *", 'Cron field "minute" allows 0-59, not 60'),
+    ("0 24 * * *", 'Cron field "hour" allows 0-23, not 24'),
+    ("0 0 0 * *", 'Cron field "day" allows 1-31, not 0'),
+    ("0 0 * 13 *", 'Cron field "month" allows 1-12 or jan-dec, not 13'),
+    ("0 0 * foo *", 'Cron field "month" allows 1-12 or jan-dec, not "foo"'),
+    ("0 0 * * 8", 'Cron field "weekday" allows 0-7 or sun-sat, not 8'),
+    ("0 0 * * monday", 'Cron field "weekday" allows 0-7 or sun-sat, not "monday"'),
+    ("1,,2 * * * *", 'Cron field "minute" allows 0-59, not ""'),
+    ("-1 * * * *", 'Cron field "minute" allows 0-59, not ""'),
+    ("*/0 * * * *", 'Cron field "minute" allows steps of 1 or more, not "0"'),
+    ("0 */x * * *", 'Cron field "hour" allows steps of 1 or more, not "x"'),
+    ("5-1 * * * *", 'Cron field "minute" has the range 5-1 backwards: write it low-high'),
+    ("@fortnightly", 'Unknown cron shorthand "@fortnightly": '
+                     "use one of @hourly, @daily, @midnight, @weekly, @monthly, @yearly, @annually"),
+    ("0 0 31 2 *", 'Cron expression "0 0 31 2 *" never matches: no month in field "month" has a day in field "day"'),
+    ("0 0 30,31 feb *", 'Cron expression "0 0 30,31 feb *" never matches: '
+                        'no month in field "month" has a day in field "day"'),
+    (None, "A cron expression is a string"),
+])
+def test_bad_cron_expressions(expression, message):
+    with pytest.raises(ValidationError) as caught:
+        jobqueue.CronExpression(expression)
+    assert str(caught.value) == message
+
+
+def test_cron_day_that_months_rarely_have_still_matches():
+    # February 31 never exists, but with a weekday as well cron runs on those weekdays of February.
+    assert jobqueue.CronExpression("0 0 31 2 mon").next_after(_utc(2025, 1, 1)) == _utc(2025, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["Mars/Olympus", "", "America", "../etc/passwd", "/etc/localtime"])
+def test_unknown_time_zone_is_named(name):
+    with pytest.raises(ValidationError) as caught:
+        jobqueue.schedule_zone(name)
+    assert str(caught.value) == f'Unknown time zone "{name}"'
+    with pytest.raises(ValidationError, match="^Unknown time zone"):
+        jobqueue.CronExpression("* * * * *").next_after(_utc(2025, 1, 1), name)
+
+
+def test_time_zone_without_a_zone_database_says_so():
+    script = ("import sys; sys.modules['tzdata'] = None\n"  # neither the tzdata package...
+              "import jobqueue\n"
+              "print(jobqueue.CronExpression('@daily').next_after('2025-01-01T10:00:00+00:00').isoformat())\n"
+              "jobqueue.schedule_zone('Europe/Paris')\n")
+    env = {**os.environ, "PYTHONTZPATH": ""}  # ... nor /usr/share/zoneinfo
+    done = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.stdout == "2025-01-02T00:00:00+00:00\n"  # UTC needs no database
+    assert done.stderr.strip().splitlines()[-1] == (
+        'jobqueue.ValidationError: Time zone "Europe/Paris" needs a time zone database and this machine has none: '
+        "install the tzdata package (pip install tzdata)")
+
+
 # == Events ==================================================================
 
 
