@@ -1158,21 +1158,45 @@ local function status_key(s) return base .. ':status:' .. s end
 local function tag_key(t) return base .. ':tag:' .. t end
 local function ended(s) return s == 'finished' or s == 'failed' end
 
--- A change runs once per (caller, token); the same call again returns the first reply. The
--- caller names a thread of a client and a handler; each remembers its last reply for a while.
+-- A handler's arguments, named in the order they are sent; a name starting with '...' takes the rest.
+-- Python reads these declarations (the calls below) to send each handler its arguments in order.
+local function named(names, args, first)
+  local values = {}
+  for i, name in ipairs(names) do
+    if string.sub(name, 1, 3) == '...' then
+      local rest = {}
+      for j = first + i - 1, #args do rest[#rest + 1] = args[j] end
+      values[string.sub(name, 4)] = rest
+    else
+      values[name] = args[first + i - 1]
+    end
+  end
+  return values
+end
+
+-- A change runs once per (caller, token), its two first arguments: sent again, it returns the first
+-- reply. The caller names a thread of a client and a handler; each remembers its last reply a while.
 local MEMO_SECONDS = 120
-local function once(change)
+local function change(names, apply)
   return function(keys, args)
     bind(keys)
     local memo, token = base .. ':call:' .. args[1], args[2] .. '\\n'
     local last = redis.call('GET', memo)
     if last and string.sub(last, 1, #token) == token then return string.sub(last, #token + 1) end
-    local reply = change(args)
+    local reply = apply(named(names, args, 3))
     if type(reply) == 'table' and reply.err then return reply end
     reply = cjson.encode(reply)
     -- An empty reply (nothing claimed, nothing recovered) changed nothing worth remembering.
     if reply ~= '{}' then redis.call('SET', memo, token .. reply, 'EX', MEMO_SECONDS) end
     return reply
+  end
+end
+
+-- A change that is the same when sent twice needs no memo.
+local function plain(names, apply)
+  return function(keys, args)
+    bind(keys)
+    return apply(named(names, args, 1))
   end
 end
 
@@ -1254,20 +1278,19 @@ local function claim_next(now, worker, lease)
   return {due = next_due[2]}
 end
 
--- Record how a run ended, if the run (its attempt number) still holds the task.
--- args[i..i+7]: now (when it ended), identifier, attempts, new status, error, result, failures, run_at.
-local function complete(args, i)
-  local now, id, attempts, new, err, result, failures, run_at = unpack(args, i, i + 7)
+-- Record how a run ended (a.now is when), if the run (its attempt number) still holds the task.
+local function complete(a)
+  local now, id, new, err, result = a.now, a.id, a.status, a.error, a.result
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts')
-  if f[2] ~= 'running' or f[4] ~= attempts then return 0 end
+  if f[2] ~= 'running' or f[4] ~= a.attempts then return 0 end
   move(id, f[3], 'running', new, now)
-  redis.call('HSET', key, 'failures', failures)
+  redis.call('HSET', key, 'failures', a.failures)
   if err ~= '' then redis.call('HSET', key, 'error', err) else redis.call('HDEL', key, 'error') end
   if result ~= '' then redis.call('HSET', key, 'result', result) end
   if new == 'waiting' then
-    redis.call('HSET', key, 'run_at', run_at)
-    redis.call('ZADD', DELAYED, run_at, id)
+    redis.call('HSET', key, 'run_at', a.run_at)
+    redis.call('ZADD', DELAYED, a.run_at, id)
     wake(1)
   else
     redis.call('HINCRBY', COMPLETED, new, 1)
@@ -1289,11 +1312,11 @@ local function remove(id)
   return 1
 end
 
--- args: caller, token, now, then each task's stored fields as a JSON object of strings.
-H.add = once(function(args)
-  local now, tasks = tonumber(args[3]), {}
-  for i = 4, #args do
-    local task = cjson.decode(args[i])
+-- Each task comes as its stored fields, a JSON object of strings.
+H.add = change({'now', '...tasks'}, function(a)
+  local now, tasks = tonumber(a.now), {}
+  for _, text in ipairs(a.tasks) do
+    local task = cjson.decode(text)
     if redis.call('EXISTS', task_key(task.identifier)) == 1 then
       return redis.error_reply('EXISTS ' .. task.identifier)
     end
@@ -1324,36 +1347,34 @@ H.add = once(function(args)
   return #tasks
 end)
 
--- args: caller, token, now, worker, lease.
-H.claim = once(function(args) return claim_next(args[3], args[4], args[5]) end)
+H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
 
--- args: caller, token, then complete's eight.
-H.complete = once(function(args) return complete(args, 3) end)
+H.complete = change({'now', 'id', 'attempts', 'status', 'error', 'result', 'failures', 'run_at'}, complete)
 
--- args: caller, token, complete's eight, worker, lease: one round trip from one task to the next.
-H.complete_and_claim = once(function(args)
-  return {complete(args, 3), claim_next(args[3], args[11], args[12])}
+-- One round trip from one task to the next: its outcome, then the next claim.
+H.complete_and_claim = change({'now', 'id', 'attempts', 'status', 'error', 'result', 'failures', 'run_at',
+                               'worker', 'lease'}, function(a)
+  return {complete(a), claim_next(a.now, a.worker, a.lease)}
 end)
 
--- args: lease expiry, then identifier and attempts of each task. Sent twice, it sets the same expiry.
-H.renew = function(keys, args)
-  bind(keys)
+-- held: identifier and attempts of each task its worker still runs.
+H.renew = plain({'until', '...held'}, function(a)
   local renewed = 0
-  for i = 2, #args, 2 do
-    local key = task_key(args[i])
+  for i = 1, #a.held, 2 do
+    local id, key = a.held[i], task_key(a.held[i])
     local f = redis.call('HMGET', key, 'status', 'attempts')
-    if f[1] == 'running' and f[2] == args[i + 1] then
-      redis.call('HSET', key, 'lease_until', args[1])
-      redis.call('ZADD', LEASES, args[1], args[i])
+    if f[1] == 'running' and f[2] == a.held[i + 1] then
+      redis.call('HSET', key, 'lease_until', a['until'])
+      redis.call('ZADD', LEASES, a['until'], id)
       renewed = renewed + 1
     end
   end
   return renewed
-end
+end)
 
--- args: caller, token, now, max_lost. Each recovered task with the worker it was lost from.
-H.recover = once(function(args)
-  local now, max_lost, recovered = args[3], tonumber(args[4]), {}
+-- Each recovered task with the worker it was lost from.
+H.recover = change({'now', 'max_lost'}, function(a)
+  local now, max_lost, recovered = a.now, tonumber(a.max_lost), {}
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 1000)) do
     local key = task_key(id)
     local f = redis.call('HMGET', key, 'status', 'created_at', 'worker')
@@ -1378,14 +1399,14 @@ H.recover = once(function(args)
   return recovered
 end)
 
--- args: caller, token, now, identifier, new status, '1' to move only a failed task (retry).
-H.update = once(function(args)
-  local now, id, new = args[3], args[4], args[5]
+-- only_failed: '1' to move only a failed task (a retry).
+H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
+  local now, id, new = a.now, a.id, a.status
   local key = task_key(id)
   local f = redis.call('HMGET', key, 'status', 'created_at')
   if not f[1] then return {} end
   local old, score = f[1], f[2]
-  if args[6] == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
+  if a.only_failed == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
   if old ~= new then
     if old == 'waiting' then unqueue(id) end
     if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
@@ -1393,14 +1414,13 @@ H.update = once(function(args)
   return {task = fields(key)}
 end)
 
--- args: caller, token, now, identifier.
-H.delete = once(function(args) return remove(args[4]) end)
+H.delete = change({'now', 'id'}, function(a) return remove(a.id) end)
 
--- args: caller, token, ended before, offset, limit, statuses... Returns {removed, scanned}.
-H.purge = once(function(args)
+-- Tasks of the statuses that ended before a.now, a page at a time. Returns {removed, scanned}.
+H.purge = change({'now', 'offset', 'limit', '...statuses'}, function(a)
   local wanted = {}
-  for i = 6, #args do wanted[args[i]] = true end
-  local ids = redis.call('ZRANGEBYSCORE', ENDED, '-inf', args[3], 'LIMIT', args[4], args[5])
+  for _, status in ipairs(a.statuses) do wanted[status] = true end
+  local ids = redis.call('ZRANGEBYSCORE', ENDED, '-inf', a.now, 'LIMIT', a.offset, a.limit)
   local removed = 0
   for _, id in ipairs(ids) do
     if wanted[redis.call('HGET', task_key(id), 'status')] then removed = removed + remove(id) end
@@ -1408,9 +1428,9 @@ H.purge = once(function(args)
   return {removed, #ids}
 end)
 
--- args: caller, token, now, '1' to take tasks under a live lease too. Oldest first, to the tail.
-H.restore = once(function(args)
-  local now, everything = tonumber(args[3]), args[4] == '1'
+-- everything: '1' to take tasks under a live lease too. Oldest first, to the tail.
+H.restore = change({'now', 'everything'}, function(a)
+  local now, everything = tonumber(a.now), a.everything == '1'
   local stale = {}
   for _, s in ipairs({'running', 'failed'}) do
     local entries = redis.call('ZRANGE', status_key(s), 0, -1, 'WITHSCORES')
@@ -1423,15 +1443,14 @@ H.restore = once(function(args)
     end
   end
   table.sort(stale, function(a, b) return a[2] < b[2] end)
-  for _, entry in ipairs(stale) do requeue(entry[1], entry[3], entry[4], args[3]) end
+  for _, entry in ipairs(stale) do requeue(entry[1], entry[3], entry[4], a.now) end
   return #stale
 end)
 
--- args: caller, token, now, batch. Removes up to batch tasks, then the indexes once none is left
--- (meanwhile a claim skips the ids whose task is gone).
--- Returns {removed, left}; the call memos expire by themselves.
-H.flush = once(function(args)
-  local budget = tonumber(args[4])
+-- Removes up to batch tasks, then the indexes once none is left (meanwhile a claim skips the ids
+-- whose task is gone). Returns {removed, left}; the call memos expire by themselves.
+H.flush = change({'now', 'batch'}, function(a)
+  local budget = tonumber(a.batch)
   local removed = 0
   for _, s in ipairs(STATUSES) do
     local ids = redis.call('ZRANGE', status_key(s), 0, budget - removed - 1)
@@ -1449,10 +1468,15 @@ H.flush = once(function(args)
 end)
 """
 
+# Each handler's argument names, read from its declaration in the library: the one source of the order.
+_REDIS_HANDLERS = {
+    name: (kind == "change", tuple(re.findall(r"'([.\w]+)'", names)))
+    for name, kind, names in re.findall(r"^H\.(\w+) = (change|plain)\(\{([^}]*)\}", _REDIS_LIBRARY, re.M)
+}
+
 # How the library is installed: as Redis Functions (loaded once, then FCALL
 # jobqueue_<version>_<handler>), or where the server has none (before Redis 7)
 # as one script whose first argument names the handler.
-_REDIS_HANDLERS = tuple(re.findall(r"^H\.(\w+) =", _REDIS_LIBRARY, re.M))
 _REDIS_AS_SCRIPT = """
 local args = {}
 for i = 2, #ARGV do args[i - 1] = ARGV[i] end
@@ -1759,27 +1783,32 @@ class RedisQueue(Queue):
     def _decoded(self, reply: Any) -> Any:
         return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
 
-    def _call(self, profile: str, handler: str, now: str, *args: Any) -> Any:
+    def _call(self, profile: str, handler: str, **values: Any) -> Any:
         """Run one handler of the library on the profile's slot, once, acknowledged by ``replicas``.
 
-        A call that raised may have run (its reply lost): sent again from this
-        thread with the same arguments (``now`` aside), it reuses its token, so
-        the server answers with the first run's reply instead of running twice.
+        ``values`` are the handler's arguments by the names its declaration
+        gives. A call that raised may have run (its reply lost): sent again
+        from this thread with the same values (``now`` aside), it reuses its
+        token, so the server answers with the first run's reply.
         """
+        remembered, names = _REDIS_HANDLERS[handler]
+        ordered: list[Any] = []
+        for name in names:
+            ordered += values[name[3:]] if name.startswith("...") else [values[name]]
+        arguments = [handler, *ordered]
+        if remembered:
+            call = (profile, *(value for name, value in zip(names, ordered) if name != "now"), *ordered[len(names):])
+            caller, token, pending = self._token(handler, call)
+            arguments = [handler, caller, token, *ordered]
         base = self._base(profile)
-        if handler == "renew":
-            arguments = [handler, now, *args]
-        else:
-            caller, token, pending = self._token(handler, (profile, *args))
-            arguments = [handler, caller, token, now, *args]
         for _ in range(3):
             try:
                 if self.replicas:
                     reply = self._acknowledged(base, arguments)
                 else:
                     reply = self.client.execute_command(*self._command(base, arguments))
-                if handler != "renew":
-                    pending.pop((handler, profile, *args), None)
+                if remembered:
+                    pending.pop((handler, *call), None)
                 return self._decoded(reply)
             except self._exceptions.ResponseError as error:
                 if not self._repair(error, base):
@@ -1858,7 +1887,7 @@ class RedisQueue(Queue):
             batches.setdefault(task.profile, []).append(json.dumps(_encode_task(task)))
         for profile, encoded in batches.items():
             self._register(profile)
-            self._call(profile, "add", repr(now), *encoded)
+            self._call(profile, "add", now=repr(now), tasks=encoded)
 
     def _claim_reply(self, reply: Any) -> Task | float | None:
         if "task" in reply:
@@ -1869,7 +1898,7 @@ class RedisQueue(Queue):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = self.clock()
-            claimed = self._claim_reply(self._call(profile, "claim", repr(now), worker, repr(lease)))
+            claimed = self._claim_reply(self._call(profile, "claim", now=repr(now), worker=worker, lease=repr(lease)))
             if isinstance(claimed, Task):
                 return claimed
             remaining = _remaining(deadline)
@@ -1883,20 +1912,20 @@ class RedisQueue(Queue):
             self.client.blpop([f"{self._base(profile)}:wake"], timeout=max(block, 0.01))
 
     def _renew(self, task: Task, until: float) -> bool:
-        return bool(self._call(task.profile, "renew", repr(until), task.identifier, task.attempts))
+        return bool(self._call(task.profile, "renew", until=repr(until), held=[task.identifier, task.attempts]))
 
-    def _outcome(self, task: Task) -> list[Any]:
+    def _outcome(self, task: Task) -> dict[str, Any]:
         finished = task.finished_at if task.status is not Status.WAITING else None
-        return [_stamp(finished) or repr(self.clock()), task.identifier, task.attempts, task.status.value,
-                task.error or "", "" if task.result is None else json.dumps(task.result), task.failures,
-                _stamp(task.run_at)]
+        return {"now": _stamp(finished) or repr(self.clock()), "id": task.identifier, "attempts": task.attempts,
+                "status": task.status.value, "error": task.error or "", "failures": task.failures,
+                "result": "" if task.result is None else json.dumps(task.result), "run_at": _stamp(task.run_at)}
 
     def _complete(self, task: Task) -> bool:
-        return bool(self._call(task.profile, "complete", *self._outcome(task)))
+        return bool(self._call(task.profile, "complete", **self._outcome(task)))
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
         recorded, following = self._call(
-            task.profile, "complete_and_claim", *self._outcome(task), worker, repr(lease)
+            task.profile, "complete_and_claim", **self._outcome(task), worker=worker, lease=repr(lease)
         )
         claimed = self._claim_reply(following)
         return bool(recorded), claimed if isinstance(claimed, Task) else None
@@ -1904,7 +1933,7 @@ class RedisQueue(Queue):
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         recovered = []
         for profile in self._profiles():
-            for entry in self._call(profile, "recover", repr(now), max_lost) or []:
+            for entry in self._call(profile, "recover", now=repr(now), max_lost=max_lost) or []:
                 task = self._task(entry["task"])
                 task.worker = entry["worker"]
                 recovered.append(task)
@@ -1933,12 +1962,13 @@ class RedisQueue(Queue):
         profile = self._locate(identifier)[0]
         if profile is None:
             return None
-        reply = self._call(profile, "update", repr(now), identifier, status.value, "1" if only_failed else "0")
+        reply = self._call(profile, "update", now=repr(now), id=identifier, status=status.value,
+                           only_failed="1" if only_failed else "0")
         return self._task(reply.get("task"))
 
     def _delete(self, identifier: str) -> bool:
         profile = self._locate(identifier)[0]
-        return profile is not None and bool(self._call(profile, "delete", repr(self.clock()), identifier))
+        return profile is not None and bool(self._call(profile, "delete", now=repr(self.clock()), id=identifier))
 
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
@@ -2006,8 +2036,8 @@ class RedisQueue(Queue):
         for profile in self._profiles():
             offset, batch = 0, 500
             while True:
-                removed, scanned = self._call(profile, "purge", repr(ended_before), offset, batch,
-                                                *[s.value for s in statuses])
+                removed, scanned = self._call(profile, "purge", now=repr(ended_before), offset=offset,
+                                              limit=batch, statuses=[s.value for s in statuses])
                 total += removed
                 offset += scanned - removed
                 if scanned < batch:
@@ -2024,12 +2054,12 @@ class RedisQueue(Queue):
         for profile in self._profiles():
             left = True
             while left:
-                count, left = self._call(profile, "flush", repr(self.clock()), _REDIS_BATCH)
+                count, left = self._call(profile, "flush", now=repr(self.clock()), batch=_REDIS_BATCH)
                 removed += count
         return removed
 
     def _restore(self, now: float, include_leased: bool) -> int:
-        return sum(int(self._call(profile, "restore", repr(now), "1" if include_leased else "0"))
+        return sum(int(self._call(profile, "restore", now=repr(now), everything="1" if include_leased else "0"))
                    for profile in self._profiles())
 
     def _stats(self) -> dict[tuple, int]:
