@@ -83,6 +83,8 @@ DEFAULT_MAX_LOST = 3
 ERROR_MAX_BYTES = 64 * 1024
 RESULT_MAX_BYTES = 1024 * 1024
 SQLITE_BUSY_TIMEOUT = 30.0
+SQLITE_MIN_VERSION = (3, 35, 0)
+SQLITE_POOL_SIZE = 16
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -232,7 +234,7 @@ def validate_tags(tags: object) -> list[str]:
     if tags is None:
         return []
     if isinstance(tags, str):
-        tags = [tags]
+        raise ValidationError(f'Tags must be a list of strings, such as ["{tags}"], not one string')
     if not isinstance(tags, (list, tuple, set, frozenset)):
         raise ValidationError("Tag value must be a string")
     unique: list[str] = []
@@ -292,11 +294,16 @@ def _is_job_function(target: object) -> bool:
 
 
 def _module_name(target: Any) -> str:
+    """The module a worker would import for ``target``; a script's own jobs have none."""
     module = target.__module__
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         if spec is not None and spec.name:
             return spec.name
+        raise ValidationError(
+            f'Job "{target.__qualname__}" is defined in the script being run (__main__), which a worker cannot'
+            " import: move it to a module and import it from there"
+        )
     return module
 
 
@@ -305,8 +312,11 @@ def job_path(target: object) -> str:
     if isinstance(target, str):
         if not JOB_PATH_PATTERN.fullmatch(target):
             raise ValidationError(
-                f'Job "{target}" must be an import path such as "myapp.jobs.SendMail"'
+                f'Job "{target}" must be an import path such as "myapp.jobs.SendMailJob"'
             )
+        if re.match(r"__main__[.:]", target):
+            raise ValidationError(f'Job "{target}" names the script being run (__main__), which a worker cannot'
+                                  " import: move the job to a module")
         return target
     if isinstance(target, Job):
         target = type(target)
@@ -335,8 +345,30 @@ def _import_job_module(module_name: str, path: str) -> Any:
         raise JobError(f'Job "{path}" cannot be imported: {type(error).__name__}: {error}') from error
 
 
-def resolve_job(path: str) -> Any:
-    """Import the Job subclass or @job function that ``path`` names; nothing else is ever returned."""
+def allowed_jobs(environ: Mapping[str, str] | None = None) -> tuple:
+    """The ``JOBQUEUE_JOBS`` prefixes (comma-separated); empty means every job path is allowed."""
+    text = (os.environ if environ is None else environ).get("JOBQUEUE_JOBS") or ""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def check_allowed(path: str, allowed: Sequence[str]) -> str:
+    """``path`` if the allow-list is empty or one of its prefixes starts it; else JobNotAllowed.
+
+    Called before anything is imported, so a path outside the list never runs
+    a module's import-time code.
+    """
+    if allowed and not any(path.replace(":", ".").startswith(prefix) for prefix in allowed):
+        raise JobNotAllowed(f'Job "{path}" is not allowed: JOBQUEUE_JOBS allows {", ".join(allowed)}')
+    return path
+
+
+def resolve_job(path: str, allowed: Sequence[str] | None = None) -> Any:
+    """Import the Job subclass or @job function that ``path`` names; nothing else is ever returned.
+
+    ``allowed`` (default: ``JOBQUEUE_JOBS`` from the environment) is checked
+    first: a path outside it raises JobNotAllowed and imports nothing.
+    """
+    check_allowed(job_path(path), allowed_jobs() if allowed is None else allowed)
     if ":" in path:
         module_name, _, attributes = path.partition(":")
         candidates = [(module_name, attributes.split("."))]
@@ -1854,9 +1886,29 @@ def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 
 def _sqlite3() -> Any:
+    """The sqlite3 module, if its library can run our statements (RETURNING needs 3.35)."""
     import sqlite3
 
+    if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+        raise ConfigurationError(
+            f"This Python's SQLite library is {sqlite3.sqlite_version}; jobqueue needs"
+            f" {'.'.join(map(str, SQLITE_MIN_VERSION))} or newer. Use a Python built with a newer SQLite,"
+            " or Redis (JOBQUEUE_REDIS_DSN)"
+        )
     return sqlite3
+
+
+class _PooledConnection:
+    """A connection one thread holds; when the thread ends, it goes back to the pool (or is closed)."""
+
+    def __init__(self, connection: sqlite3.Connection, pool: list):
+        self.connection, self.pool = connection, pool
+
+    def __del__(self) -> None:
+        if len(self.pool) < SQLITE_POOL_SIZE:
+            self.pool.append(self.connection)
+        else:
+            self.connection.close()
 
 
 class SQLiteQueue(Queue):
@@ -1864,23 +1916,34 @@ class SQLiteQueue(Queue):
 
     Several worker processes and the server can share the file. ``fetch``
     polls, backing off from 1 ms up to ``poll_interval`` seconds while idle.
+    A thread that ends leaves its connection to the next one (the server
+    starts a thread per HTTP connection), up to SQLITE_POOL_SIZE idle ones.
     """
 
     def __init__(self, path: str | os.PathLike, poll_interval: float = 0.05):
         self.path = os.fspath(path)
         self.poll_interval = poll_interval
         self._local = threading.local()
+        self._pool: list = []
+        self._pool_pid = os.getpid()
+        self._schema_ready = False
         with self._errors():
             self._connection()
 
     def describe(self) -> str:
-        return f"SQLite database {self.path}"
+        return f"SQLite database {os.path.abspath(self.path)}"
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.connection, local.pid = self._open(), os.getpid()
-        return local.connection
+            if self._pool_pid != os.getpid():
+                self._pool, self._pool_pid, self._schema_ready = [], os.getpid(), False
+            try:
+                connection = self._pool.pop()
+            except IndexError:
+                connection = self._open()
+            local.held, local.pid = _PooledConnection(connection, self._pool), os.getpid()
+        return local.held.connection
 
     def _open(self) -> sqlite3.Connection:
         """Connect, switch to WAL and create the schema if needed.
@@ -1899,10 +1962,12 @@ class SQLiteQueue(Queue):
                 )
                 connection.row_factory = _row_dict
                 connection.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-                if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
-                    connection.execute("PRAGMA journal_mode = WAL")
                 connection.execute("PRAGMA synchronous = NORMAL")
-                connection.executescript(_SQLITE_SCHEMA)
+                if not self._schema_ready:
+                    if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
+                        connection.execute("PRAGMA journal_mode = WAL")
+                    connection.executescript(_SQLITE_SCHEMA)
+                    self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
                 if connection is not None:
@@ -2180,10 +2245,13 @@ class SQLiteQueue(Queue):
         self._connection().execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.close()
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            held.pool = []
+            held.connection.close()
             self._local.__dict__.clear()
+        while self._pool:
+            self._pool.pop().close()
 
 
 # == DSN =====================================================================
@@ -2600,6 +2668,7 @@ class Config:
     jobs: tuple = ()
     imports: tuple = ()
     token: str | None = field(default=None, repr=False)
+    origins: tuple = ()
     max_lost: int = DEFAULT_MAX_LOST
     finished_ttl: float | None = None
 
@@ -2610,23 +2679,28 @@ class Config:
             redis_dsn=environ.get("JOBQUEUE_REDIS_DSN") or None,
             db=environ.get("JOBQUEUE_DB") or DEFAULT_DB,
             env=environ.get("JOBQUEUE_ENV") or "dev",
-            jobs=_split_list(environ.get("JOBQUEUE_JOBS")),
+            jobs=allowed_jobs(environ),
             imports=_split_list(environ.get("JOBQUEUE_IMPORTS")),
             token=environ.get("JOBQUEUE_TOKEN") or None,
+            origins=tuple(origin.lower().rstrip("/") for origin in _split_list(environ.get("JOBQUEUE_ORIGINS"))),
             max_lost=_setting(environ, "JOBQUEUE_MAX_LOST", DEFAULT_MAX_LOST, _whole_number),
             finished_ttl=_setting(environ, "JOBQUEUE_FINISHED_TTL", None, parse_duration),
         )
 
     def check_job(self, target: object) -> str:
         """The job's path, if ``JOBQUEUE_JOBS`` (when set) allows it; else JobNotAllowed."""
-        path = job_path(target)
-        if self.jobs and not any(path.replace(":", ".").startswith(prefix) for prefix in self.jobs):
-            raise JobNotAllowed(f'Job "{path}" is not allowed: JOBQUEUE_JOBS allows {", ".join(self.jobs)}')
-        return path
+        return check_allowed(job_path(target), self.jobs)
 
     @property
     def dsn(self) -> str:
         return self.redis_dsn or self.db
+
+    def missing_database(self) -> str | None:
+        """The SQLite file's absolute path if that is the queue and the file does not exist yet."""
+        if self.redis_dsn:
+            return None
+        path = self.db[len("sqlite:///"):] if self.db.lower().startswith("sqlite:///") else self.db
+        return None if "://" in path or os.path.exists(path) else os.path.abspath(path)
 
     def queue(self) -> Queue:
         return queue_from_dsn(self.dsn)
@@ -2670,6 +2744,10 @@ class ServiceContainer:
 # == HTTP ====================================================================
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_INTEGER = 2**63 - 1
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+LISTEN_BACKLOG = 1024
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 REQUEST_TIMEOUT = 30.0
@@ -2697,6 +2775,10 @@ class Request:
     body_error: HTTPError | None = None
     params: dict[str, str] = field(default_factory=dict)
 
+    def header(self, name: str) -> str | None:
+        """The first value of a header, whatever its case."""
+        return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
+
     def arg(self, name: str) -> str | None:
         """The last value of a query parameter; an empty value counts as absent."""
         values = self.query.get(name)
@@ -2706,23 +2788,29 @@ class Request:
         """A list parameter, comma-separated (``tags=a,b``) or repeated (``tags=a&tags=b``)."""
         return [item for value in self.query.get(name, []) for item in value.split(",") if item]
 
-    def int_arg(self, name: str, default: int, most: int | None = None) -> int:
+    def int_arg(self, name: str, default: int, most: int = MAX_INTEGER) -> int:
+        """A whole number in ASCII digits from 0 to ``most``; anything else is ValidationError."""
         text = self.arg(name)
         if text is None:
             return default
-        if not text.isdigit() or (most is not None and int(text) > most):
-            bound = f"from 0 to {most}" if most is not None else "0 or more"
-            raise ValidationError(f"{name} must be a whole number {bound}")
+        if not (text.isascii() and text.isdigit() and len(text) <= len(str(most))) or int(text) > most:
+            raise ValidationError(f"{name} must be a whole number from 0 to {most}")
         return int(text)
 
-    def json(self) -> dict[str, Any]:
-        """The body as a JSON object, or ValidationError with the message a client can act on."""
+    def json(self, known: Iterable[str] | None = None) -> dict[str, Any]:
+        """The body as a JSON object, or ValidationError with the message a client can act on.
+
+        With ``known``, a key outside it is refused by name: a typo must not pass as a missing option.
+        """
         try:
             data = json.loads(self.body)
         except (ValueError, RecursionError):
             raise ValidationError("Malformed JSON") from None
         if not isinstance(data, dict):
             raise ValidationError("The JSON body must be an object")
+        unknown = [key for key in data if known is not None and key not in known]
+        if unknown:
+            raise ValidationError(f'Unknown key "{unknown[0]}": this route knows {", ".join(known)}')  # type: ignore
         return data
 
 
@@ -2754,6 +2842,26 @@ class Route:
 
 
 TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
+NEW_TASK_KEYS = ("profile", "job", "parameters", "tags", *TASK_OPTIONS)
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header or ``--host``: ``localhost:8080`` -> ``localhost``, ``[::1]:80`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, any port) is this machine only: localhost, 127.0.0.0/8, ::1."""
+    import ipaddress
+
+    name = host_name(host).strip("[]")
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 # The dashboard at GET /: one page, no data of its own (it reads the API with the
 # token it asks for), nothing loaded from elsewhere. Values reach the DOM through
@@ -2860,7 +2968,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <h2 id="add-title">Add a task</h2>
     <form id="add">
       <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
-      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMail"></label>
+      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
       <label for="add-parameters">Parameters (JSON)
         <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
       <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
@@ -3055,9 +3163,10 @@ ROUTES = (
 class WebService:
     """The JSON API over a queue: one routing table, one place that turns errors into answers."""
 
-    def __init__(self, queue: Queue, config: Config | None = None):
+    def __init__(self, queue: Queue, config: Config | None = None, insecure: bool = False):
         self.queue = queue
         self.config = config if config is not None else Config()
+        self.insecure = insecure
         self.requests: dict[tuple, int] = {}
         self._lock = threading.Lock()
         self._routes = [(route, route.pattern) for route in ROUTES]
@@ -3066,11 +3175,15 @@ class WebService:
         matches = [(route, match) for route, pattern in self._routes if (match := pattern.match(request.path))]
         template = matches[0][0].template if matches else "unmatched"
         try:
+            self._guard(request)
             route, params = self._route(request, matches)
             if not route.public:
                 self._authorize(request)
             if request.body_error is not None:
                 raise request.body_error
+            media_type = (request.header("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if request.body and request.method in BODY_METHODS and media_type != "application/json":
+                raise HTTPError(415, "A body must be JSON, sent with Content-Type: application/json")
             request.params = params
             response = getattr(self, route.handler)(request)
         except Exception as error:  # noqa: BLE001 - the one choke point: every error becomes JSON
@@ -3108,6 +3221,20 @@ class WebService:
             raise HTTPError(405, f"Method {request.method} is not allowed on {request.path}", {"Allow": allowed})
         raise HTTPError(404, f"No route for {request.path}")
 
+    def _guard(self, request: Request) -> None:
+        """Answer no web page but our own (Origin), and no DNS-rebinding name without a token (Host)."""
+        host = request.header("Host")
+        if host is not None and not (self.config.token or self.insecure or host_name(host) in LOOPBACK_NAMES):
+            raise HTTPError(403, f'Host "{host}" is refused: without JOBQUEUE_TOKEN, only localhost, 127.0.0.1 and'
+                                 " [::1] are served (a DNS-rebinding guard)")
+        origin = request.header("Origin")
+        if origin is None:
+            return
+        own = {f"{scheme}://{(host or '').strip().lower()}" for scheme in ("http", "https")}
+        if origin.strip().lower().rstrip("/") not in own.union(self.config.origins):
+            raise HTTPError(403, f'Origin "{origin}" is refused: only pages of this server, or of the origins'
+                                 " JOBQUEUE_ORIGINS lists, may call it")
+
     def _authorize(self, request: Request) -> None:
         token = self.config.token
         if not token:
@@ -3130,13 +3257,13 @@ class WebService:
         return Response(200, [task.to_json() for task in tasks], {"X-Total-Count": str(total)})
 
     def create_task(self, request: Request) -> Response:
-        data = request.json()
+        data = request.json(NEW_TASK_KEYS)
         if data.get("job") in (None, ""):
             raise ValidationError("Missing job")
         if data.get("profile") in (None, ""):
             raise ValidationError("Missing profile")
         if not isinstance(data["job"], str):
-            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMail"')
+            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
         options = {name: data[name] for name in TASK_OPTIONS if data.get(name) is not None}
         task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"),
                     **options)
@@ -3147,7 +3274,7 @@ class WebService:
         return Response(200, self.queue.find(request.params["identifier"]).to_json())
 
     def patch_task(self, request: Request) -> Response:
-        data = request.json()
+        data = request.json(("status",))
         if "status" not in data:
             raise ValidationError("Missing status")
         if not isinstance(data["status"], str):
@@ -3363,15 +3490,17 @@ def _http_classes() -> dict[str, type]:
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
 
+        def __getattr__(self, name: str) -> Any:
+            """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
+            if name.startswith("do_"):
+                return self._answer
+            raise AttributeError(name)
+
         def _read_body(self) -> tuple:
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                 return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
-            length = self.headers.get("Content-Length")
-            if length is None:
-                if self.command in ("POST", "PUT", "PATCH"):
-                    return b"", HTTPError(411, "A body must come with Content-Length")
-                return b"", None
-            if not length.strip().isdigit():
+            length = (self.headers.get("Content-Length") or "0").strip()
+            if not (length.isascii() and length.isdigit()):
                 return b"", HTTPError(400, "Content-Length must be a whole number")
             size = int(length)
             if size > MAX_BODY_BYTES:
@@ -3391,6 +3520,8 @@ def _http_classes() -> dict[str, type]:
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
+            elif self.request_version == "HTTP/1.0":
+                self.send_header("Connection", "keep-alive")
             self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
             self.flush_headers()
 
@@ -3412,8 +3543,9 @@ def _http_classes() -> dict[str, type]:
 
         daemon_threads = False
         allow_reuse_address = True
+        request_queue_size = LISTEN_BACKLOG
 
-        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT):
+        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
             self.service = service
             self.request_timeout = request_timeout
             self.stopping = False
@@ -3454,6 +3586,7 @@ def __getattr__(name: str) -> Any:
 # == CLI =====================================================================
 
 STATUS_COLOURS = {Status.WAITING: "34", Status.RUNNING: "33", Status.FINISHED: "32", Status.FAILED: "31"}
+COLOUR_NAMES = {"34": "blue", "33": "yellow", "32": "green", "31": "red"}
 MARK = "\u25a0"
 ORDER_KEYS: dict[str, Callable[[Task], Any]] = {
     "date": lambda task: task.created_at,
@@ -3511,14 +3644,16 @@ def format_task(task: Task) -> str:
                   for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
     lines.append("Parameters : " + (parameters[0] if parameters else "(none)"))
     lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
-    if task.attempts:
-        lines.append(f"Attempts : {task.attempts}")
-    if task.retries or task.failures:
-        lines.append(f"Retries : {task.retries} (failed so far: {task.failures})")
+    lines += [
+        f"Retries : {task.retries} (failed so far: {task.failures})",
+        f"Retry delay : {task.retry_delay or 0:g}s, doubled after each failure",
+        f"Timeout : {f'{task.timeout:g}s' if task.timeout else '(none; the worker --timeout applies)'}",
+        f"Lease : {f'{task.lease:g}s' if task.lease else '(the worker --lease, 30s by default)'}",
+        f"Run at : {_rfc2822(task.run_at) if task.run_at else '(as soon as a worker is free)'}",
+        f"Attempts : {task.attempts}",
+    ]
     if task.lost:
         lines.append(f"Lost : {task.lost}")
-    if task.run_at is not None and task.status is Status.WAITING:
-        lines.append(f"Run at : {_rfc2822(task.run_at)}")
     for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
         if value is not None:
             lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
@@ -3560,8 +3695,14 @@ def confirm(question: str, refusal: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _queue() -> Queue:
-    queue = ServiceContainer.get_instance().queue
+def _queue(reading: bool = False) -> Queue:
+    """The configured queue; ``reading`` commands refuse to create a SQLite file that is not there."""
+    services = ServiceContainer.get_instance()
+    missing = services.config.missing_database()
+    if reading and missing:
+        raise UsageError(f"There is no queue at {missing}: the file does not exist (nothing was added yet). Set"
+                         " JOBQUEUE_DB to the file your application uses, or JOBQUEUE_REDIS_DSN for Redis")
+    queue = services.queue
     queue.ping()
     return queue
 
@@ -3575,17 +3716,19 @@ def _print_json(data: Any) -> None:
 
 def cmd_add(args: argparse.Namespace) -> int:
     config = ServiceContainer.get_instance().config
-    parameters = dict(parse_parameter(text) for text in args.parameters)
+    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
+    parameters = dict(parse_parameter(text) for text in words)
+    tags = [tag for tag in args.tags if ":" not in tag]
     options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
                if getattr(args, name) is not None}
-    task = Task(args.profile, config.check_job(args.job), parameters, args.tags, **options)
+    task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
     _queue().add(task)
     print(format_task(task))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    task = _queue().find(args.identifier)
+    task = _queue(reading=True).find(args.identifier)
     if args.json:
         _print_json(task.to_json())
     else:
@@ -3642,13 +3785,16 @@ def render_list(tasks: list[Task], total: int, args: argparse.Namespace, colour:
         lines.append(f"(showing the first {len(tasks)}; use --limit to see more)")
     if args.legend:
         lines += ["", "Legend:"]
-        lines += [f"  {_paint(MARK, status, colour)} {status.value}" for status in Status]
+        lines += [f"  {_paint(MARK, status, colour)} {status.value} ({COLOUR_NAMES[STATUS_COLOURS[status]]})"
+                  for status in Status]
+        if not colour:
+            lines.append("  (no colour here: the Status column names each task's status)")
         lines += [f'  T{n}: tag "{tag}"' for n, tag in enumerate(tags, 1)]
     return "\n".join(lines)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    queue = _queue()
+    queue = _queue(reading=True)
     colour = use_colour(sys.stdout)
     while True:
         tasks, total = listed_tasks(queue, args)
@@ -3669,7 +3815,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = _queue().stats()
+    stats = _queue(reading=True).stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -3687,9 +3833,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _go_ahead(args: argparse.Namespace, verb: str, question: str) -> bool:
-    """True with ``--force`` or a yes on the terminal; without a terminal, UsageError."""
-    if args.force or confirm(
-        question, f"Refusing to {verb} without confirmation: no terminal to ask on. Add --force to {verb} anyway."
+    """True with ``--force``, ``--yes`` or a yes on the terminal; without a terminal, UsageError."""
+    wider = ", and restores tasks under a live lease" if verb == "restore" else ""
+    if args.force or getattr(args, "yes", False) or confirm(
+        question, f"Refusing to {verb} without confirmation: no terminal to ask on. Add --yes to answer yes"
+                  f" (--force also skips the question{wider})."
     ):
         return True
     print(f"Nothing done: {verb} cancelled.")
@@ -3805,7 +3953,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
                     max_lost=config.max_lost, finished_ttl=config.finished_ttl)
     _stop_on_signals(worker)
-    print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
+    print(f'Worker {worker.name} handles "{worker.profile}" tasks...\nQueue: {queue.describe()}', flush=True)
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.", flush=True)
     return 0
@@ -3884,8 +4032,13 @@ def supervise(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args)
     services = ServiceContainer.get_instance()
+    if not (services.config.token or args.insecure or is_loopback(args.host)):
+        raise UsageError(f"Refusing to serve {args.host} without a token: anyone who can reach it could change the"
+                         " queue. Set JOBQUEUE_TOKEN (clients then send Authorization: Bearer <token>), or add"
+                         " --insecure if something else guards this address")
+    service = WebService(services.queue, services.config, insecure=args.insecure)
     try:
-        server = _http_classes()["Server"]((args.host, args.port), WebService(services.queue, services.config))
+        server = _http_classes()["Server"]((args.host.strip("[]"), args.port), service)
     except OSError as error:
         raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     stop = threading.Event()
@@ -3924,6 +4077,12 @@ def _command(subparsers: Any, name: str, handler: Callable, help: str, *examples
     return parser
 
 
+def _whole(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValidationError(f'"{text}" is not a whole number of 0 or more')
+    return int(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -3932,6 +4091,12 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f'"{text}" is not a whole number of 1 or more')
     return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a port number from 0 to 65535')
+    return int(text)
 
 
 def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -3959,7 +4124,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distribute tasks to workers; see and steer the queue.",
         epilog=_examples(
             "jobqueue worker mail                  # run tasks of profile 'mail'",
-            "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+            "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
             "jobqueue manager list --legend",
             "jobqueue serve --port 8080             # the JSON API",
         ) + "\n\nThe queue is SQLite at $JOBQUEUE_DB (./jobqueue.db), or Redis at $JOBQUEUE_REDIS_DSN.",
@@ -3990,18 +4155,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(worker)
 
     serve = _command(
-        commands, "serve", cmd_serve, "Serve the JSON API (GET/POST /tasks, /task/ID, /stats, /health, /metrics).",
+        commands, "serve", cmd_serve,
+        "Serve the dashboard at / and the JSON API (GET/POST /tasks, /task/ID, /stats, /health, /metrics),"
+        " described at /openapi.json. Without JOBQUEUE_TOKEN it serves loopback names only;"
+        " JOBQUEUE_ORIGINS lists other web origins allowed to call it.",
         "jobqueue serve                          # http://127.0.0.1:8080",
-        "jobqueue serve --host 0.0.0.0 --port 9000 -q",
-        "JOBQUEUE_TOKEN=s3cret jobqueue serve    # require Authorization: Bearer s3cret",
+        "JOBQUEUE_TOKEN=s3cret jobqueue serve --host 0.0.0.0 --port 9000 -q   # require Authorization: Bearer s3cret",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve a non-loopback address without JOBQUEUE_TOKEN, and any Host name (behind a proxy"
+                            " that does its own checks)")
     _add_verbosity(serve)
 
     manager = commands.add_parser(
         "manager", help="See and change tasks.", description="See and change tasks.",
-        epilog=_examples("jobqueue manager list", "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+        epilog=_examples("jobqueue manager list", "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
                          "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -4009,15 +4179,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = _command(
         actions, "add", cmd_add, "Add a task. Parameters are name:value (a string) or name:=JSON (3, true, null).",
-        "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
-        "jobqueue manager add reports myapp.jobs:Build year:=2024 draft:=true --tags nightly finance",
+        "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
+        "jobqueue manager add reports myapp.jobs:BuildJob --tags nightly finance year:=2024 draft:=true",
     )
-    add.add_argument("profile")
-    add.add_argument("job", help="import path of a Job subclass or @job function")
-    add.add_argument("parameters", nargs="*", metavar="name:value")
-    add.add_argument("--tags", nargs="+", default=[], metavar="T")
+    add.add_argument("profile", help="the profile whose workers run it")
+    add.add_argument("job", help="import path of a Job subclass or @job function (myapp.jobs.SendMailJob)")
+    add.add_argument("parameters", nargs="*", metavar="name:value",
+                     help="parameters, before or after the options; name:=JSON for numbers, booleans, null")
+    add.add_argument("--tags", nargs="+", default=[], metavar="T",
+                     help="tags of the task (a word with a colon is a parameter, name:value)")
     add.add_argument("--delay", type=_checked(parse_duration), metavar="DURATION", help="run no sooner than this")
-    add.add_argument("--retries", type=int, metavar="N", help="run again up to N times if it fails")
+    add.add_argument("--retries", type=_checked(_whole), metavar="N", help="run again up to N times if it fails")
     add.add_argument("--retry-delay", type=_checked(parse_duration), metavar="DURATION",
                      help="wait before the first retry, doubled after each (default 5s)")
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
@@ -4026,7 +4198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
-    show.add_argument("identifier")
+    show.add_argument("identifier", help="the task's identifier (a UUID)")
     show.add_argument("--json", action="store_true", help="print the task's JSON form")
 
     listing = _command(
@@ -4045,18 +4217,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = _command(actions, "edit", cmd_edit, "Set a task's status (waiting re-enqueues it).",
                     "jobqueue manager edit 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 waiting")
-    edit.add_argument("identifier")
+    edit.add_argument("identifier", help="the task's identifier (a UUID)")
     edit.add_argument("status", type=_checked(Status), help="waiting, finished or failed")
 
     delete = _command(actions, "delete", cmd_delete, "Delete a task.",
                       "jobqueue manager delete 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
-    delete.add_argument("identifier")
+    delete.add_argument("identifier", help="the task's identifier (a UUID)")
 
     restore = _command(actions, "restore", cmd_restore,
                        "Put every task that is not finished back to waiting (crash repair). Running tasks"
                        " whose worker is alive are left alone unless --force.",
                        "jobqueue manager restore",
+                       "jobqueue manager restore --yes     # no question (for cron); live workers' tasks stay",
                        "jobqueue manager restore --force   # no question; live workers' tasks too")
+    restore.add_argument("--yes", "-y", action="store_true",
+                         help="answer yes to the question; running tasks under a live lease stay theirs")
     restore.add_argument("--force", action="store_true",
                          help="do not ask, and restore running tasks under a live lease too")
 
@@ -4068,20 +4243,24 @@ def build_parser() -> argparse.ArgumentParser:
     retry = _command(actions, "retry", cmd_retry, "Put failed tasks back to waiting.",
                      "jobqueue manager retry 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68",
                      "jobqueue manager retry --failed --profile mail")
-    retry.add_argument("identifier", nargs="?")
+    retry.add_argument("identifier", nargs="?", help="the failed task's identifier")
     retry.add_argument("--failed", action="store_true", help="every failed task (of --profile)")
-    retry.add_argument("--profile", type=_checked(validate_profile), metavar="P")
+    retry.add_argument("--profile", type=_checked(validate_profile), metavar="P",
+                       help="with --failed: this profile only")
 
     purge = _command(actions, "purge", cmd_purge, "Delete finished and failed tasks that ended long ago.",
                      "jobqueue manager purge --older-than 7d",
                      "jobqueue manager purge --older-than 12h --status failed --force")
-    purge.add_argument("--older-than", type=_checked(parse_duration), required=True, metavar="DURATION")
+    purge.add_argument("--older-than", type=_checked(parse_duration), required=True, metavar="DURATION",
+                       help="tasks that ended longer ago than this (90s, 15m, 2h, 7d)")
     purge.add_argument("--status", type=_checked(Status), metavar="S", help="finished or failed (default: both)")
-    purge.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--force", "--yes", "-y", dest="force", action="store_true",
+                       help="do not ask for confirmation")
 
     flush = _command(actions, "flush", cmd_flush, "Delete every task of the queue.",
                      "jobqueue manager flush", "jobqueue manager flush --force     # no question")
-    flush.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    flush.add_argument("--force", "--yes", "-y", dest="force", action="store_true",
+                       help="do not ask for confirmation")
 
     stats = _command(actions, "stats", cmd_stats, "Count tasks per profile and status.",
                      "jobqueue manager stats", "jobqueue manager stats --json")
@@ -4091,7 +4270,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input, 1 backend or other failure)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and (args.command, getattr(args, "action", None)) == ("manager", "add"):
+        args.parameters += [word for word in extras if not word.startswith("-")]
+        extras = [word for word in extras if word.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.handler(args)
     except JobQueueError as error:
@@ -4104,8 +4289,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _import_names() -> list[str]:
+    """Every name user code may import this file by: ``jobqueue``, its ``-m`` name, its package path.
+
+    Run as a script or with ``python -m vendor.jobqueue``, this module is
+    ``__main__``; jobs that ``import jobqueue`` or ``from vendor import
+    jobqueue`` must get this very module (one Job class, one ServiceContainer),
+    not a second copy.
+    """
+    names = ["jobqueue"]
+    if __spec__ is not None and __spec__.name:
+        names.append(__spec__.name)
+    path = os.path.abspath(__file__)
+    for base in (os.getcwd(), *sys.path):
+        relative = os.path.relpath(path, os.path.abspath(base or os.getcwd()))
+        parts = relative.removesuffix(".py").split(os.sep)
+        if relative.endswith(".py") and all(part.isidentifier() for part in parts):
+            names.append(".".join(parts))
+    return names
+
+
 if __name__ == "__main__":
-    # Run as a script, this module is __main__; user code that imports jobqueue
-    # must get this very module (one Job class, one ServiceContainer), not a copy.
-    sys.modules.setdefault("jobqueue", sys.modules[__name__])
+    for _name in _import_names():
+        sys.modules.setdefault(_name, sys.modules[__name__])
+        _parent, _, _child = _name.rpartition(".")
+        if _parent in sys.modules:
+            setattr(sys.modules[_parent], _child, sys.modules[__name__])
     sys.exit(main())

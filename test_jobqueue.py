@@ -1376,9 +1376,10 @@ def start_server():
     """Start real servers on ephemeral ports over a given queue; stop them all afterwards."""
     started = []
 
-    def start(queue, config: jobqueue.Config | None = None, request_timeout: float = 2.0) -> jobqueue.Server:
-        server = jobqueue.Server(("127.0.0.1", 0), jobqueue.WebService(queue, config or jobqueue.Config()),
-                                 request_timeout=request_timeout)
+    def start(queue, config: jobqueue.Config | None = None, request_timeout: float = 2.0,
+              insecure: bool = False) -> jobqueue.Server:
+        service = jobqueue.WebService(queue, config or jobqueue.Config(), insecure=insecure)
+        server = jobqueue.Server(("127.0.0.1", 0), service, request_timeout=request_timeout)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -1394,8 +1395,9 @@ def start_server():
 def serve(queue, start_server):
     """Start real servers over the parametrised backend's queue."""
 
-    def start(config: jobqueue.Config | None = None, request_timeout: float = 2.0) -> jobqueue.Server:
-        return start_server(queue, config, request_timeout)
+    def start(config: jobqueue.Config | None = None, request_timeout: float = 2.0,
+              insecure: bool = False) -> jobqueue.Server:
+        return start_server(queue, config, request_timeout, insecure)
 
     return start
 
@@ -1422,8 +1424,11 @@ def call(server, method: str, path: str, body=None, headers: dict | None = None,
     connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     if body is not None and not isinstance(body, (bytes, str)):
         body = json.dumps(body)
+    headers = dict(headers or {})
+    if body is not None and not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = "application/json"
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers=headers)
         return Answer(connection.getresponse())
     finally:
         if own:
@@ -1465,7 +1470,11 @@ def test_http_seed_scenario(serve):
     ("/tasks?order=foobar", 'Impossible to order by "foobar"'),
     ("/tasks?limit=10001", "limit must be a whole number from 0 to 10000"),
     ("/tasks?limit=ten", "limit must be a whole number from 0 to 10000"),
-    ("/tasks?offset=-1", "offset must be a whole number 0 or more"),
+    ("/tasks?offset=-1", "offset must be a whole number from 0 to 9223372036854775807"),
+    ("/tasks?limit=%C2%B2", "limit must be a whole number from 0 to 10000"),
+    ("/tasks?limit=%EF%BC%91", "limit must be a whole number from 0 to 10000"),
+    ("/tasks?offset=249956380656564165986824264613888", "offset must be a whole number from 0 to 9223372036854775807"),
+    ("/tasks?offset=" + "9" * 5000, "offset must be a whole number from 0 to 9223372036854775807"),
 ])
 def test_http_list_rejects_bad_filters(serve, path, message):
     answer = call(serve(), "GET", path)
@@ -1481,13 +1490,16 @@ def test_http_list_rejects_bad_filters(serve, path, message):
     ({"profile": "p", "job": "a.B", "parameters": {"erroneous": [1]}},
      'The "erroneous" value must be a scalar or null'),
     ({"profile": "p", "job": "a.B", "tags": [1]}, "Tag value must be a string"),
-    ({"profile": "p", "job": "not a path"}, 'Job "not a path" must be an import path such as "myapp.jobs.SendMail"'),
-    ({"profile": "p", "job": 42}, 'Job must be an import path such as "myapp.jobs.SendMail"'),
+    ({"profile": "p", "job": "not a path"}, 'Job "not a path" must be an import path such as "myapp.jobs.SendMailJob"'),
+    ({"profile": "p", "job": 42}, 'Job must be an import path such as "myapp.jobs.SendMailJob"'),
     (b"{not json", "Malformed JSON"),
     (b"", "Malformed JSON"),
     (b"\xff\xfe\x00", "Malformed JSON"),
     (b"[" * 100000, "Malformed JSON"),
     ([1, 2], "The JSON body must be an object"),
+    ({"profile": "p", "job": "a.B", "paramaters": {"x": 1}},
+     'Unknown key "paramaters": this route knows ' + ", ".join(jobqueue.NEW_TASK_KEYS)),
+    ({"profile": "p", "job": "a.B", "tags": "a,b"}, 'Tags must be a list of strings, such as ["a,b"], not one string'),
 ])
 def test_http_create_rejects_bad_bodies_and_stores_nothing(serve, queue, body, message):
     answer = call(serve(), "POST", "/tasks", body)
@@ -1575,14 +1587,14 @@ def test_http_unknown_route_and_wrong_method(serve):
 
 def test_http_body_rules_length_chunked_and_size(serve, queue):
     server = serve()
-    no_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert no_length.startswith(b"HTTP/1.1 411 ") and b'"code": 411' in no_length
-    chunked = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    no_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert no_length.startswith(b"HTTP/1.1 400 ") and b'"message": "Malformed JSON"' in no_length
+    chunked = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                                    b"2\r\n{}\r\n0\r\n\r\n")
     assert chunked.startswith(b"HTTP/1.1 411 ")
-    too_big = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n")
+    too_big = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048577\r\n\r\n")
     assert too_big.startswith(b"HTTP/1.1 413 ") and b"over 1 MiB" in too_big
-    bad_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    bad_length = raw_exchange(server, b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n")
     assert bad_length.startswith(b"HTTP/1.1 400 ")
     garbage = raw_exchange(server, b"\x16\x03\x01 garbage\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.1 400 ") and b'"code": 400' in garbage
@@ -1740,6 +1752,116 @@ def test_http_retry_route(serve, queue):
     assert call(server, "GET", f"/task/{failed.identifier}/retry").headers["Allow"] == "POST"
 
 
+def test_http_a_request_without_a_body_needs_none(serve, queue):
+    server = serve()
+    failed = Task("p", RecordingJob)
+    queue.add(failed)
+    queue.update_status(failed, Status.FAILED)
+    retried = raw_exchange(server, f"POST /task/{failed.identifier}/retry HTTP/1.1\r\nHost: localhost\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+    assert retried.startswith(b"HTTP/1.1 200 ") and queue.find(failed.identifier).status is Status.WAITING
+
+
+def test_http_bodies_must_be_json_and_foreign_pages_are_refused(serve, queue):
+    """A web page can send a text/plain POST without asking; it gets 415 (or 403 for its Origin), nothing stored."""
+    server = serve()
+    body = json.dumps({"profile": "p", "job": "a.B"})
+    from_page = call(server, "POST", "/tasks", body, {"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert from_page.status == 403 and "http://evil.example" in from_page.json["message"]
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        answer = call(server, "POST", "/tasks", body, {"Content-Type": content_type})
+        assert answer.json == {"message": "A body must be JSON, sent with Content-Type: application/json",
+                               "code": 415}
+    task = Task("p", RecordingJob)
+    queue.add(task)
+    patched = call(server, "PATCH", f"/task/{task.identifier}", {"status": "failed"}, {"Content-Type": "text/plain"})
+    assert patched.status == 415 and queue.find(task.identifier).status is Status.WAITING
+    assert call(server, "DELETE", f"/task/{task.identifier}", "x", {"Content-Type": "text/plain"}).status == 415
+    assert queue.count() == 1
+    json_with_charset = call(server, "POST", "/tasks", body, {"Content-Type": "application/json; charset=utf-8"})
+    assert json_with_charset.status == 201 and queue.count() == 2
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_http_origin_must_be_our_own_or_listed(serve, token):
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    server = serve(jobqueue.Config(token=token))
+    port = server.server_address[1]
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}", f"http://localhost:{port}"):
+        refused = call(server, "GET", "/tasks", headers={**auth, "Origin": origin})
+        assert refused.status == 403 and "JOBQUEUE_ORIGINS" in refused.json["message"], origin
+    assert call(server, "GET", "/tasks", headers={**auth, "Origin": f"http://127.0.0.1:{port}"}).status == 200
+    listed = serve(jobqueue.Config(token=token, origins=("https://ops.example.com",)))
+    assert call(listed, "GET", "/tasks", headers={**auth, "Origin": "https://ops.example.com"}).status == 200
+    assert call(listed, "GET", "/tasks", headers={**auth, "Origin": "https://evil.example"}).status == 403
+    configured = jobqueue.Config.from_env({"JOBQUEUE_ORIGINS": "https://Ops.example.com/, http://b:1"})
+    assert configured.origins == ("https://ops.example.com", "http://b:1")
+
+
+def test_http_without_a_token_only_loopback_host_names_are_served(serve):
+    server, port = serve(), serve().server_address[1]
+    for host in ("localhost", f"localhost:{port}", "127.0.0.1:80", f"[::1]:{port}", "LOCALHOST"):
+        assert call(server, "GET", "/health", headers={"Host": host}).status == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "10.0.0.1:8080"):
+        refused = call(server, "GET", "/tasks", headers={"Host": host})
+        assert refused.status == 403 and "DNS-rebinding" in refused.json["message"], host
+    with_token = serve(jobqueue.Config(token="s3cret"))
+    assert call(with_token, "GET", "/tasks", headers={"Host": "jobs.example.com",
+                                                      "Authorization": "Bearer s3cret"}).status == 200
+    assert call(serve(insecure=True), "GET", "/tasks", headers={"Host": "jobs.example.com"}).status == 200
+
+
+def test_http_any_other_method_is_405_with_allow(serve):
+    server = serve()
+    for method in ("TRACE", "CONNECT", "PROPFIND"):
+        answer = call(server, method, "/tasks")
+        assert answer.status == 405 and answer.headers["Allow"] == "GET, POST", method
+    assert call(server, "TRACE", "/nowhere").status == 404
+
+
+def test_http_1_0_keep_alive_is_answered_as_keep_alive(serve):
+    server = serve()
+    request = b"GET /health HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(server.server_address[:2], timeout=5) as connection:
+        reader = connection.makefile("rb")
+        for _ in range(2):
+            connection.sendall(request)
+            head = b"".join(iter(reader.readline, b"\r\n"))
+            assert b"\r\nConnection: keep-alive\r\n" in head and b"\r\nContent-Length: 16\r\n" in head
+            assert reader.read(16) == b'{"status": "ok"}'
+    closed = raw_exchange(server, b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n", timeout=5)
+    assert b"\r\nConnection: close\r\n" in closed and closed.endswith(b'{"status": "ok"}')
+
+
+def test_http_a_burst_of_connections_waits_in_the_backlog(start_server, tmp_path):
+    """Connections arriving while every thread is busy wait for accept() instead of being dropped."""
+    server = jobqueue.Server(("127.0.0.1", 0), jobqueue.WebService(SQLiteQueue(tmp_path / "q.db")))
+    connections = []
+    try:
+        for _ in range(64):
+            connections.append(socket.create_connection(server.server_address[:2], timeout=2))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        for connection in connections:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert all(connection.recv(1024).startswith(b"HTTP/1.1 200 ") for connection in connections)
+    finally:
+        for connection in connections:
+            connection.close()
+        server.stop()
+
+
+def test_http_connections_reuse_sqlite_connections(start_server, tmp_path, monkeypatch):
+    queue = SQLiteQueue(tmp_path / "q.db")
+    opened = []
+    real_open = queue._open
+    monkeypatch.setattr(queue, "_open", lambda: opened.append(1) or real_open())
+    server = start_server(queue)
+    for _ in range(20):
+        assert call(server, "GET", "/tasks?limit=10").status == 200
+    assert len(opened) <= 2
+
+
 def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
     import http.client
     from urllib.parse import quote, urlencode
@@ -1793,7 +1915,8 @@ def test_serve_command_logs_requests_and_stops_after_in_flight_ones(dsn, running
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         body = json.dumps({"profile": "p", "job": "a.B"}).encode()
-        connection.sendall(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        connection.sendall(b"POST /tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
         time.sleep(0.3)
         server.signal(signal.SIGTERM)
         time.sleep(0.3)
