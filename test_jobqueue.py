@@ -395,6 +395,38 @@ def test_resolve_job_runs_only_jobs():
         jobqueue.resolve_job("no_such_package.jobs.Job")
 
 
+def test_allow_list_is_checked_before_anything_is_imported(tmp_path, monkeypatch):
+    (tmp_path / "loud_module.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("JOBQUEUE_JOBS", "myapp.jobs.,billing.")
+    with pytest.raises(jobqueue.JobNotAllowed, match="JOBQUEUE_JOBS allows myapp.jobs., billing."):
+        jobqueue.resolve_job("loud_module.Anything")
+    with pytest.raises(jobqueue.JobNotAllowed):
+        jobqueue.Config.from_env().check_job("loud_module.Anything")
+    assert not (tmp_path / "imported").exists()
+    monkeypatch.delenv("JOBQUEUE_JOBS")
+    with pytest.raises(JobError, match="nothing named"):
+        jobqueue.resolve_job("loud_module.Anything")
+    assert (tmp_path / "imported").exists(), "without JOBQUEUE_JOBS the module is imported, as the README says"
+
+
+def test_jobs_of_the_running_script_are_refused_at_add(tmp_path):
+    script = tmp_path / "enqueue.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport jobqueue\n\n@jobqueue.job\ndef local(task):\n"
+        "    pass\n\nfor job in (local, '__main__.local'):\n    try:\n        jobqueue.Task('p', job)\n"
+        "    except jobqueue.ValidationError as error:\n        print(error)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30).stdout
+    assert len(out.splitlines()) == 2 and out.count("a worker cannot import") == 2 and "move" in out, out
+
+
+def test_tags_must_be_a_list():
+    with pytest.raises(ValidationError, match="Tags must be a list of strings"):
+        Task("p", RecordingJob, tags="a,b")
+    assert Task("p", RecordingJob, tags=("a", "b")).tags == ["a", "b"]
+
+
 def test_json_form_matches_the_seed():
     task = Task("foobar", RecordingJob, {"name_1": "value_1"}, ["tag1"])
     task.created_at = datetime(2018, 2, 23, 13, 45, 22, tzinfo=timezone.utc)
@@ -1060,6 +1092,22 @@ def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
     (tmp_path / "not-a-db").write_text("this is not a database" * 100)
     with pytest.raises(BackendUnavailable, match="not-a-db"):
         SQLiteQueue(tmp_path / "not-a-db")
+
+
+def test_sqlite_older_than_3_35_is_refused_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(ConfigurationError, match=r"SQLite library is 3\.34\.1; jobqueue needs 3\.35\.0 or newer"):
+        SQLiteQueue(tmp_path / "old.db")
+    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "old.db"))
+    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
+    ServiceContainer.reset()
+    try:
+        assert jobqueue.main(["manager", "add", "p", "a.B"]) == 2
+    finally:
+        ServiceContainer.reset()
+    assert "3.35.0 or newer" in capsys.readouterr().err
+    assert not (tmp_path / "old.db").exists()
 
 
 def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, monkeypatch):
@@ -2694,6 +2742,136 @@ def test_cli_jobs_resolve_from_the_current_directory(dsn, queue, tmp_path):
     result = cli(dsn, "worker", "mail", "--burst", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert queue.find(task.identifier).result == "sent"
+
+
+def test_cli_add_takes_parameters_and_options_in_any_order(dsn, queue):
+    for words in (["--tags", "demo", "name:Ada"], ["--retries", "2", "name:Ada", "--tags", "demo"],
+                  ["name:Ada", "--tags", "demo", "--timeout", "5"]):
+        identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B", *words))
+        task = queue.find(identifier)
+        assert task.parameters == {"name": "Ada"} and task.tags == ["demo"], words
+    unknown = cli(dsn, "manager", "add", "p", "a.B", "--retires", "2")
+    assert unknown.returncode == 2 and "unrecognized arguments: --retires" in unknown.stderr
+
+
+def test_cli_show_prints_every_option_of_the_task(dsn, queue):
+    task = Task("p", RecordingJob, retries=2, retry_delay=7, timeout=9, lease=11, delay=3600)
+    queue.add(task)
+    shown = cli(dsn, "manager", "show", task.identifier).stdout
+    for line in ("Retries : 2 (failed so far: 0)", "Retry delay : 7s", "Timeout : 9s", "Lease : 11s",
+                 f"Run at : {jobqueue._rfc2822(task.run_at)}", "Attempts : 0"):
+        assert line in shown, (line, shown)
+    plain = cli(dsn, "manager", "show", added_identifier(cli(dsn, "manager", "add", "p", "a.B"))).stdout
+    assert "Timeout : (none" in plain and "Lease : (the worker --lease" in plain
+
+
+def test_cli_legend_without_colour_tells_statuses_apart(dsn, queue):
+    queue.add(Task("p", RecordingJob))
+    legend = cli(dsn, "manager", "list", "--legend").stdout.split("Legend:")[1].splitlines()
+    marks = [line for line in legend if "\u25a0" in line]
+    assert len(marks) == 4 and len(set(marks)) == 4
+    assert "\u25a0 waiting (blue)" in legend[1] and "Status column" in "\n".join(legend)
+
+
+def test_cli_reading_commands_do_not_create_a_database(tmp_path):
+    missing = tmp_path / "app.db"
+    for command in (["manager", "list"], ["manager", "stats"], ["manager", "show", str(uuid.uuid4())]):
+        result = cli(str(missing), *command)
+        assert result.returncode == 2 and f"There is no queue at {missing}" in result.stderr, command
+        assert "JOBQUEUE_DB" in result.stderr
+    assert not missing.exists()
+    assert cli(str(missing), "manager", "add", "p", "a.B").returncode == 0 and missing.exists()
+    assert cli(str(missing), "manager", "list").returncode == 0
+
+
+def test_cli_worker_names_its_backend_first(dsn, tmp_path):
+    result = cli(dsn, "worker", "p", "--burst")
+    assert result.returncode == 0, result.stderr
+    second = result.stdout.splitlines()[1]
+    if dsn.startswith("redis"):
+        assert second.startswith("Queue: ") and "127.0.0.1" in second
+    else:
+        assert second == f"Queue: SQLite database {dsn}"
+    hidden = cli("redis://:hunter2@127.0.0.1:1/0", "worker", "p", "--burst", timeout=60)
+    assert "hunter2" not in hidden.stdout + hidden.stderr
+
+
+def test_cli_restore_yes_answers_without_restoring_live_leases(dsn, queue):
+    live, failed = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(live, failed)
+    queue.fetch("p", timeout=0, lease=300)
+    queue.fetch("p", timeout=0, lease=300)
+    queue.update_status(failed, Status.FAILED)
+    refused = cli(dsn, "manager", "restore")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    restored = cli(dsn, "manager", "restore", "--yes")
+    assert restored.returncode == 0 and "1 tasks restored" in restored.stdout
+    assert queue.find(live.identifier).status is Status.RUNNING
+    assert queue.find(failed.identifier).status is Status.WAITING
+
+
+def test_cli_every_argument_has_help():
+    parser = jobqueue.build_parser()
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            for sub in getattr(action, "choices", None) or {}:
+                if isinstance(action.choices, dict):
+                    yield from parsers(action.choices[sub])
+
+    for each in parsers(parser):
+        for action in each._actions:
+            if action.dest not in ("help", "command", "action"):
+                assert action.help, (each.prog, action.dest)
+
+
+def test_cli_serve_refuses_bad_ports_and_open_addresses_without_a_token(dsn, running):
+    for port in ("99999", "-1", "http"):
+        result = cli(dsn, "serve", "--port", port)
+        assert result.returncode == 2 and "port number from 0 to 65535" in result.stderr, port
+        assert "Traceback" not in result.stderr
+    for host in ("0.0.0.0", "::", "192.168.1.10"):
+        open_ = cli(dsn, "serve", "--host", host, "--port", "0")
+        assert open_.returncode == 2 and "Set JOBQUEUE_TOKEN" in open_.stderr and "--insecure" in open_.stderr
+    insecure = running(dsn, "serve", "--host", "0.0.0.0", "--port", "0", "--insecure")
+    insecure.wait_for(r"on http://0\.0\.0\.0:\d+")
+    with_token = running(dsn, "serve", "--host", "0.0.0.0", "--port", "0", env={"JOBQUEUE_TOKEN": "s3cret"})
+    with_token.wait_for(r"on http://0\.0\.0\.0:\d+")
+    assert "--host" in cli(dsn, "serve", "--help").stdout and "/openapi.json" in cli(dsn, "serve", "--help").stdout
+
+
+def test_cli_worker_fails_a_job_outside_the_allow_list_without_importing_it(dsn, queue):
+    outside, inside = Task("p", "this.Anything"), Task("p", add_numbers, {"a": 1, "b": 2})
+    queue.add(outside, inside)
+    result = cli(dsn, "worker", "p", "--burst", env={"JOBQUEUE_JOBS": "test_jobqueue."})
+    assert result.returncode == 0, result.stderr
+    assert "Beautiful is better than ugly" not in result.stdout + result.stderr
+    failed = queue.find(outside.identifier)
+    assert failed.status is Status.FAILED and "JOBQUEUE_JOBS" in failed.error
+    assert queue.find(inside.identifier).result == 3
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_cli_a_copy_vendored_in_a_package_has_one_job_class(tmp_path, how):
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(HERE / "jobqueue.py", vendor / "jobqueue.py")
+    (tmp_path / "tasks.py").write_text(
+        "from vendor import jobqueue\n\nclass PingJob(jobqueue.Job):\n    def perform(self, task):\n"
+        "        return 'pong'\n\n@jobqueue.job\ndef ping(task):\n    return 'pong'\n"
+    )
+    database = tmp_path / "app.db"
+    queue = SQLiteQueue(database)
+    tasks = [Task("v", "tasks.PingJob"), Task("v", "tasks.ping")]
+    queue.add(*tasks)
+    command = ["vendor/jobqueue.py"] if how == "script" else ["-m", "vendor.jobqueue"]
+    env = {**backend_env(str(database)), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, *command, "worker", "v", "--burst"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [queue.find(task.identifier).result for task in tasks] == ["pong", "pong"], result.stderr
 
 
 def test_cli_bad_import_is_a_clear_error(dsn):
