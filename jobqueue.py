@@ -83,6 +83,8 @@ DEFAULT_MAX_LOST = 3
 ERROR_MAX_BYTES = 64 * 1024
 RESULT_MAX_BYTES = 1024 * 1024
 SQLITE_BUSY_TIMEOUT = 30.0
+DURATION_MAX = 100 * 365 * 86400.0
+RETRIES_MAX = 1_000_000
 SQLITE_MIN_VERSION = (3, 35, 0)
 SQLITE_POOL_SIZE = 16
 
@@ -211,9 +213,20 @@ def validate_profile(name: object) -> str:
     return name
 
 
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be stored and sent: no lone surrogate such as JSON's "\\ud800"."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_scalar(value: object) -> bool:
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (bool, int)):
         return True
+    if isinstance(value, str):
+        return _is_text(value)
     return isinstance(value, float) and math.isfinite(value)
 
 
@@ -223,7 +236,7 @@ def validate_parameters(parameters: object) -> dict[str, Scalar]:
     if not isinstance(parameters, Mapping):
         raise ValidationError("Malformed parameters")
     for key, value in parameters.items():
-        if not isinstance(key, str):
+        if not isinstance(key, str) or not _is_text(key):
             raise ValidationError("The key must be a string")
         if not _is_scalar(value):
             raise ValidationError(f'The "{key}" value must be a scalar or null')
@@ -239,7 +252,7 @@ def validate_tags(tags: object) -> list[str]:
         raise ValidationError("Tag value must be a string")
     unique: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str):
+        if not isinstance(tag, str) or not _is_text(tag):
             raise ValidationError("Tag value must be a string")
         if not tag:
             raise ValidationError("Tag value must not be empty")
@@ -440,6 +453,8 @@ def _seconds(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
         raise ValidationError(f"{name} must be a number of seconds")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValidationError(f"{name} must be {'0 or more' if allow_zero else 'more than 0'} seconds")
+    if value > DURATION_MAX:
+        raise ValidationError(f"{name} must be at most {DURATION_MAX:.0f} seconds (100 years)")
     return float(value)
 
 
@@ -500,8 +515,8 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValidationError("retries must be a whole number, 0 or more")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
+            raise ValidationError(f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
         self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
         self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
         self.lease = _seconds("lease", self.lease, allow_zero=False)
@@ -2826,7 +2841,10 @@ class Response:
             return b""
         if isinstance(self.body, str):
             return self.body.encode("utf-8")
-        return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        try:
+            return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(self.body).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -3467,16 +3485,22 @@ def _http_classes() -> dict[str, type]:
                 self.server.track(self, False)
 
         def _answer(self) -> None:
+            if self.request_version == "HTTP/0.9":
+                self.send_error(400, "HTTP/0.9 requests are not supported")
+                return
             self.busy, started = True, time.monotonic()
             try:
                 parts = urlsplit(self.path)
                 body, body_error = self._read_body()
-                request = Request(
-                    method="GET" if self.command == "HEAD" else self.command,
-                    path=unquote(parts.path),
-                    query=parse_qs(parts.query, keep_blank_values=True),
-                    headers=self.headers, body=body, body_error=body_error,
-                )
+                try:
+                    path, query = unquote(parts.path, errors="strict"), parse_qs(
+                        parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
+                except (UnicodeDecodeError, ValueError):
+                    path, query = unquote(parts.path), {}
+                    body_error = body_error or HTTPError(
+                        400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
+                request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
+                                  query=query, headers=self.headers, body=body, body_error=body_error)
                 if body_error is not None:
                     self.close_connection = True
                 response = self.server.service.handle(request)

@@ -1781,7 +1781,7 @@ def test_http_create_with_delay_and_options(serve, queue):
     assert body["run_at"] and (body["retries"], body["retry_delay"], body["timeout"], body["lease"]) == (2, 1.5, 10, 20)
     assert queue.fetch("p", timeout=0) is None
     for options, message in (({"delay": -1}, "delay must be 0 or more seconds"),
-                             ({"retries": "x"}, "retries must be a whole number, 0 or more"),
+                             ({"retries": "x"}, "retries must be a whole number, 0 or more (at most 1000000)"),
                              ({"timeout": [1]}, "timeout must be a number of seconds")):
         answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
         assert answer.status == 400 and answer.json["message"] == message
@@ -1932,8 +1932,11 @@ def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
                          "/tasks/", "//tasks", "/task/x/y"]),
         st.text(max_size=20).map(lambda text: "/" + quote(text)),
     )
+    numbers = st.one_of(st.integers().map(str), st.integers(min_value=2**63 - 2).map(str),
+                        st.text(st.characters(whitelist_categories=["Nd", "No"]), min_size=1, max_size=4))
     queries = st.dictionaries(st.sampled_from(["profile", "status", "tags", "order", "limit", "offset", "q"]),
-                              st.text(max_size=12), max_size=4).map(urlencode)
+                              st.one_of(st.text(max_size=12), numbers), max_size=4).map(urlencode)
+    queries = st.one_of(queries, st.sampled_from(["limit=%ff", "offset=%", "tags=%C3%28", "profile=%%", "a=%zz"]))
     methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     content_types = st.sampled_from([None, "application/json", "text/plain", "multipart/form-data"])
     seen = []
@@ -1955,6 +1958,58 @@ def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
 
     check()
     assert len(seen) >= 1000 and {200, 400, 404, 405} <= set(seen)
+
+
+def _request(head: str, body: bytes = b"", extra: bytes = b"") -> bytes:
+    return head.encode("utf-8") + b"\r\nHost: localhost\r\nConnection: close\r\n" + extra + b"\r\n" + body
+
+
+JSON_TYPE = b"Content-Type: application/json\r\n"
+MALFORMED_REQUESTS = [
+    *[_request(f"GET /tasks?{query} HTTP/1.1") for query in (
+        "limit=\u00b2", "limit=%C2%B2", "limit=%D9%A3", "offset=%EF%BC%91", "limit=-1", "offset=-5", "limit=1e3",
+        "offset=" + "9" * 40, "offset=" + "9" * 5000, "limit=%ff%fe", "profile=%ZZ", "profile=%00", "tags=%C3%28",
+        "status=%E2%80%AE", "order=\u0663", "limit=0x10", "limit= 5")],
+    _request("GET /task/%ff%fe%00 HTTP/1.1"),
+    _request("GET /task/%2e%2e%2f HTTP/1.1"),
+    *[_request("POST /tasks HTTP/1.1", b"{}", JSON_TYPE + b"Content-Length: " + length + b"\r\n")
+      for length in (b"abc", b"-1", "\u0661\u0662".encode(), b"9" * 30, b"1e3", b"2, 2", b"0x10")],
+    *[_request("POST /tasks HTTP/1.1", body, JSON_TYPE + b"Content-Length: %d\r\n" % len(body))
+      for body in (b'{"profile": "p", "job": "a.B", "retries": 1000000000000000000000000000000}',
+                   b'{"profile": "p", "job": "a.B", "retries": -1}',
+                   b'{"profile": "p", "job": "a.B", "delay": 1e308}',
+                   b'{"profile": "p", "job": "a.B", "lease": 1e308}',
+                   b'{"profile": "p", "job": "a.B", "timeout": -1e308}',
+                   b'{"profile": "p", "job": "a.B", "delay": 1e400}',
+                   b'{"profile": "p", "job": "a.B", "retry_delay": 1e308, "retries": 1}',
+                   b'{"profile": "p\\u0000", "job": "a.B"}', b'{"profile": "p", "job": "a.\\ud800"}',
+                   b'{"profile": "p", "job": "a.B", "tags": ["\\ud800"]}',
+                   b'{"profile": "p", "job": "a.B", "tags": [""]}',
+                   "{\"profile\": \"p\", \"job\": \"\u0430.B\"}".encode(), b'{"profile": "p", "job": "a.B"}\xff')],
+    _request("GET /tasks HTTP/1.1", extra="Origin: http://\u00e9vil.example\r\n".encode()),
+    b"GET /tasks HTTP/1.1\r\nHost: \xff\xfe:80\r\nConnection: close\r\n\r\n",
+    _request("GET /tasks HTTP/1.1", extra=b"X-Big: " + b"a" * 70000 + b"\r\n"),
+    _request("GET /tasks HTTP/1.1", extra=b"".join(b"X-%d: 1\r\n" % n for n in range(150))),
+    _request("GET /tasks?" + "a" * 70000 + " HTTP/1.1"),
+    b"\xff\xfe /tasks HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /tasks\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("number", range(len(MALFORMED_REQUESTS)))
+def test_http_malformed_values_get_a_4xx_with_a_message(serve, queue, number):
+    answer = raw_exchange(serve(), MALFORMED_REQUESTS[number])
+    status = int(answer.split(b" ", 2)[1])
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert 400 <= status < 500 and body["code"] == status and body["message"], (MALFORMED_REQUESTS[number], answer)
+
+
+def test_http_odd_header_bytes_are_ignored_or_refused_never_a_500(serve):
+    server = serve(jobqueue.Config(token="s3cret"))
+    for extra in (b"X-Anything: \xff\xfe\xc3\x28\r\n", b"Authorization: Bearer \xff\xfe\r\n",
+                  b"Authorization: \xc3\xa9\r\n", b"Content-Type: \xff\r\n"):
+        answer = raw_exchange(server, _request("GET /tasks HTTP/1.1", extra=extra))
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
 
 
 def test_serve_command_logs_requests_and_stops_after_in_flight_ones(dsn, running):
