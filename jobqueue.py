@@ -515,6 +515,8 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
+        if isinstance(self.retries, float) and self.retries.is_integer():
+            self.retries = int(self.retries)
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
             raise ValidationError(f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
         self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
@@ -2795,9 +2797,11 @@ class Request:
         return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
 
     def arg(self, name: str) -> str | None:
-        """The last value of a query parameter; an empty value counts as absent."""
+        """The value of a query parameter given at most once; an empty value counts as absent."""
         values = self.query.get(name)
-        return values[-1] if values and values[-1] != "" else None
+        if values and len(values) > 1:
+            raise ValidationError(f"{name} must be given once")
+        return values[0] if values and values[0] != "" else None
 
     def list_arg(self, name: str) -> list[str]:
         """A list parameter, comma-separated (``tags=a,b``) or repeated (``tags=a&tags=b``)."""
@@ -3300,7 +3304,11 @@ class WebService:
         return Response(200, self.queue.update_status(request.params["identifier"], data["status"]).to_json())
 
     def retry_task(self, request: Request) -> Response:
-        return Response(200, self.queue.retry(request.params["identifier"]).to_json())
+        """409 for a task that is not failed: the request is well formed, the task's state is the conflict."""
+        try:
+            return Response(200, self.queue.retry(request.params["identifier"]).to_json())
+        except ValidationError as error:
+            raise HTTPError(409, str(error)) from None
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
@@ -3360,6 +3368,9 @@ def openapi_document() -> dict[str, Any]:
         result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
         return result
 
+    profile = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
+    job_pattern = f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"
+    scalar = {"type": ["string", "number", "integer", "boolean", "null"]}
     counts = {"type": "object", "additionalProperties": {
         "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
     return {
@@ -3388,10 +3399,16 @@ def openapi_document() -> dict[str, Any]:
                              "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
                              "error": {"type": ["string", "null"]}, "result": {},
                          }},
-                "NewTask": {"type": "object", "required": ["profile", "job"], "properties": {
-                    "profile": {"type": "string"}, "job": {"type": "string"},
-                    "parameters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
-                    **{name: {"type": "number", "minimum": 0} for name in TASK_OPTIONS}}},
+                "NewTask": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
+                            "properties": {
+                    "profile": profile, "job": {"type": "string", "pattern": job_pattern},
+                    "parameters": {"type": ["object", "null"], "additionalProperties": scalar},
+                    "tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+                    "retries": {"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX},
+                    **{name: {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
+                       for name in ("retry_delay", "delay")},
+                    **{name: {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
+                       for name in ("timeout", "lease")}}},
             },
             "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
         },
@@ -3399,12 +3416,12 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/tasks": {
                 "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
-                    query("profile", {"type": "string"}, "only this profile"),
-                    query("status", {"type": "string", "enum": statuses}, "only this status"),
+                    query("profile", {**profile, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
+                    query("status", {"type": "string", "enum": [*statuses, ""]}, "only this status (empty: any)"),
                     query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
-                    query("order", {"type": "string", "enum": list(ORDERS)}, "sort order, default status"),
+                    query("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
                     query("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
-                    query("offset", {"type": "integer", "minimum": 0}, "tasks to skip"),
+                    query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip"),
                 ], "responses": answers(
                     _200={"description": "Tasks", "headers": {"X-Total-Count": {
                         "description": "how many match", "schema": {"type": "integer"}}},
@@ -3424,7 +3441,8 @@ def openapi_document() -> dict[str, Any]:
                 "patch": {"summary": "Set a task's status", "operationId": "patchTask",
                           "requestBody": {"required": True, "content": {"application/json": {"schema": {
                               "type": "object", "required": ["status"],
-                              "properties": {"status": {"type": "string", "enum": statuses}}}}}},
+                              "additionalProperties": False, "properties": {"status": {
+                                  "type": "string", "enum": [s for s in statuses if s != Status.RUNNING]}}}}}},
                           "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
                 "delete": {"summary": "Delete a task", "operationId": "deleteTask",
                            "responses": answers(_204={"description": "Deleted"}, _404=error)},
@@ -3432,7 +3450,8 @@ def openapi_document() -> dict[str, Any]:
             "/task/{identifier}/retry": {
                 "parameters": [identifier],
                 "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
-                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
+                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error,
+                                              _409=error)},
             },
             "/": {"get": {"summary": "The dashboard page (HTML; holds no data)", "operationId": "dashboard",
                           "security": [], "responses": {"200": {"description": "The page", "content": {
