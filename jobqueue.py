@@ -86,7 +86,6 @@ SQLITE_BUSY_TIMEOUT = 30.0
 DURATION_MAX = 100 * 365 * 86400.0
 RETRIES_MAX = 1_000_000
 SQLITE_MIN_VERSION = (3, 35, 0)
-SQLITE_POOL_SIZE = 16
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -1915,34 +1914,18 @@ def _sqlite3() -> Any:
     return sqlite3
 
 
-class _PooledConnection:
-    """A connection one thread holds; when the thread ends, it goes back to the pool (or is closed)."""
-
-    def __init__(self, connection: sqlite3.Connection, pool: list):
-        self.connection, self.pool = connection, pool
-
-    def __del__(self) -> None:
-        if len(self.pool) < SQLITE_POOL_SIZE:
-            self.pool.append(self.connection)
-        else:
-            self.connection.close()
-
-
 class SQLiteQueue(Queue):
     """A queue in one SQLite file: WAL, a busy timeout, one connection per thread.
 
     Several worker processes and the server can share the file. ``fetch``
     polls, backing off from 1 ms up to ``poll_interval`` seconds while idle.
-    A thread that ends leaves its connection to the next one (the server
-    starts a thread per HTTP connection), up to SQLITE_POOL_SIZE idle ones.
+    Only the first connection sets up the file, so a new thread connects fast.
     """
 
     def __init__(self, path: str | os.PathLike, poll_interval: float = 0.05):
         self.path = os.fspath(path)
         self.poll_interval = poll_interval
         self._local = threading.local()
-        self._pool: list = []
-        self._pool_pid = os.getpid()
         self._schema_ready = False
         with self._errors():
             self._connection()
@@ -1953,14 +1936,8 @@ class SQLiteQueue(Queue):
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            if self._pool_pid != os.getpid():
-                self._pool, self._pool_pid, self._schema_ready = [], os.getpid(), False
-            try:
-                connection = self._pool.pop()
-            except IndexError:
-                connection = self._open()
-            local.held, local.pid = _PooledConnection(connection, self._pool), os.getpid()
-        return local.held.connection
+            local.connection, local.pid = self._open(), os.getpid()
+        return local.connection
 
     def _open(self) -> sqlite3.Connection:
         """Connect, switch to WAL and create the schema if needed.
@@ -2262,13 +2239,10 @@ class SQLiteQueue(Queue):
         self._connection().execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        held = getattr(self._local, "held", None)
-        if held is not None:
-            held.pool = []
-            held.connection.close()
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
             self._local.__dict__.clear()
-        while self._pool:
-            self._pool.pop().close()
 
 
 # == DSN =====================================================================
@@ -2765,6 +2739,7 @@ MAX_INTEGER = 2**63 - 1
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 LISTEN_BACKLOG = 1024
+IDLE_THREAD_SECONDS = 10.0
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 REQUEST_TIMEOUT = 30.0
@@ -3582,19 +3557,74 @@ def _http_classes() -> dict[str, type]:
 
 
     class Server(ThreadingHTTPServer):
-        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish."""
+        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
+
+        A thread serves one connection at a time and then waits a while for
+        the next, so a stream of short connections reuses threads (and their
+        database connections) instead of starting one each; accepting never
+        waits for a new thread to be scheduled.
+        """
 
         daemon_threads = False
         allow_reuse_address = True
         request_queue_size = LISTEN_BACKLOG
 
         def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
+            import queue
+
             self.service = service
             self.request_timeout = request_timeout
             self.stopping = False
             self._handlers: set[RequestHandler] = set()
             self._handlers_lock = threading.Lock()
+            self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+            self._idle, self._closed, self._threads_alive = 0, False, set()
             super().__init__(address, RequestHandler)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            with self._handlers_lock:
+                if self._idle:
+                    self._idle -= 1
+                    self._accepted.put((request, client_address))
+                    return
+                thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
+                self._threads_alive.add(thread)
+            thread.start()
+
+        def _serve_connections(self, request: Any, client_address: Any) -> None:
+            import queue
+
+            try:
+                while request is not None:
+                    self.process_request_thread(request, client_address)
+                    with self._handlers_lock:
+                        if self._closed:
+                            return
+                        self._idle += 1
+                    try:
+                        request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
+                    except queue.Empty:
+                        with self._handlers_lock:
+                            try:
+                                request, client_address = self._accepted.get_nowait()
+                            except queue.Empty:
+                                self._idle -= 1
+                                return
+            finally:
+                with self._handlers_lock:
+                    self._threads_alive.discard(threading.current_thread())
+
+        def server_close(self) -> None:
+            """Close the socket; wake idle threads to end; wait for busy ones."""
+            with self._handlers_lock:
+                self._closed = True
+                for _ in range(self._idle):
+                    self._accepted.put((None, None))
+                self._idle = 0
+                threads = list(self._threads_alive)
+            super().server_close()
+            for thread in threads:
+                thread.join()
 
         @property
         def url(self) -> str:
@@ -3996,7 +4026,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
                     max_lost=config.max_lost, finished_ttl=config.finished_ttl)
     _stop_on_signals(worker)
-    print(f'Worker {worker.name} handles "{worker.profile}" tasks...\nQueue: {queue.describe()}', flush=True)
+    print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
+    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.", flush=True)
     return 0

@@ -2539,7 +2539,7 @@ def test_cli_json_output_parses_back(dsn, queue):
     (["worker", "Bad"], "Profile name only allows"),
     (["worker", "p", "--quantity", "0"], "not a whole number of 1 or more"),
 ])
-def test_cli_bad_input_exits_2_with_one_line(dsn, args, message):
+def test_cli_bad_input_exits_2_with_one_line(dsn, queue, args, message):
     result = cli(dsn, *args)
     assert result.returncode == 2, result
     assert message in result.stderr
@@ -2865,7 +2865,7 @@ def test_cli_reading_commands_do_not_create_a_database(tmp_path):
 def test_cli_worker_names_its_backend_first(dsn, tmp_path):
     result = cli(dsn, "worker", "p", "--burst")
     assert result.returncode == 0, result.stderr
-    second = result.stdout.splitlines()[1]
+    second = result.stderr.splitlines()[0]
     if dsn.startswith("redis"):
         assert second.startswith("Queue: ") and "127.0.0.1" in second
     else:
