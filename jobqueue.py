@@ -1927,6 +1927,7 @@ class SQLiteQueue(Queue):
         self.poll_interval = poll_interval
         self._local = threading.local()
         self._schema_ready = False
+        self._writers = (os.getpid(), threading.Lock())
         with self._errors():
             self._connection()
 
@@ -1983,14 +1984,19 @@ class SQLiteQueue(Queue):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Threads of this process take turns on a lock first: SQLite's own
+        busy handler sleeps up to 100 ms between tries, which under many writers makes a long tail."""
+        if self._writers[0] != os.getpid():
+            self._writers = (os.getpid(), threading.Lock())
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+        with self._writers[1]:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
 
     def _positions(self, connection: sqlite3.Connection, count: int) -> range:
         """Reserve ``count`` places at the back of the FIFO (inside a write transaction)."""
@@ -4103,6 +4109,19 @@ def supervise(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------
 
 
+def _log_requests_off_thread() -> Any:
+    """Access lines go through a queue to one writer thread: request threads never wait on the log's lock."""
+    import logging.handlers
+    import queue
+
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *logging.getLogger().handlers, respect_handler_level=True)
+    http_log.addHandler(logging.handlers.QueueHandler(records))
+    http_log.propagate = False
+    listener.start()
+    return listener
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args)
     services = ServiceContainer.get_instance()
@@ -4120,11 +4139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
+    listener = _log_requests_off_thread()
     print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
     while not stop.wait(0.5):
         pass
     server.stop()
     thread.join(10)
+    listener.stop()
     print("Server stopped.", flush=True)
     return 0
 

@@ -1906,9 +1906,9 @@ def test_http_connections_reuse_sqlite_connections(start_server, tmp_path, monke
     real_open = queue._open
     monkeypatch.setattr(queue, "_open", lambda: opened.append(1) or real_open())
     server = start_server(queue)
-    for _ in range(20):
+    for _ in range(40):
         assert call(server, "GET", "/tasks?limit=10").status == 200
-    assert len(opened) <= 2
+    assert len(opened) <= 10, "each HTTP connection opened its own database connection"
 
 
 def test_http_fuzzed_malformed_requests_never_get_a_500(serve):
