@@ -2746,7 +2746,6 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 LISTEN_BACKLOG = 1024
 IDLE_THREAD_SECONDS = 10.0
-HANDLER_SLOTS = 4
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 REQUEST_TIMEOUT = 30.0
@@ -3504,8 +3503,7 @@ def _http_classes() -> dict[str, type]:
                                   query=query, headers=self.headers, body=body, body_error=body_error)
                 if body_error is not None:
                     self.close_connection = True
-                with self.server.slots:
-                    response = self.server.service.handle(request)
+                response = self.server.service.handle(request)
                 self._send(response)
                 http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
                               (time.monotonic() - started) * 1000)
@@ -3570,11 +3568,7 @@ def _http_classes() -> dict[str, type]:
         A thread serves one connection at a time and then waits a while for
         the next, so a stream of short connections reuses threads (and their
         database connections) instead of starting one each; accepting never
-        waits for a new thread to be scheduled. At most HANDLER_SLOTS requests
-        are handled at once, the others wait their turn (first come, first
-        served): each backend call releases the GIL, and with 50 threads
-        fighting to take it back, 50 concurrent requests were served 4 times
-        slower than 4.
+        waits for a new thread to be scheduled.
         """
 
         daemon_threads = False
@@ -3591,7 +3585,6 @@ def _http_classes() -> dict[str, type]:
             self._handlers_lock = threading.Lock()
             self._accepted: queue.SimpleQueue = queue.SimpleQueue()
             self._idle, self._closed, self._threads_alive = 0, False, set()
-            self.slots = threading.BoundedSemaphore(HANDLER_SLOTS)
             super().__init__(address, RequestHandler)
 
         def process_request(self, request: Any, client_address: Any) -> None:
