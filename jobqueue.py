@@ -85,6 +85,9 @@ ISOLATIONS = ("thread", "process")
 ERROR_MAX_BYTES = 64 * 1024
 RESULT_MAX_BYTES = 1024 * 1024
 SQLITE_BUSY_TIMEOUT = 30.0
+DURATION_MAX = 100 * 365 * 86400.0
+RETRIES_MAX = 1_000_000
+SQLITE_MIN_VERSION = (3, 35, 0)
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -211,9 +214,20 @@ def validate_profile(name: object) -> str:
     return name
 
 
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be stored and sent: no lone surrogate such as JSON's "\\ud800"."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_scalar(value: object) -> bool:
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (bool, int)):
         return True
+    if isinstance(value, str):
+        return _is_text(value)
     return isinstance(value, float) and math.isfinite(value)
 
 
@@ -223,7 +237,7 @@ def validate_parameters(parameters: object) -> dict[str, Scalar]:
     if not isinstance(parameters, Mapping):
         raise ValidationError("Malformed parameters")
     for key, value in parameters.items():
-        if not isinstance(key, str):
+        if not isinstance(key, str) or not _is_text(key):
             raise ValidationError("The key must be a string")
         if not _is_scalar(value):
             raise ValidationError(f'The "{key}" value must be a scalar or null')
@@ -234,12 +248,12 @@ def validate_tags(tags: object) -> list[str]:
     if tags is None:
         return []
     if isinstance(tags, str):
-        tags = [tags]
+        raise ValidationError(f'Tags must be a list of strings, such as ["{tags}"], not one string')
     if not isinstance(tags, (list, tuple, set, frozenset)):
         raise ValidationError("Tag value must be a string")
     unique: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str):
+        if not isinstance(tag, str) or not _is_text(tag):
             raise ValidationError("Tag value must be a string")
         if not tag:
             raise ValidationError("Tag value must not be empty")
@@ -294,11 +308,16 @@ def _is_job_function(target: object) -> bool:
 
 
 def _module_name(target: Any) -> str:
+    """The module a worker would import for ``target``; a script's own jobs have none."""
     module = target.__module__
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         if spec is not None and spec.name:
             return spec.name
+        raise ValidationError(
+            f'Job "{target.__qualname__}" is defined in the script being run (__main__), which a worker cannot'
+            " import: move it to a module and import it from there"
+        )
     return module
 
 
@@ -307,8 +326,11 @@ def job_path(target: object) -> str:
     if isinstance(target, str):
         if not JOB_PATH_PATTERN.fullmatch(target):
             raise ValidationError(
-                f'Job "{target}" must be an import path such as "myapp.jobs.SendMail"'
+                f'Job "{target}" must be an import path such as "myapp.jobs.SendMailJob"'
             )
+        if re.match(r"__main__[.:]", target):
+            raise ValidationError(f'Job "{target}" names the script being run (__main__), which a worker cannot'
+                                  " import: move the job to a module")
         return target
     if isinstance(target, Job):
         target = type(target)
@@ -337,8 +359,30 @@ def _import_job_module(module_name: str, path: str) -> Any:
         raise JobError(f'Job "{path}" cannot be imported: {type(error).__name__}: {error}') from error
 
 
-def resolve_job(path: str) -> Any:
-    """Import the Job subclass or @job function that ``path`` names; nothing else is ever returned."""
+def allowed_jobs(environ: Mapping[str, str] | None = None) -> tuple:
+    """The ``JOBQUEUE_JOBS`` prefixes (comma-separated); empty means every job path is allowed."""
+    text = (os.environ if environ is None else environ).get("JOBQUEUE_JOBS") or ""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def check_allowed(path: str, allowed: Sequence[str]) -> str:
+    """``path`` if the allow-list is empty or one of its prefixes starts it; else JobNotAllowed.
+
+    Called before anything is imported, so a path outside the list never runs
+    a module's import-time code.
+    """
+    if allowed and not any(path.replace(":", ".").startswith(prefix) for prefix in allowed):
+        raise JobNotAllowed(f'Job "{path}" is not allowed: JOBQUEUE_JOBS allows {", ".join(allowed)}')
+    return path
+
+
+def resolve_job(path: str, allowed: Sequence[str] | None = None) -> Any:
+    """Import the Job subclass or @job function that ``path`` names; nothing else is ever returned.
+
+    ``allowed`` (default: ``JOBQUEUE_JOBS`` from the environment) is checked
+    first: a path outside it raises JobNotAllowed and imports nothing.
+    """
+    check_allowed(job_path(path), allowed_jobs() if allowed is None else allowed)
     if ":" in path:
         module_name, _, attributes = path.partition(":")
         candidates = [(module_name, attributes.split("."))]
@@ -410,6 +454,8 @@ def _seconds(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
         raise ValidationError(f"{name} must be a number of seconds")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValidationError(f"{name} must be {'0 or more' if allow_zero else 'more than 0'} seconds")
+    if value > DURATION_MAX:
+        raise ValidationError(f"{name} must be at most {DURATION_MAX:.0f} seconds (100 years)")
     return float(value)
 
 
@@ -470,8 +516,10 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValidationError("retries must be a whole number, 0 or more")
+        if isinstance(self.retries, float) and self.retries.is_integer():
+            self.retries = int(self.retries)
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
+            raise ValidationError(f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
         self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
         self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
         self.lease = _seconds("lease", self.lease, allow_zero=False)
@@ -2196,8 +2244,15 @@ def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
 
 
 def _sqlite3() -> Any:
+    """The sqlite3 module, if its library can run our statements (RETURNING needs 3.35)."""
     import sqlite3
 
+    if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+        raise ConfigurationError(
+            f"This Python's SQLite library is {sqlite3.sqlite_version}; jobqueue needs"
+            f" {'.'.join(map(str, SQLITE_MIN_VERSION))} or newer. Use a Python built with a newer SQLite,"
+            " or Redis (JOBQUEUE_REDIS_DSN)"
+        )
     return sqlite3
 
 
@@ -2206,17 +2261,20 @@ class SQLiteQueue(Queue):
 
     Several worker processes and the server can share the file. ``fetch``
     polls, backing off from 1 ms up to ``poll_interval`` seconds while idle.
+    Only the first connection sets up the file, so a new thread connects fast.
     """
 
     def __init__(self, path: str | os.PathLike, poll_interval: float = 0.05):
         self.path = os.fspath(path)
         self.poll_interval = poll_interval
         self._local = threading.local()
+        self._schema_ready = False
+        self._writers = (os.getpid(), threading.Lock())
         with self._errors():
             self._connection()
 
     def describe(self) -> str:
-        return f"SQLite database {self.path}"
+        return f"SQLite database {os.path.abspath(self.path)}"
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
@@ -2241,10 +2299,12 @@ class SQLiteQueue(Queue):
                 )
                 connection.row_factory = _row_dict
                 connection.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-                if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
-                    connection.execute("PRAGMA journal_mode = WAL")
                 connection.execute("PRAGMA synchronous = NORMAL")
-                connection.executescript(_SQLITE_SCHEMA)
+                if not self._schema_ready:
+                    if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
+                        connection.execute("PRAGMA journal_mode = WAL")
+                    connection.executescript(_SQLITE_SCHEMA)
+                    self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
                 if connection is not None:
@@ -2266,14 +2326,19 @@ class SQLiteQueue(Queue):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Threads of this process take turns on a lock first: SQLite's own
+        busy handler sleeps up to 100 ms between tries, which under many writers makes a long tail."""
+        if self._writers[0] != os.getpid():
+            self._writers = (os.getpid(), threading.Lock())
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+        with self._writers[1]:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
 
     def _positions(self, connection: sqlite3.Connection, count: int) -> range:
         """Reserve ``count`` places at the back of the FIFO (inside a write transaction)."""
@@ -3382,6 +3447,7 @@ class Config:
     jobs: tuple = ()
     imports: tuple = ()
     token: str | None = field(default=None, repr=False)
+    origins: tuple = ()
     max_lost: int = DEFAULT_MAX_LOST
     finished_ttl: float | None = None
 
@@ -3392,23 +3458,28 @@ class Config:
             redis_dsn=environ.get("JOBQUEUE_REDIS_DSN") or None,
             db=environ.get("JOBQUEUE_DB") or DEFAULT_DB,
             env=environ.get("JOBQUEUE_ENV") or "dev",
-            jobs=_split_list(environ.get("JOBQUEUE_JOBS")),
+            jobs=allowed_jobs(environ),
             imports=_split_list(environ.get("JOBQUEUE_IMPORTS")),
             token=environ.get("JOBQUEUE_TOKEN") or None,
+            origins=tuple(origin.lower().rstrip("/") for origin in _split_list(environ.get("JOBQUEUE_ORIGINS"))),
             max_lost=_setting(environ, "JOBQUEUE_MAX_LOST", DEFAULT_MAX_LOST, _whole_number),
             finished_ttl=_setting(environ, "JOBQUEUE_FINISHED_TTL", None, parse_duration),
         )
 
     def check_job(self, target: object) -> str:
         """The job's path, if ``JOBQUEUE_JOBS`` (when set) allows it; else JobNotAllowed."""
-        path = job_path(target)
-        if self.jobs and not any(path.replace(":", ".").startswith(prefix) for prefix in self.jobs):
-            raise JobNotAllowed(f'Job "{path}" is not allowed: JOBQUEUE_JOBS allows {", ".join(self.jobs)}')
-        return path
+        return check_allowed(job_path(target), self.jobs)
 
     @property
     def dsn(self) -> str:
         return self.redis_dsn or self.db
+
+    def missing_database(self) -> str | None:
+        """The SQLite file's absolute path if that is the queue and the file does not exist yet."""
+        if self.redis_dsn:
+            return None
+        path = self.db[len("sqlite:///"):] if self.db.lower().startswith("sqlite:///") else self.db
+        return None if "://" in path or os.path.exists(path) else os.path.abspath(path)
 
     def queue(self) -> Queue:
         return queue_from_dsn(self.dsn)
@@ -3452,6 +3523,11 @@ class ServiceContainer:
 # == HTTP ====================================================================
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_INTEGER = 2**63 - 1
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+LISTEN_BACKLOG = 1024
+IDLE_THREAD_SECONDS = 10.0
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 REQUEST_TIMEOUT = 30.0
@@ -3479,32 +3555,44 @@ class Request:
     body_error: HTTPError | None = None
     params: dict[str, str] = field(default_factory=dict)
 
+    def header(self, name: str) -> str | None:
+        """The first value of a header, whatever its case."""
+        return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
+
     def arg(self, name: str) -> str | None:
-        """The last value of a query parameter; an empty value counts as absent."""
+        """The value of a query parameter given at most once; an empty value counts as absent."""
         values = self.query.get(name)
-        return values[-1] if values and values[-1] != "" else None
+        if values and len(values) > 1:
+            raise ValidationError(f"{name} must be given once")
+        return values[0] if values and values[0] != "" else None
 
     def list_arg(self, name: str) -> list[str]:
         """A list parameter, comma-separated (``tags=a,b``) or repeated (``tags=a&tags=b``)."""
         return [item for value in self.query.get(name, []) for item in value.split(",") if item]
 
-    def int_arg(self, name: str, default: int, most: int | None = None) -> int:
+    def int_arg(self, name: str, default: int, most: int = MAX_INTEGER) -> int:
+        """A whole number in ASCII digits from 0 to ``most``; anything else is ValidationError."""
         text = self.arg(name)
         if text is None:
             return default
-        if not text.isdigit() or (most is not None and int(text) > most):
-            bound = f"from 0 to {most}" if most is not None else "0 or more"
-            raise ValidationError(f"{name} must be a whole number {bound}")
+        if not (text.isascii() and text.isdigit() and len(text) <= len(str(most))) or int(text) > most:
+            raise ValidationError(f"{name} must be a whole number from 0 to {most}")
         return int(text)
 
-    def json(self) -> dict[str, Any]:
-        """The body as a JSON object, or ValidationError with the message a client can act on."""
+    def json(self, known: Iterable[str] | None = None) -> dict[str, Any]:
+        """The body as a JSON object, or ValidationError with the message a client can act on.
+
+        With ``known``, a key outside it is refused by name: a typo must not pass as a missing option.
+        """
         try:
             data = json.loads(self.body)
         except (ValueError, RecursionError):
             raise ValidationError("Malformed JSON") from None
         if not isinstance(data, dict):
             raise ValidationError("The JSON body must be an object")
+        unknown = [key for key in data if known is not None and key not in known]
+        if unknown:
+            raise ValidationError(f'Unknown key "{unknown[0]}": this route knows {", ".join(known)}')  # type: ignore
         return data
 
 
@@ -3520,7 +3608,10 @@ class Response:
             return b""
         if isinstance(self.body, str):
             return self.body.encode("utf-8")
-        return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        try:
+            return json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(self.body).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -3536,6 +3627,26 @@ class Route:
 
 
 TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
+NEW_TASK_KEYS = ("profile", "job", "parameters", "tags", *TASK_OPTIONS)
+
+
+def host_name(host: str) -> str:
+    """The name in a ``Host`` header or ``--host``: ``localhost:8080`` -> ``localhost``, ``[::1]:80`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, any port) is this machine only: localhost, 127.0.0.0/8, ::1."""
+    import ipaddress
+
+    name = host_name(host).strip("[]")
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 # The dashboard at GET /: one page, no data of its own (it reads the API with the
 # token it asks for), nothing loaded from elsewhere. Values reach the DOM through
@@ -3642,7 +3753,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <h2 id="add-title">Add a task</h2>
     <form id="add">
       <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
-      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMail"></label>
+      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
       <label for="add-parameters">Parameters (JSON)
         <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
       <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
@@ -3837,9 +3948,10 @@ ROUTES = (
 class WebService:
     """The JSON API over a queue: one routing table, one place that turns errors into answers."""
 
-    def __init__(self, queue: Queue, config: Config | None = None):
+    def __init__(self, queue: Queue, config: Config | None = None, insecure: bool = False):
         self.queue = queue
         self.config = config if config is not None else Config()
+        self.insecure = insecure
         self.requests: dict[tuple, int] = {}
         self._lock = threading.Lock()
         self._routes = [(route, route.pattern) for route in ROUTES]
@@ -3848,11 +3960,15 @@ class WebService:
         matches = [(route, match) for route, pattern in self._routes if (match := pattern.match(request.path))]
         template = matches[0][0].template if matches else "unmatched"
         try:
+            self._guard(request)
             route, params = self._route(request, matches)
             if not route.public:
                 self._authorize(request)
             if request.body_error is not None:
                 raise request.body_error
+            media_type = (request.header("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if request.body and request.method in BODY_METHODS and media_type != "application/json":
+                raise HTTPError(415, "A body must be JSON, sent with Content-Type: application/json")
             request.params = params
             response = getattr(self, route.handler)(request)
         except Exception as error:  # noqa: BLE001 - the one choke point: every error becomes JSON
@@ -3890,6 +4006,20 @@ class WebService:
             raise HTTPError(405, f"Method {request.method} is not allowed on {request.path}", {"Allow": allowed})
         raise HTTPError(404, f"No route for {request.path}")
 
+    def _guard(self, request: Request) -> None:
+        """Answer no web page but our own (Origin), and no DNS-rebinding name without a token (Host)."""
+        host = request.header("Host")
+        if host is not None and not (self.config.token or self.insecure or host_name(host) in LOOPBACK_NAMES):
+            raise HTTPError(403, f'Host "{host}" is refused: without JOBQUEUE_TOKEN, only localhost, 127.0.0.1 and'
+                                 " [::1] are served (a DNS-rebinding guard)")
+        origin = request.header("Origin")
+        if origin is None:
+            return
+        own = {f"{scheme}://{(host or '').strip().lower()}" for scheme in ("http", "https")}
+        if origin.strip().lower().rstrip("/") not in own.union(self.config.origins):
+            raise HTTPError(403, f'Origin "{origin}" is refused: only pages of this server, or of the origins'
+                                 " JOBQUEUE_ORIGINS lists, may call it")
+
     def _authorize(self, request: Request) -> None:
         token = self.config.token
         if not token:
@@ -3912,13 +4042,13 @@ class WebService:
         return Response(200, [task.to_json() for task in tasks], {"X-Total-Count": str(total)})
 
     def create_task(self, request: Request) -> Response:
-        data = request.json()
+        data = request.json(NEW_TASK_KEYS)
         if data.get("job") in (None, ""):
             raise ValidationError("Missing job")
         if data.get("profile") in (None, ""):
             raise ValidationError("Missing profile")
         if not isinstance(data["job"], str):
-            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMail"')
+            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
         options = {name: data[name] for name in TASK_OPTIONS if data.get(name) is not None}
         task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"),
                     **options)
@@ -3929,7 +4059,7 @@ class WebService:
         return Response(200, self.queue.find(request.params["identifier"]).to_json())
 
     def patch_task(self, request: Request) -> Response:
-        data = request.json()
+        data = request.json(("status",))
         if "status" not in data:
             raise ValidationError("Missing status")
         if not isinstance(data["status"], str):
@@ -3937,7 +4067,11 @@ class WebService:
         return Response(200, self.queue.update_status(request.params["identifier"], data["status"]).to_json())
 
     def retry_task(self, request: Request) -> Response:
-        return Response(200, self.queue.retry(request.params["identifier"]).to_json())
+        """409 for a task that is not failed: the request is well formed, the task's state is the conflict."""
+        try:
+            return Response(200, self.queue.retry(request.params["identifier"]).to_json())
+        except ValidationError as error:
+            raise HTTPError(409, str(error)) from None
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
@@ -3997,6 +4131,9 @@ def openapi_document() -> dict[str, Any]:
         result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
         return result
 
+    profile = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
+    job_pattern = f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"
+    scalar = {"type": ["string", "number", "integer", "boolean", "null"]}
     counts = {"type": "object", "additionalProperties": {
         "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
     return {
@@ -4025,10 +4162,16 @@ def openapi_document() -> dict[str, Any]:
                              "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
                              "error": {"type": ["string", "null"]}, "result": {},
                          }},
-                "NewTask": {"type": "object", "required": ["profile", "job"], "properties": {
-                    "profile": {"type": "string"}, "job": {"type": "string"},
-                    "parameters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
-                    **{name: {"type": "number", "minimum": 0} for name in TASK_OPTIONS}}},
+                "NewTask": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
+                            "properties": {
+                    "profile": profile, "job": {"type": "string", "pattern": job_pattern},
+                    "parameters": {"type": ["object", "null"], "additionalProperties": scalar},
+                    "tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+                    "retries": {"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX},
+                    **{name: {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
+                       for name in ("retry_delay", "delay")},
+                    **{name: {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
+                       for name in ("timeout", "lease")}}},
             },
             "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
         },
@@ -4036,12 +4179,12 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/tasks": {
                 "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
-                    query("profile", {"type": "string"}, "only this profile"),
-                    query("status", {"type": "string", "enum": statuses}, "only this status"),
+                    query("profile", {**profile, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
+                    query("status", {"type": "string", "enum": [*statuses, ""]}, "only this status (empty: any)"),
                     query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
-                    query("order", {"type": "string", "enum": list(ORDERS)}, "sort order, default status"),
+                    query("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
                     query("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
-                    query("offset", {"type": "integer", "minimum": 0}, "tasks to skip"),
+                    query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip"),
                 ], "responses": answers(
                     _200={"description": "Tasks", "headers": {"X-Total-Count": {
                         "description": "how many match", "schema": {"type": "integer"}}},
@@ -4061,7 +4204,8 @@ def openapi_document() -> dict[str, Any]:
                 "patch": {"summary": "Set a task's status", "operationId": "patchTask",
                           "requestBody": {"required": True, "content": {"application/json": {"schema": {
                               "type": "object", "required": ["status"],
-                              "properties": {"status": {"type": "string", "enum": statuses}}}}}},
+                              "additionalProperties": False, "properties": {"status": {
+                                  "type": "string", "enum": [s for s in statuses if s != Status.RUNNING]}}}}}},
                           "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
                 "delete": {"summary": "Delete a task", "operationId": "deleteTask",
                            "responses": answers(_204={"description": "Deleted"}, _404=error)},
@@ -4069,7 +4213,8 @@ def openapi_document() -> dict[str, Any]:
             "/task/{identifier}/retry": {
                 "parameters": [identifier],
                 "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
-                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
+                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error,
+                                              _409=error)},
             },
             "/": {"get": {"summary": "The dashboard page (HTML; holds no data)", "operationId": "dashboard",
                           "security": [], "responses": {"200": {"description": "The page", "content": {
@@ -4122,16 +4267,22 @@ def _http_classes() -> dict[str, type]:
                 self.server.track(self, False)
 
         def _answer(self) -> None:
+            if self.request_version == "HTTP/0.9":
+                self.send_error(400, "HTTP/0.9 requests are not supported")
+                return
             self.busy, started = True, time.monotonic()
             try:
                 parts = urlsplit(self.path)
                 body, body_error = self._read_body()
-                request = Request(
-                    method="GET" if self.command == "HEAD" else self.command,
-                    path=unquote(parts.path),
-                    query=parse_qs(parts.query, keep_blank_values=True),
-                    headers=self.headers, body=body, body_error=body_error,
-                )
+                try:
+                    path, query = unquote(parts.path, errors="strict"), parse_qs(
+                        parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
+                except (UnicodeDecodeError, ValueError):
+                    path, query = unquote(parts.path), {}
+                    body_error = body_error or HTTPError(
+                        400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
+                request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
+                                  query=query, headers=self.headers, body=body, body_error=body_error)
                 if body_error is not None:
                     self.close_connection = True
                 response = self.server.service.handle(request)
@@ -4145,15 +4296,17 @@ def _http_classes() -> dict[str, type]:
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
 
+        def __getattr__(self, name: str) -> Any:
+            """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
+            if name.startswith("do_"):
+                return self._answer
+            raise AttributeError(name)
+
         def _read_body(self) -> tuple:
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                 return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
-            length = self.headers.get("Content-Length")
-            if length is None:
-                if self.command in ("POST", "PUT", "PATCH"):
-                    return b"", HTTPError(411, "A body must come with Content-Length")
-                return b"", None
-            if not length.strip().isdigit():
+            length = (self.headers.get("Content-Length") or "0").strip()
+            if not (length.isascii() and length.isdigit()):
                 return b"", HTTPError(400, "Content-Length must be a whole number")
             size = int(length)
             if size > MAX_BODY_BYTES:
@@ -4173,6 +4326,8 @@ def _http_classes() -> dict[str, type]:
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
+            elif self.request_version == "HTTP/1.0":
+                self.send_header("Connection", "keep-alive")
             self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
             self.flush_headers()
 
@@ -4190,18 +4345,74 @@ def _http_classes() -> dict[str, type]:
 
 
     class Server(ThreadingHTTPServer):
-        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish."""
+        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
+
+        A thread serves one connection at a time and then waits a while for
+        the next, so a stream of short connections reuses threads (and their
+        database connections) instead of starting one each; accepting never
+        waits for a new thread to be scheduled.
+        """
 
         daemon_threads = False
         allow_reuse_address = True
+        request_queue_size = LISTEN_BACKLOG
 
-        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT):
+        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
+            import queue
+
             self.service = service
             self.request_timeout = request_timeout
             self.stopping = False
             self._handlers: set[RequestHandler] = set()
             self._handlers_lock = threading.Lock()
+            self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+            self._idle, self._closed, self._threads_alive = 0, False, set()
             super().__init__(address, RequestHandler)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            with self._handlers_lock:
+                if self._idle:
+                    self._idle -= 1
+                    self._accepted.put((request, client_address))
+                    return
+                thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
+                self._threads_alive.add(thread)
+            thread.start()
+
+        def _serve_connections(self, request: Any, client_address: Any) -> None:
+            import queue
+
+            try:
+                while request is not None:
+                    self.process_request_thread(request, client_address)
+                    with self._handlers_lock:
+                        if self._closed:
+                            return
+                        self._idle += 1
+                    try:
+                        request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
+                    except queue.Empty:
+                        with self._handlers_lock:
+                            try:
+                                request, client_address = self._accepted.get_nowait()
+                            except queue.Empty:
+                                self._idle -= 1
+                                return
+            finally:
+                with self._handlers_lock:
+                    self._threads_alive.discard(threading.current_thread())
+
+        def server_close(self) -> None:
+            """Close the socket; wake idle threads to end; wait for busy ones."""
+            with self._handlers_lock:
+                self._closed = True
+                for _ in range(self._idle):
+                    self._accepted.put((None, None))
+                self._idle = 0
+                threads = list(self._threads_alive)
+            super().server_close()
+            for thread in threads:
+                thread.join()
 
         @property
         def url(self) -> str:
@@ -4236,6 +4447,7 @@ def __getattr__(name: str) -> Any:
 # == CLI =====================================================================
 
 STATUS_COLOURS = {Status.WAITING: "34", Status.RUNNING: "33", Status.FINISHED: "32", Status.FAILED: "31"}
+COLOUR_NAMES = {"34": "blue", "33": "yellow", "32": "green", "31": "red"}
 MARK = "\u25a0"
 ORDER_KEYS: dict[str, Callable[[Task], Any]] = {
     "date": lambda task: task.created_at,
@@ -4293,14 +4505,16 @@ def format_task(task: Task) -> str:
                   for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
     lines.append("Parameters : " + (parameters[0] if parameters else "(none)"))
     lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
-    if task.attempts:
-        lines.append(f"Attempts : {task.attempts}")
-    if task.retries or task.failures:
-        lines.append(f"Retries : {task.retries} (failed so far: {task.failures})")
+    lines += [
+        f"Retries : {task.retries} (failed so far: {task.failures})",
+        f"Retry delay : {task.retry_delay or 0:g}s, doubled after each failure",
+        f"Timeout : {f'{task.timeout:g}s' if task.timeout else '(none; the worker --timeout applies)'}",
+        f"Lease : {f'{task.lease:g}s' if task.lease else '(the worker --lease, 30s by default)'}",
+        f"Run at : {_rfc2822(task.run_at) if task.run_at else '(as soon as a worker is free)'}",
+        f"Attempts : {task.attempts}",
+    ]
     if task.lost:
         lines.append(f"Lost : {task.lost}")
-    if task.run_at is not None and task.status is Status.WAITING:
-        lines.append(f"Run at : {_rfc2822(task.run_at)}")
     for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
         if value is not None:
             lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
@@ -4342,8 +4556,14 @@ def confirm(question: str, refusal: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _queue() -> Queue:
-    queue = ServiceContainer.get_instance().queue
+def _queue(reading: bool = False) -> Queue:
+    """The configured queue; ``reading`` commands refuse to create a SQLite file that is not there."""
+    services = ServiceContainer.get_instance()
+    missing = services.config.missing_database()
+    if reading and missing:
+        raise UsageError(f"There is no queue at {missing}: the file does not exist (nothing was added yet). Set"
+                         " JOBQUEUE_DB to the file your application uses, or JOBQUEUE_REDIS_DSN for Redis")
+    queue = services.queue
     queue.ping()
     return queue
 
@@ -4357,17 +4577,19 @@ def _print_json(data: Any) -> None:
 
 def cmd_add(args: argparse.Namespace) -> int:
     config = ServiceContainer.get_instance().config
-    parameters = dict(parse_parameter(text) for text in args.parameters)
+    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
+    parameters = dict(parse_parameter(text) for text in words)
+    tags = [tag for tag in args.tags if ":" not in tag]
     options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
                if getattr(args, name) is not None}
-    task = Task(args.profile, config.check_job(args.job), parameters, args.tags, **options)
+    task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
     _queue().add(task)
     print(format_task(task))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    task = _queue().find(args.identifier)
+    task = _queue(reading=True).find(args.identifier)
     if args.json:
         _print_json(task.to_json())
     else:
@@ -4424,13 +4646,16 @@ def render_list(tasks: list[Task], total: int, args: argparse.Namespace, colour:
         lines.append(f"(showing the first {len(tasks)}; use --limit to see more)")
     if args.legend:
         lines += ["", "Legend:"]
-        lines += [f"  {_paint(MARK, status, colour)} {status.value}" for status in Status]
+        lines += [f"  {_paint(MARK, status, colour)} {status.value} ({COLOUR_NAMES[STATUS_COLOURS[status]]})"
+                  for status in Status]
+        if not colour:
+            lines.append("  (no colour here: the Status column names each task's status)")
         lines += [f'  T{n}: tag "{tag}"' for n, tag in enumerate(tags, 1)]
     return "\n".join(lines)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    queue = _queue()
+    queue = _queue(reading=True)
     colour = use_colour(sys.stdout)
     while True:
         tasks, total = listed_tasks(queue, args)
@@ -4451,7 +4676,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = _queue().stats()
+    stats = _queue(reading=True).stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -4469,9 +4694,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _go_ahead(args: argparse.Namespace, verb: str, question: str) -> bool:
-    """True with ``--force`` or a yes on the terminal; without a terminal, UsageError."""
-    if args.force or confirm(
-        question, f"Refusing to {verb} without confirmation: no terminal to ask on. Add --force to {verb} anyway."
+    """True with ``--force``, ``--yes`` or a yes on the terminal; without a terminal, UsageError."""
+    wider = ", and restores tasks under a live lease" if verb == "restore" else ""
+    if args.force or getattr(args, "yes", False) or confirm(
+        question, f"Refusing to {verb} without confirmation: no terminal to ask on. Add --yes to answer yes"
+                  f" (--force also skips the question{wider})."
     ):
         return True
     print(f"Nothing done: {verb} cancelled.")
@@ -4602,6 +4829,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _die_with_parent(signal.SIGTERM, args.supervisor)
         _stop_with_supervisor(worker, args.supervisor)
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
+    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.", flush=True)
     return 0
@@ -4698,11 +4926,29 @@ def supervise(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------
 
 
+def _log_requests_off_thread() -> Any:
+    """Access lines go through a queue to one writer thread: request threads never wait on the log's lock."""
+    import logging.handlers
+    import queue
+
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *logging.getLogger().handlers, respect_handler_level=True)
+    http_log.addHandler(logging.handlers.QueueHandler(records))
+    http_log.propagate = False
+    listener.start()
+    return listener
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args)
     services = ServiceContainer.get_instance()
+    if not (services.config.token or args.insecure or is_loopback(args.host)):
+        raise UsageError(f"Refusing to serve {args.host} without a token: anyone who can reach it could change the"
+                         " queue. Set JOBQUEUE_TOKEN (clients then send Authorization: Bearer <token>), or add"
+                         " --insecure if something else guards this address")
+    service = WebService(services.queue, services.config, insecure=args.insecure)
     try:
-        server = _http_classes()["Server"]((args.host, args.port), WebService(services.queue, services.config))
+        server = _http_classes()["Server"]((args.host.strip("[]"), args.port), service)
     except OSError as error:
         raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     stop = threading.Event()
@@ -4710,11 +4956,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
+    listener = _log_requests_off_thread()
     print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
     while not stop.wait(0.5):
         pass
     server.stop()
     thread.join(10)
+    listener.stop()
     print("Server stopped.", flush=True)
     return 0
 
@@ -4741,6 +4989,12 @@ def _command(subparsers: Any, name: str, handler: Callable, help: str, *examples
     return parser
 
 
+def _whole(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValidationError(f'"{text}" is not a whole number of 0 or more')
+    return int(text)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -4749,6 +5003,12 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f'"{text}" is not a whole number of 1 or more')
     return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a port number from 0 to 65535')
+    return int(text)
 
 
 def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -4776,7 +5036,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distribute tasks to workers; see and steer the queue.",
         epilog=_examples(
             "jobqueue worker mail                  # run tasks of profile 'mail'",
-            "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+            "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
             "jobqueue manager list --legend",
             "jobqueue serve --port 8080             # the JSON API",
         ) + "\n\nThe queue is SQLite at $JOBQUEUE_DB (./jobqueue.db), or Redis at $JOBQUEUE_REDIS_DSN.",
@@ -4812,18 +5072,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(worker)
 
     serve = _command(
-        commands, "serve", cmd_serve, "Serve the JSON API (GET/POST /tasks, /task/ID, /stats, /health, /metrics).",
+        commands, "serve", cmd_serve,
+        "Serve the dashboard at / and the JSON API (GET/POST /tasks, /task/ID, /stats, /health, /metrics),"
+        " described at /openapi.json. Without JOBQUEUE_TOKEN it serves loopback names only;"
+        " JOBQUEUE_ORIGINS lists other web origins allowed to call it.",
         "jobqueue serve                          # http://127.0.0.1:8080",
-        "jobqueue serve --host 0.0.0.0 --port 9000 -q",
-        "JOBQUEUE_TOKEN=s3cret jobqueue serve    # require Authorization: Bearer s3cret",
+        "JOBQUEUE_TOKEN=s3cret jobqueue serve --host 0.0.0.0 --port 9000 -q   # require Authorization: Bearer s3cret",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0 picks a free one)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve a non-loopback address without JOBQUEUE_TOKEN, and any Host name (behind a proxy"
+                            " that does its own checks)")
     _add_verbosity(serve)
 
     manager = commands.add_parser(
         "manager", help="See and change tasks.", description="See and change tasks.",
-        epilog=_examples("jobqueue manager list", "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
+        epilog=_examples("jobqueue manager list", "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
                          "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -4831,15 +5096,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = _command(
         actions, "add", cmd_add, "Add a task. Parameters are name:value (a string) or name:=JSON (3, true, null).",
-        "jobqueue manager add mail myapp.jobs.SendMail to:ada@example.com",
-        "jobqueue manager add reports myapp.jobs:Build year:=2024 draft:=true --tags nightly finance",
+        "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
+        "jobqueue manager add reports myapp.jobs:BuildJob --tags nightly finance year:=2024 draft:=true",
     )
-    add.add_argument("profile")
-    add.add_argument("job", help="import path of a Job subclass or @job function")
-    add.add_argument("parameters", nargs="*", metavar="name:value")
-    add.add_argument("--tags", nargs="+", default=[], metavar="T")
+    add.add_argument("profile", help="the profile whose workers run it")
+    add.add_argument("job", help="import path of a Job subclass or @job function (myapp.jobs.SendMailJob)")
+    add.add_argument("parameters", nargs="*", metavar="name:value",
+                     help="parameters, before or after the options; name:=JSON for numbers, booleans, null")
+    add.add_argument("--tags", nargs="+", default=[], metavar="T",
+                     help="tags of the task (a word with a colon is a parameter, name:value)")
     add.add_argument("--delay", type=_checked(parse_duration), metavar="DURATION", help="run no sooner than this")
-    add.add_argument("--retries", type=int, metavar="N", help="run again up to N times if it fails")
+    add.add_argument("--retries", type=_checked(_whole), metavar="N", help="run again up to N times if it fails")
     add.add_argument("--retry-delay", type=_checked(parse_duration), metavar="DURATION",
                      help="wait before the first retry, doubled after each (default 5s)")
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
@@ -4848,7 +5115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
-    show.add_argument("identifier")
+    show.add_argument("identifier", help="the task's identifier (a UUID)")
     show.add_argument("--json", action="store_true", help="print the task's JSON form")
 
     listing = _command(
@@ -4867,18 +5134,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = _command(actions, "edit", cmd_edit, "Set a task's status (waiting re-enqueues it).",
                     "jobqueue manager edit 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 waiting")
-    edit.add_argument("identifier")
+    edit.add_argument("identifier", help="the task's identifier (a UUID)")
     edit.add_argument("status", type=_checked(Status), help="waiting, finished or failed")
 
     delete = _command(actions, "delete", cmd_delete, "Delete a task.",
                       "jobqueue manager delete 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
-    delete.add_argument("identifier")
+    delete.add_argument("identifier", help="the task's identifier (a UUID)")
 
     restore = _command(actions, "restore", cmd_restore,
                        "Put every task that is not finished back to waiting (crash repair). Running tasks"
                        " whose worker is alive are left alone unless --force.",
                        "jobqueue manager restore",
+                       "jobqueue manager restore --yes     # no question (for cron); live workers' tasks stay",
                        "jobqueue manager restore --force   # no question; live workers' tasks too")
+    restore.add_argument("--yes", "-y", action="store_true",
+                         help="answer yes to the question; running tasks under a live lease stay theirs")
     restore.add_argument("--force", action="store_true",
                          help="do not ask, and restore running tasks under a live lease too")
 
@@ -4890,20 +5160,24 @@ def build_parser() -> argparse.ArgumentParser:
     retry = _command(actions, "retry", cmd_retry, "Put failed tasks back to waiting.",
                      "jobqueue manager retry 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68",
                      "jobqueue manager retry --failed --profile mail")
-    retry.add_argument("identifier", nargs="?")
+    retry.add_argument("identifier", nargs="?", help="the failed task's identifier")
     retry.add_argument("--failed", action="store_true", help="every failed task (of --profile)")
-    retry.add_argument("--profile", type=_checked(validate_profile), metavar="P")
+    retry.add_argument("--profile", type=_checked(validate_profile), metavar="P",
+                       help="with --failed: this profile only")
 
     purge = _command(actions, "purge", cmd_purge, "Delete finished and failed tasks that ended long ago.",
                      "jobqueue manager purge --older-than 7d",
                      "jobqueue manager purge --older-than 12h --status failed --force")
-    purge.add_argument("--older-than", type=_checked(parse_duration), required=True, metavar="DURATION")
+    purge.add_argument("--older-than", type=_checked(parse_duration), required=True, metavar="DURATION",
+                       help="tasks that ended longer ago than this (90s, 15m, 2h, 7d)")
     purge.add_argument("--status", type=_checked(Status), metavar="S", help="finished or failed (default: both)")
-    purge.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--force", "--yes", "-y", dest="force", action="store_true",
+                       help="do not ask for confirmation")
 
     flush = _command(actions, "flush", cmd_flush, "Delete every task of the queue.",
                      "jobqueue manager flush", "jobqueue manager flush --force     # no question")
-    flush.add_argument("--force", action="store_true", help="do not ask for confirmation")
+    flush.add_argument("--force", "--yes", "-y", dest="force", action="store_true",
+                       help="do not ask for confirmation")
 
     stats = _command(actions, "stats", cmd_stats, "Count tasks per profile and status.",
                      "jobqueue manager stats", "jobqueue manager stats --json")
@@ -4913,7 +5187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input, 1 backend or other failure)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and (args.command, getattr(args, "action", None)) == ("manager", "add"):
+        args.parameters += [word for word in extras if not word.startswith("-")]
+        extras = [word for word in extras if word.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.handler(args)
     except JobQueueError as error:
@@ -4926,8 +5206,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _import_names() -> list[str]:
+    """Every name user code may import this file by: ``jobqueue``, its ``-m`` name, its package path.
+
+    Run as a script or with ``python -m vendor.jobqueue``, this module is
+    ``__main__``; jobs that ``import jobqueue`` or ``from vendor import
+    jobqueue`` must get this very module (one Job class, one ServiceContainer),
+    not a second copy.
+    """
+    names = ["jobqueue"]
+    if __spec__ is not None and __spec__.name:
+        names.append(__spec__.name)
+    path = os.path.abspath(__file__)
+    for base in (os.getcwd(), *sys.path):
+        relative = os.path.relpath(path, os.path.abspath(base or os.getcwd()))
+        parts = relative.removesuffix(".py").split(os.sep)
+        if relative.endswith(".py") and all(part.isidentifier() for part in parts):
+            names.append(".".join(parts))
+    return names
+
+
 if __name__ == "__main__":
-    # Run as a script, this module is __main__; user code that imports jobqueue
-    # must get this very module (one Job class, one ServiceContainer), not a copy.
-    sys.modules.setdefault("jobqueue", sys.modules[__name__])
+    for _name in _import_names():
+        sys.modules.setdefault(_name, sys.modules[__name__])
+        _parent, _, _child = _name.rpartition(".")
+        if _parent in sys.modules:
+            setattr(sys.modules[_parent], _child, sys.modules[__name__])
     sys.exit(main())
