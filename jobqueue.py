@@ -78,6 +78,7 @@ PROFILE_MESSAGE = (
 JOB_PATH_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*([.:][A-Za-z_]\w*)(\.[A-Za-z_]\w*)*")
 ORDERS = ("date", "profile", "status")
 DEFAULT_LEASE = 30.0
+DEFAULT_OUTAGE_WAIT = 10.0  # how long a manager command waits for an unavailable backend (a failover)
 DEFAULT_RETRY_DELAY = 5.0
 RETRY_DELAY_MAX = 3600.0
 DEFAULT_MAX_LOST = 3
@@ -1763,15 +1764,14 @@ class RedisQueue(Queue):
     _local_clock = staticmethod(time.time)
 
     def clock(self) -> float:  # type: ignore[override]
-        """Now on the server's clock; during an outage, the last offset measured (the call itself will fail)."""
+        """Now on the server's clock; BackendUnavailable when the offset is due again and Redis is out."""
         local = self._local_clock()
         if local >= self._offset_due:
-            self._offset_due = local + 1.0
-            with contextlib.suppress(Exception):
+            with self._errors():
                 before = time.monotonic()
                 seconds, microseconds = self.client.time()
                 middle = self._local_clock() - (time.monotonic() - before) / 2
-                self._offset, self._offset_due = seconds + microseconds / 1e6 - middle, local + 30.0
+            self._offset, self._offset_due = seconds + microseconds / 1e6 - middle, local + 30.0
         return local + self._offset
 
     @contextlib.contextmanager
@@ -2875,8 +2875,15 @@ class Worker:
             task.status = Status.FAILED
 
     def _now(self) -> datetime:
-        """The queue's time (the Redis server's clock on Redis), so a worker's own clock never counts."""
-        return _from_timestamp(self.queue.clock())  # type: ignore[return-value]
+        """The queue's time (the Redis server's clock on Redis), so a worker's own clock never counts.
+
+        During an outage the local clock stands in: the outcome it stamps is
+        recorded only once the backend is back anyway.
+        """
+        try:
+            return _from_timestamp(self.queue.clock())  # type: ignore[return-value]
+        except (JobQueueError, OSError):
+            return _utcnow()
 
     def _report(self, task: Task, seconds: float) -> None:
         summary = (task.error or "").split("\n", 1)[0]
@@ -3450,6 +3457,7 @@ class Config:
     origins: tuple = ()
     max_lost: int = DEFAULT_MAX_LOST
     finished_ttl: float | None = None
+    outage_wait: float = DEFAULT_OUTAGE_WAIT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -3464,6 +3472,7 @@ class Config:
             origins=tuple(origin.lower().rstrip("/") for origin in _split_list(environ.get("JOBQUEUE_ORIGINS"))),
             max_lost=_setting(environ, "JOBQUEUE_MAX_LOST", DEFAULT_MAX_LOST, _whole_number),
             finished_ttl=_setting(environ, "JOBQUEUE_FINISHED_TTL", None, parse_duration),
+            outage_wait=_setting(environ, "JOBQUEUE_OUTAGE_WAIT", DEFAULT_OUTAGE_WAIT, parse_duration),
         )
 
     def check_job(self, target: object) -> str:
@@ -5195,7 +5204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
-        return args.handler(args)
+        return _patiently(args)
     except JobQueueError as error:
         print(f"jobqueue: {error}", file=sys.stderr)
         return error_codes(error)[1]
@@ -5204,6 +5213,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()
         return 0
+
+
+def _patiently(args: argparse.Namespace) -> int:
+    """Run the command, waiting out an unavailable backend (a failover, a restart).
+
+    ``worker`` and ``serve`` wait as long as it takes to reach it at start
+    (once running, they ride out outages themselves); ``manager`` commands
+    wait ``JOBQUEUE_OUTAGE_WAIT`` (10 s), then fail saying for how long.
+    """
+    started = time.monotonic()
+    patience = None if args.command in ("worker", "serve") else Config.from_env().outage_wait
+    told = False
+    while True:
+        try:
+            return args.handler(args)
+        except BackendUnavailable as error:
+            waited = time.monotonic() - started
+            if patience is not None and waited >= patience:
+                raise BackendUnavailable(f"{error} (tried for {waited:.0f} s)") from error
+            if not told and (patience is None or sys.stderr.isatty()):
+                print(f"jobqueue: {error}; trying again", file=sys.stderr)
+                told = True
+            time.sleep(0.5)
 
 
 def _import_names() -> list[str]:

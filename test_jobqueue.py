@@ -3329,14 +3329,35 @@ def test_cli_unreachable_backend_exits_1_naming_it_without_password(running):
     pytest.importorskip("redis")
     port = free_port()
     dsn = f"redis://:hunter2@127.0.0.1:{port}/0"
-    result = cli(dsn, "manager", "list")
+    result = cli(dsn, "manager", "list", env={"JOBQUEUE_OUTAGE_WAIT": "1"})
     assert result.returncode == 1, result
     assert f"127.0.0.1:{port}" in result.stderr and "hunter2" not in result.stderr
+    assert "(tried for 1 s)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     worker = running(dsn, "worker", "p", "--burst")
     worker.wait_for(f"127.0.0.1:{port}.* is unavailable.*keeps trying", "err")
     assert worker.process.poll() is None, "an outage is never fatal to a worker (SPEC 10)"
     assert "hunter2" not in "".join(worker.err) and "Traceback" not in "".join(worker.err)
+
+
+def test_cli_waits_out_a_short_outage(tmp_path):
+    require_redis()
+    own = RedisServer(shutil.which("redis-server"), tmp_path, persistent=True)
+    own.start()
+    try:
+        dsn = f"redis://127.0.0.1:{own.port}/0?prefix=patient"
+        queue_from_dsn(dsn).add(Task("p", RecordingJob))
+        own.stop()
+        stats = subprocess.Popen(jobqueue_command("manager", "stats"), env=backend_env(dsn), cwd=HERE, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        time.sleep(1.5)
+        assert stats.poll() is None, "manager gave up at once during an outage"
+        own.start()
+        out, err = stats.communicate(timeout=30)
+        assert stats.returncode == 0, err
+        assert "p" in out and "waiting" in out
+    finally:
+        own.stop()
 
 
 def test_cli_allow_list_of_jobs(dsn):
@@ -3638,7 +3659,7 @@ def test_cli_reading_commands_do_not_create_a_database(tmp_path):
     assert cli(str(missing), "manager", "list").returncode == 0
 
 
-def test_cli_worker_names_its_backend_first(dsn, tmp_path):
+def test_cli_worker_names_its_backend_first(dsn, tmp_path, running):
     result = cli(dsn, "worker", "p", "--burst")
     assert result.returncode == 0, result.stderr
     second = result.stderr.splitlines()[0]
@@ -3646,8 +3667,10 @@ def test_cli_worker_names_its_backend_first(dsn, tmp_path):
         assert second.startswith("Queue: ") and "127.0.0.1" in second
     else:
         assert second == f"Queue: SQLite database {dsn}"
-    hidden = cli("redis://:hunter2@127.0.0.1:1/0", "worker", "p", "--burst", timeout=60)
-    assert "hunter2" not in hidden.stdout + hidden.stderr
+    hidden = running("redis://:hunter2@127.0.0.1:1/0", "worker", "p", "--burst")
+    hidden.wait_for(r"^Queue: redis://:\*\*\*@127\.0\.0\.1:1/0", "err")
+    hidden.wait_for("is unavailable", "err")
+    assert "hunter2" not in "".join(hidden.out + hidden.err)
 
 
 def test_cli_restore_yes_answers_without_restoring_live_leases(dsn, queue):
