@@ -154,6 +154,15 @@ class DiesInTearDownJob(Job):
 
 
 @jobqueue.job
+def spin(task):
+    """Holds the CPU for ``seconds``, returning on its own: a job that ends as its timeout fires."""
+    end = time.perf_counter() + task.get_parameter("seconds")
+    while time.perf_counter() < end:
+        pass
+    return "spun"
+
+
+@jobqueue.job
 def chaos_step(task):
     time.sleep(0.002)
     with open(task.get_parameter("log"), "a") as log:
@@ -2135,6 +2144,21 @@ def test_timeouts_and_leases_still_work_after_thousands_of_timeouts_at_the_edge(
     assert timed_out.status is Status.FAILED and timed_out.error.startswith("Timed out after 0.5 s")
     renewed = queue.find(slow.identifier)
     assert renewed.status is Status.FINISHED and renewed.lost == 0 and renewed.attempts == 1
+
+
+def test_the_recipe_that_wedged_the_old_watchdog_leaves_timeouts_working(tmp_path):
+    """4,000 jobs of 2.3 ms under a 2 ms timeout stopped every later timeout before (3 runs out of 3)."""
+    queue = SQLiteQueue(tmp_path / "edge.db")
+    queue.add(*[Task("edge", spin, {"seconds": 0.0023}, timeout=0.002) for _ in range(4000)])
+    worker = Worker("edge", queue, "edge")
+    worker.logger.disabled = True
+    assert worker.consume(quantity=4000) == 4000
+    last = Task("edge", spin, {"seconds": 5}, timeout=0.05)
+    queue.add(last)
+    started = time.monotonic()
+    worker.consume(quantity=1)
+    assert queue.find(last.identifier).status is Status.FAILED, "the timeout no longer fires"
+    assert time.monotonic() - started < 4
 
 
 def test_a_job_that_calls_sys_exit_fails_its_task_and_the_worker_goes_on(queue):
