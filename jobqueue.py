@@ -1542,6 +1542,8 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "tcp", "redis+sentinel", "redis+clu
 _REDIS_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 # A reply later than this is an outage; with one retry, a silent server is reported within 10 s.
 _REDIS_SOCKET_TIMEOUT = 4.5
+# Connections a process keeps to one Redis server; more threads than that wait for one.
+_REDIS_CONNECTIONS = 32
 # How many tasks one call of a long operation (flush) handles, so Redis is never blocked for long.
 _REDIS_BATCH = 1000
 
@@ -1696,12 +1698,21 @@ class RedisDSN:
             from redis.sentinel import Sentinel
 
             timeouts = {"socket_timeout": common["socket_timeout"], "socket_connect_timeout": 5.0}
-            return Sentinel(list(self.hosts), sentinel_kwargs=timeouts).master_for(self.service, db=self.db, **common)
+            return Sentinel(list(self.hosts), sentinel_kwargs=timeouts).master_for(
+                self.service, db=self.db, max_connections=10 * _REDIS_CONNECTIONS, **common)
         if self.scheme == "unix":
-            return redis.Redis(unix_socket_path=self.path, db=self.db, **common)
-        host, port = self.hosts[0]
-        tls = {"ssl": True, **dict(self.tls)} if self.scheme == "rediss" else {}
-        return redis.Redis(host=host, port=port, db=self.db, **common, **tls)
+            client = redis.Redis(unix_socket_path=self.path, db=self.db, **common)
+        else:
+            host, port = self.hosts[0]
+            tls = {"ssl": True, **dict(self.tls)} if self.scheme == "rediss" else {}
+            client = redis.Redis(host=host, port=port, db=self.db, **common, **tls)
+        # Many threads (a busy serve) wait their turn for one of a few connections, instead of opening
+        # one each until redis-py refuses with "Too many connections".
+        pool = client.connection_pool
+        client.connection_pool = redis.BlockingConnectionPool(
+            max_connections=_REDIS_CONNECTIONS, timeout=_REDIS_SOCKET_TIMEOUT,
+            connection_class=pool.connection_class, **pool.connection_kwargs)
+        return client
 
 
 def _describe_client(client: Any) -> str:
