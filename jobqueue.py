@@ -2056,9 +2056,11 @@ class RedisQueue(Queue):
 
     def _search(self, query: Filter) -> list[Task]:
         """Merge the groups (profile, status) in the query's order; read only the windows the page needs."""
-        groups = self._groups(query)
         block = {"status": lambda group: group[1].rank, "profile": lambda group: group[0],
                  "date": lambda group: 0}[query.order]
+        if not query.tags and query.limit is not None and query.offset + query.limit <= _REDIS_BATCH:
+            return self._first_pages(query, block)
+        groups = self._groups(query)
         tagged = self._tagged(query, groups) if query.tags else None
         sizes = ([len(tagged[group]) for group in groups] if tagged is not None
                  else self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups]))
@@ -2087,6 +2089,36 @@ class RedisQueue(Queue):
                 wanted -= len(page)
                 if wanted <= 0:
                     break
+        return self._tasks(chosen)
+
+    def _first_pages(self, query: Filter, block: Callable) -> list[Task]:
+        """A page near the start in two round trips: every group's first offset + limit entries, then the tasks.
+
+        The profile names are read in the same pipeline as the windows, for
+        the profiles known already; a profile new since then costs one more.
+        """
+        statuses = [query.status] if query.status else list(Status)
+        stop = query.offset + query.limit - 1  # type: ignore[operator]
+        profiles = [query.profile] if query.profile else sorted(self._known_profiles)
+        while True:
+            groups = [(profile, status) for profile in profiles for status in statuses]
+            listed = [] if query.profile else [("SMEMBERS", f"{{{self.prefix}}}:profiles")]
+            replies = self._read(listed + [("ZRANGE", f"{self._base(p)}:status:{s.value}", 0, stop, "WITHSCORES")
+                                           for p, s in groups])
+            if query.profile:
+                break
+            names = {_text(name) for name in replies[0]}
+            replies = replies[1:]
+            if names <= set(profiles):
+                break
+            self._known_profiles = frozenset(names)
+            profiles = sorted(names)
+        merged = sorted((block(group), created, identifier, group[0])
+                        for group, reply in zip(groups, replies) for created, identifier in _score_pairs(reply))
+        return self._tasks([entry[1:] for entry in merged[query.offset: stop + 1]])
+
+    def _tasks(self, chosen: list[tuple]) -> list[Task]:
+        """The tasks of (created, identifier, profile) entries, in that order, in one round trip."""
         replies = self._read([("HGETALL", f"{self._base(p)}:task:{i}") for _, i, p in chosen]) if chosen else []
         return [task for task in map(self._task, replies) if task is not None]
 
