@@ -2049,10 +2049,9 @@ class RedisQueue(Queue):
         return found
 
     def _count(self, query: Filter) -> int:
-        groups = self._groups(query)
         if query.tags:
-            return sum(len(entries) for entries in self._tagged(query, groups).values())
-        return sum(self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups]))
+            return sum(len(entries) for entries in self._tagged(query, self._groups(query)).values())
+        return sum(self._per_group(query, lambda key: ("ZCARD", key))[1])
 
     def _search(self, query: Filter) -> list[Task]:
         """Merge the groups (profile, status) in the query's order; read only the windows the page needs."""
@@ -2097,25 +2096,31 @@ class RedisQueue(Queue):
         The profile names are read in the same pipeline as the windows, for
         the profiles known already; a profile new since then costs one more.
         """
-        statuses = [query.status] if query.status else list(Status)
         stop = query.offset + query.limit - 1  # type: ignore[operator]
+        groups, replies = self._per_group(query, lambda key: ("ZRANGE", key, 0, stop, "WITHSCORES"))
+        merged = sorted((block(group), created, identifier, group[0])
+                        for group, reply in zip(groups, replies) for created, identifier in _score_pairs(reply))
+        return self._tasks([entry[1:] for entry in merged[query.offset: stop + 1]])
+
+    def _per_group(self, query: Filter, command: Callable[[str], tuple]) -> tuple:
+        """(groups, replies): ``command`` on the status set of each (profile, status) group the query names.
+
+        One pipeline: with no profile given, the profile names are read in it
+        too, for the profiles known already; one new since costs another.
+        """
+        statuses = [query.status] if query.status else list(Status)
         profiles = [query.profile] if query.profile else sorted(self._known_profiles)
         while True:
             groups = [(profile, status) for profile in profiles for status in statuses]
             listed = [] if query.profile else [("SMEMBERS", f"{{{self.prefix}}}:profiles")]
-            replies = self._read(listed + [("ZRANGE", f"{self._base(p)}:status:{s.value}", 0, stop, "WITHSCORES")
-                                           for p, s in groups])
+            replies = self._read(listed + [command(f"{self._base(p)}:status:{s.value}") for p, s in groups])
             if query.profile:
-                break
+                return groups, replies
             names = {_text(name) for name in replies[0]}
-            replies = replies[1:]
             if names <= set(profiles):
-                break
+                return groups, replies[1:]
             self._known_profiles = frozenset(names)
             profiles = sorted(names)
-        merged = sorted((block(group), created, identifier, group[0])
-                        for group, reply in zip(groups, replies) for created, identifier in _score_pairs(reply))
-        return self._tasks([entry[1:] for entry in merged[query.offset: stop + 1]])
 
     def _tasks(self, chosen: list[tuple]) -> list[Task]:
         """The tasks of (created, identifier, profile) entries, in that order, in one round trip."""
@@ -2154,8 +2159,7 @@ class RedisQueue(Queue):
                    for profile in self._profiles())
 
     def _stats(self) -> dict[tuple, int]:
-        groups = self._groups(Filter())
-        sizes = self._read([("ZCARD", f"{self._base(p)}:status:{s.value}") for p, s in groups])
+        groups, sizes = self._per_group(Filter(), lambda key: ("ZCARD", key))
         used = {profile for (profile, _), size in zip(groups, sizes) if size}
         return {(p, s.value): size for (p, s), size in zip(groups, sizes) if p in used}
 
