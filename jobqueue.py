@@ -1689,6 +1689,7 @@ class RedisDSN:
         common: dict[str, Any] = {
             "username": self.username, "password": self.password, "socket_timeout": _REDIS_SOCKET_TIMEOUT,
             "socket_connect_timeout": 5.0, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+            "decode_responses": True,
         }
         if self.scheme == "redis+cluster":
             from redis.cluster import ClusterNode, RedisCluster

@@ -1394,7 +1394,7 @@ def test_tasks_are_stored_as_json(dsn, queue):
     queue.add(task)
     if isinstance(queue, RedisQueue):
         stored = queue.client.hgetall(f"{{{queue.prefix}:p}}:task:{task.identifier}")
-        parameters, tags = stored[b"parameters"], stored[b"tags"]
+        parameters, tags = stored["parameters"], stored["tags"]
     else:
         with sqlite3.connect(dsn) as connection:
             parameters, tags = connection.execute(
