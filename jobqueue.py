@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -44,7 +46,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import InitVar, dataclass, field
+from dataclasses import MISSING, InitVar, dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -473,6 +475,69 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * DURATION_UNITS[match[2]]
 
 
+def _stamp(value: datetime | None) -> str:
+    return "" if value is None else repr(value.timestamp())
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one kind of task field is stored (text in Redis, a typed SQLite column) and shown in JSON.
+
+    ``load`` reads either form: Redis gives text, SQLite its column's number or text.
+    """
+
+    sql: str
+    store: Callable[[Any], str]
+    load: Callable[[Any], Any]
+    dump: Callable[[Any], Any] = copy.copy
+    parse: Callable[[Any], Any] = copy.copy
+
+
+TEXT = Codec("TEXT", str, str)
+JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
+EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
+NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
+COUNT = Codec("INTEGER", str, int)
+STATUS = Codec("TEXT", lambda value: value.value, Status, lambda value: value.value)
+NULLABLE = {"type": ["string", "null"]}
+PROFILE_SCHEMA = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
+SCALAR_SCHEMA = {"type": ["string", "number", "integer", "boolean", "null"]}
+SECONDS_SCHEMA = {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
+POSITIVE_SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
+
+
+def _column(codec: Codec, default: Any = MISSING, *, schema: dict, sql: str = "", state: bool = False,
+            then: Mapping[str, dict] | None = None, show: tuple = (), alias: str | None = None,
+            first: bool = False, new: dict | None = None, **options: Any) -> Any:
+    """A Task field and its row in the field table.
+
+    ``codec`` stores and shows it; ``sql`` adds column constraints; ``state`` marks what queues and
+    workers fill in (never stored on add); ``schema`` is its OpenAPI schema; ``then`` names properties
+    the JSON form shows right after it (name -> schema), ``first`` puts it at the head of the JSON form as
+    in the seed; ``show`` holds ``manager show`` lines as
+    ``(rank, label, render(task) -> text or None)``; ``alias`` is a second JSON name ``from_json`` reads;
+    ``new`` is its schema in a create request (POST /tasks), if that request may set it.
+    """
+    metadata = {"codec": codec, "schema": schema, "sql": f"{codec.sql} {sql}".strip(), "state": state,
+                "then": then or {}, "show": show, "alias": alias,
+                "first": first, "new": new}
+    return field(default=default, metadata=metadata, **options)
+
+
+def _seconds_shown(value: float | None, otherwise: str) -> str:
+    return f"{value:g}s" if value else otherwise
+
+
+def _parameters_shown(task: Task) -> str:
+    lines = [f"{number}) {name}: {value if isinstance(value, str) else json.dumps(value)}"
+             for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
+    return ("\n" + " " * len("Parameters : ")).join(lines) or "(none)"
+
+
+def _if_set(name: str, render: Callable[[Any], str] = str) -> Callable[[Task], str | None]:
+    return lambda task: None if getattr(task, name) is None else render(getattr(task, name))
+
+
 @dataclass
 class Task:
     """A unit of work: which ``job`` to run, for which ``profile``, with which ``parameters``.
@@ -484,28 +549,61 @@ class Task:
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
     ``run_at`` (a datetime). The other fields are filled in by queues and workers.
+
+    The fields are the field table (``_column``): their order is the JSON form's, and their rows
+    drive storage on both backends, the SQLite columns, ``manager show`` and the OpenAPI schema.
     """
 
-    profile: str
-    job: Any
-    parameters: dict[str, Scalar] | None = None
-    tags: Sequence[str] | None = None
-    identifier: str = field(default_factory=lambda: str(uuid.uuid4()))
-    status: Status = Status.WAITING
-    created_at: datetime = field(default_factory=_utcnow)
-    attempts: int = 0
-    worker: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: str | None = None
-    result: Any = None
-    retries: int = 0
-    retry_delay: float = DEFAULT_RETRY_DELAY
-    timeout: float | None = None
-    lease: float | None = None
-    run_at: datetime | None = None
-    failures: int = 0
-    lost: int = 0
+    profile: str = _column(TEXT, sql="NOT NULL", show=((5, "Profile", _if_set("profile")),), schema=PROFILE_SCHEMA,
+                           new=PROFILE_SCHEMA)
+    job: Any = _column(TEXT, sql="NOT NULL", schema={"type": "string"},
+                       new={"type": "string", "pattern": f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"},
+                       then={"date": {"type": "string", "description": "RFC 2822"}},
+                       show=((3, "Job class", _if_set("job")), (4, "Job name", lambda task: task.job_name)))
+    parameters: dict[str, Scalar] | None = _column(
+        JSON_TEXT, None, sql="NOT NULL", show=((8, "Parameters", _parameters_shown),),
+        schema={"type": "object", "additionalProperties": SCALAR_SCHEMA},
+        new={"type": ["object", "null"], "additionalProperties": SCALAR_SCHEMA})
+    tags: Sequence[str] | None = _column(
+        JSON_TEXT, None, sql="NOT NULL", schema={"type": "array", "items": {"type": "string"}},
+        then={"job_name": {"type": "string"}},
+        new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+        show=((7, "Tags", lambda task: ", ".join(task.tags) or "(none)"),))  # type: ignore[arg-type]
+    identifier: str = _column(TEXT, sql="NOT NULL UNIQUE", first=True, default_factory=lambda: str(uuid.uuid4()),
+                              schema={"type": "string", "format": "uuid"},
+                              show=((1, "Identifier", _if_set("identifier")),))
+    status: Status = _column(STATUS, Status.WAITING, sql="NOT NULL", state=True, first=True,
+                             schema={"type": "string", "enum": [s.value for s in Status]},
+                             show=((6, "Status", lambda task: task.status.value),))
+    created_at: datetime = _column(EPOCH, sql="NOT NULL", default_factory=_utcnow, alias="date",
+                                   schema={"type": "string", "format": "date-time"},
+                                   show=((2, "Date", lambda task: task.date),))
+    attempts: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
+                            show=((14, "Attempts", _if_set("attempts")),))
+    worker: str | None = _column(TEXT, None, state=True, schema=NULLABLE,
+                                 show=((16, "Worker", _if_set("worker")),))
+    started_at: datetime | None = _column(EPOCH, None, state=True, schema=NULLABLE,
+                                          show=((17, "Started", _if_set("started_at", _rfc2822)),))
+    finished_at: datetime | None = _column(EPOCH, None, state=True, schema=NULLABLE,
+                                           show=((18, "Finished", _if_set("finished_at", _rfc2822)),))
+    error: str | None = _column(TEXT, None, state=True, schema=NULLABLE, show=((20, "Error", lambda task: (
+        task.error.rstrip("\n").replace("\n", "\n        ") if task.error else None)),))
+    result: Any = _column(JSON_TEXT, None, state=True, schema={},
+                          show=((19, "Result", _if_set("result", json.dumps)),))
+    retries: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", schema={"type": "integer"},
+                           new={"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX}, show=(
+        (9, "Retries", lambda task: f"{task.retries} (failed so far: {task.failures})"),))
+    retry_delay: float = _column(NUMBER, DEFAULT_RETRY_DELAY, schema={"type": "number"}, new=SECONDS_SCHEMA, show=(
+        (10, "Retry delay", lambda task: f"{task.retry_delay or 0:g}s, doubled after each failure"),))
+    timeout: float | None = _column(NUMBER, None, schema={"type": ["number", "null"]}, new=POSITIVE_SECONDS, show=(
+        (11, "Timeout", lambda task: _seconds_shown(task.timeout, "(none; the worker --timeout applies)")),))
+    lease: float | None = _column(NUMBER, None, schema={"type": ["number", "null"]}, new=POSITIVE_SECONDS, show=(
+        (12, "Lease", lambda task: _seconds_shown(task.lease, "(the worker --lease, 30s by default)")),))
+    run_at: datetime | None = _column(EPOCH, None, schema={**NULLABLE, "format": "date-time"}, show=(
+        (13, "Run at", lambda task: _rfc2822(task.run_at) if task.run_at else "(as soon as a worker is free)"),))
+    failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
+    lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
+                        show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -555,108 +653,46 @@ class Task:
 
     def to_json(self) -> dict[str, Any]:
         """The task as the API and ``--json`` show it: the seed's fields, then ours."""
-        return {
-            "identifier": self.identifier,
-            "status": self.status.value,
-            "profile": self.profile,
-            "job": self.job,
-            "date": self.date,
-            "parameters": dict(self.parameters),  # type: ignore[arg-type]
-            "tags": list(self.tags),  # type: ignore[arg-type]
-            "job_name": self.job_name,
-            "created_at": _iso(self.created_at),
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "error": self.error,
-            "result": self.result,
-            "retries": self.retries,
-            "retry_delay": self.retry_delay,
-            "timeout": self.timeout,
-            "lease": self.lease,
-            "run_at": _iso(self.run_at),
-            "failures": self.failures,
-            "lost": self.lost,
-        }
+        data: dict[str, Any] = {}
+        for column in TASK_JSON_ORDER:
+            data[column.name] = column.metadata["codec"].dump(getattr(self, column.name))
+            data.update({name: getattr(self, name) for name in column.metadata["then"]})
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Task:
         """Build a task from its JSON form (``to_json``), validating every field."""
         if not isinstance(data, Mapping):
             raise ValidationError("A task must be a JSON object")
-        if "profile" not in data:
-            raise ValidationError("Missing profile")
-        if "job" not in data:
-            raise ValidationError("Missing job")
-        extra: dict[str, Any] = {}
-        for name in ("identifier", "status", "worker", "error", "result", "retries", "retry_delay",
-                     "timeout", "lease", "attempts", "failures", "lost"):
-            if data.get(name) is not None:
-                extra[name] = data[name]
-        for name in ("started_at", "finished_at", "run_at"):
-            extra[name] = _parse_datetime(data.get(name))
-        created = _parse_datetime(data.get("created_at") or data.get("date"))
-        if created is not None:
-            extra["created_at"] = created
-        return cls(data["profile"], data["job"], data.get("parameters"), data.get("tags"), **extra)
+        values: dict[str, Any] = {}
+        for column in TASK_FIELDS:
+            value = data.get(column.name) or data.get(column.metadata["alias"]) if column.metadata["alias"] \
+                else data.get(column.name)
+            if column.name not in data and _is_required(column):
+                raise ValidationError(f"Missing {column.name}")
+            if value is not None:
+                values[column.name] = column.metadata["codec"].parse(value)
+        return cls(**values)
 
 
-def _stamp(value: datetime | None) -> str:
-    return "" if value is None else repr(value.timestamp())
+TASK_FIELDS = dataclasses.fields(Task)
+TASK_JSON_ORDER = sorted(TASK_FIELDS, key=lambda column: not column.metadata["first"])
 
 
-def _number(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
+def _is_required(column: dataclasses.Field) -> bool:
+    return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
 
 
 def _encode_task(task: Task) -> dict[str, str]:
-    """The storage form both backends share: JSON text and epoch floats as text, never pickle."""
-    return {
-        "identifier": task.identifier,
-        "profile": task.profile,
-        "job": task.job,
-        "parameters": json.dumps(task.parameters),
-        "tags": json.dumps(task.tags),
-        "created_at": _stamp(task.created_at),
-        "retries": str(task.retries) if task.retries else "",
-        "retry_delay": "" if task.retry_delay == DEFAULT_RETRY_DELAY else _number(task.retry_delay),
-        "timeout": _number(task.timeout),
-        "lease": _number(task.lease),
-        "run_at": _stamp(task.run_at),
-    }
+    """The storage form both backends share: text (JSON, epoch seconds), '' for a default; never pickle."""
+    return {column.name: "" if (value := getattr(task, column.name)) is None or value == column.default
+            else column.metadata["codec"].store(value) for column in TASK_FIELDS if not column.metadata["state"]}
 
 
-def _optional_float(value: Any) -> float | None:
-    return None if value is None or value == "" else float(value)
-
-
-def _decode_task(fields: Mapping[str, Any]) -> Task:
-    """Rebuild a stored task; the fields were validated when it was added."""
-    task = Task.__new__(Task)
-    task.identifier = fields["identifier"]
-    task.profile = fields["profile"]
-    task.job = fields["job"]
-    task.parameters = json.loads(fields["parameters"])
-    task.tags = json.loads(fields["tags"])
-    task.status = Status(fields["status"])
-    task.created_at = _from_timestamp(fields["created_at"])  # type: ignore[assignment]
-    task.attempts = int(fields.get("attempts") or 0)
-    task.worker = fields.get("worker") or None
-    task.started_at = _from_timestamp(fields.get("started_at"))
-    task.finished_at = _from_timestamp(fields.get("finished_at"))
-    task.error = fields.get("error") or None
-    result = fields.get("result")
-    task.result = None if result is None or result == "" else json.loads(result)
-    task.retries = int(fields.get("retries") or 0)
-    retry_delay = _optional_float(fields.get("retry_delay"))
-    task.retry_delay = DEFAULT_RETRY_DELAY if retry_delay is None else retry_delay
-    task.timeout = _optional_float(fields.get("timeout"))
-    task.lease = _optional_float(fields.get("lease"))
-    task.run_at = _from_timestamp(fields.get("run_at"))
-    task.failures = int(fields.get("failures") or 0)
-    task.lost = int(fields.get("lost") or 0)
-    return task
+def _decode_task(stored: Mapping[str, Any]) -> Task:
+    """Rebuild a stored task, validated as every task is; a missing or '' field takes its default."""
+    return Task(**{column.name: column.metadata["codec"].load(value) for column in TASK_FIELDS
+                   if (value := stored.get(column.name)) is not None and value != ""})
 
 
 # -- Schedules: cron expressions and time zones --------------------------------
@@ -2142,32 +2178,16 @@ def _score_pairs(reply: Any) -> list[tuple]:
 # One row per task. A waiting task has a FIFO ``position``, or none while it
 # is delayed (until ``run_at``); a running one has ``lease_until``. Partial
 # indexes serve the FIFO, the delayed set, expired leases and ended tasks.
-_SQLITE_SCHEMA = """
+_SQLITE_TYPES = {"TEXT": str, "REAL": float, "INTEGER": int}
+_SQLITE_ADDED = [column for column in TASK_FIELDS if not column.metadata["state"]]
+_SQLITE_COLUMNS = ",\n    ".join(f"{column.name} {column.metadata['sql']}" for column in TASK_FIELDS)
+_SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     seq INTEGER PRIMARY KEY,
-    identifier TEXT NOT NULL UNIQUE,
-    profile TEXT NOT NULL,
-    job TEXT NOT NULL,
-    parameters TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    status TEXT NOT NULL,
+    {_SQLITE_COLUMNS},
     status_rank INTEGER NOT NULL,
     position INTEGER,
-    created_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    lost INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0,
-    retry_delay REAL,
-    timeout REAL,
-    lease REAL,
-    run_at REAL,
-    lease_until REAL,
-    worker TEXT,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    result TEXT
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
@@ -2237,6 +2257,18 @@ RETURNING profile
 _SQLITE_COUNT_COMPLETED = """
 INSERT INTO jobqueue_counters (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1
 """
+
+
+_ADDED_NAMES = [column.name for column in _SQLITE_ADDED]
+_SQLITE_INSERT = (f"INSERT INTO jobqueue_tasks ({', '.join(_ADDED_NAMES)}, status, status_rank, position)"
+                  f" VALUES ({'?, ' * len(_ADDED_NAMES)}'waiting', 0, ?)")
+
+
+def _sql_value(column: dataclasses.Field, text: str) -> Any:
+    """An encoded field as its column holds it: '' is the field's default."""
+    if text == "" and column.default is not MISSING:
+        text = None if column.default is None else column.metadata["codec"].store(column.default)
+    return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -2362,15 +2394,9 @@ class SQLiteQueue(Queue):
         with self._write() as connection:
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
-                connection.executemany(
-                    "INSERT INTO jobqueue_tasks (identifier, profile, job, parameters, tags, status, status_rank,"
-                    " position, created_at, retries, retry_delay, timeout, lease, run_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'waiting', 0, ?, ?, ?, ?, ?, ?, ?)",
-                    [(r["identifier"], r["profile"], r["job"], r["parameters"], r["tags"],
-                      None if later else next(positions), float(r["created_at"]), int(r["retries"] or 0),
-                      *[_optional_float(r[name]) for name in ("retry_delay", "timeout", "lease", "run_at")])
-                     for r, later in zip(rows, delayed)],
-                )
+                connection.executemany(_SQLITE_INSERT, [
+                    [*map(_sql_value, _SQLITE_ADDED, map(row.get, _ADDED_NAMES)), None if later else next(positions)]
+                    for row, later in zip(rows, delayed)])
             except _sqlite3().IntegrityError:
                 raise ValidationError("A task with the same identifier already exists") from None
             connection.executemany(
@@ -3626,8 +3652,9 @@ class Route:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
 
 
-TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
-NEW_TASK_KEYS = ("profile", "job", "parameters", "tags", *TASK_OPTIONS)
+NEW_TASK_SCHEMAS = {**{column.name: column.metadata["new"] for column in TASK_FIELDS if column.metadata["new"]},
+                    "delay": SECONDS_SCHEMA}
+NEW_TASK_KEYS = tuple(NEW_TASK_SCHEMAS)
 
 
 def host_name(host: str) -> str:
@@ -4049,9 +4076,8 @@ class WebService:
             raise ValidationError("Missing profile")
         if not isinstance(data["job"], str):
             raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
-        options = {name: data[name] for name in TASK_OPTIONS if data.get(name) is not None}
-        task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"),
-                    **options)
+        options = {name: value for name, value in data.items() if value is not None}
+        task = Task(**{**options, "job": self.config.check_job(data["job"])})
         self.queue.add(task)
         return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
 
@@ -4131,9 +4157,10 @@ def openapi_document() -> dict[str, Any]:
         result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
         return result
 
-    profile = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
-    job_pattern = f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"
-    scalar = {"type": ["string", "number", "integer", "boolean", "null"]}
+    task_properties: dict[str, Any] = {}
+    for column in TASK_JSON_ORDER:
+        task_properties[column.name] = column.metadata["schema"]
+        task_properties.update(column.metadata["then"])
     counts = {"type": "object", "additionalProperties": {
         "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
     return {
@@ -4147,31 +4174,9 @@ def openapi_document() -> dict[str, Any]:
             "schemas": {
                 "Error": {"type": "object", "required": ["message", "code"],
                           "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
-                "Task": {"type": "object", "required": ["identifier", "status", "profile", "job", "date",
-                                                        "parameters", "tags"],
-                         "properties": {
-                             "identifier": {"type": "string", "format": "uuid"},
-                             "status": {"type": "string", "enum": statuses},
-                             "profile": {"type": "string", "pattern": "^[_a-z0-9-]+$", "maxLength": PROFILE_MAX_LENGTH},
-                             "job": {"type": "string"}, "date": {"type": "string", "description": "RFC 2822"},
-                             "parameters": {"type": "object", "additionalProperties": {
-                                 "type": ["string", "number", "integer", "boolean", "null"]}},
-                             "tags": {"type": "array", "items": {"type": "string"}},
-                             "job_name": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-                             "attempts": {"type": "integer"}, "worker": {"type": ["string", "null"]},
-                             "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
-                             "error": {"type": ["string", "null"]}, "result": {},
-                         }},
-                "NewTask": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
-                            "properties": {
-                    "profile": profile, "job": {"type": "string", "pattern": job_pattern},
-                    "parameters": {"type": ["object", "null"], "additionalProperties": scalar},
-                    "tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
-                    "retries": {"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX},
-                    **{name: {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
-                       for name in ("retry_delay", "delay")},
-                    **{name: {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
-                       for name in ("timeout", "lease")}}},
+                "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
+                "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
+                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
             },
             "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
         },
@@ -4179,7 +4184,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/tasks": {
                 "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
-                    query("profile", {**profile, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
+                    query("profile", {**PROFILE_SCHEMA, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
                     query("status", {"type": "string", "enum": [*statuses, ""]}, "only this status (empty: any)"),
                     query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
                     query("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
@@ -4482,47 +4487,14 @@ def _paint(text: str, status: Status, colour: bool) -> str:
     return f"\033[{STATUS_COLOURS[status]}m{text}\033[0m" if colour else text
 
 
-def _shown(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _when(value: datetime | None) -> str:
     return "-" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def format_task(task: Task) -> str:
-    """The task block that ``add``, ``show`` and ``edit`` print."""
-    lines = [
-        f"Identifier : {task.identifier}",
-        f"Date : {task.date}",
-        f"Job class : {task.job}",
-        f"Job name : {task.job_name}",
-        f"Profile : {task.profile}",
-        f"Status : {task.status.value}",
-        f"Tags : {', '.join(task.tags) if task.tags else '(none)'}",
-    ]
-    parameters = [f"{number}) {name}: {_shown(value)}"
-                  for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
-    lines.append("Parameters : " + (parameters[0] if parameters else "(none)"))
-    lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
-    lines += [
-        f"Retries : {task.retries} (failed so far: {task.failures})",
-        f"Retry delay : {task.retry_delay or 0:g}s, doubled after each failure",
-        f"Timeout : {f'{task.timeout:g}s' if task.timeout else '(none; the worker --timeout applies)'}",
-        f"Lease : {f'{task.lease:g}s' if task.lease else '(the worker --lease, 30s by default)'}",
-        f"Run at : {_rfc2822(task.run_at) if task.run_at else '(as soon as a worker is free)'}",
-        f"Attempts : {task.attempts}",
-    ]
-    if task.lost:
-        lines.append(f"Lost : {task.lost}")
-    for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
-        if value is not None:
-            lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
-    if task.result is not None:
-        lines.append(f"Result : {json.dumps(task.result)}")
-    if task.error:
-        lines.append("Error : " + task.error.rstrip("\n").replace("\n", "\n        "))
-    return "\n".join(lines)
+    """The task block that ``add``, ``show`` and ``edit`` print: each field's ``show`` lines, by rank."""
+    lines = sorted(line for column in TASK_FIELDS for line in column.metadata["show"])
+    return "\n".join(f"{label} : {text}" for _, label, render in lines if (text := render(task)) is not None)
 
 
 def parse_parameter(text: str) -> tuple:
