@@ -3642,10 +3642,20 @@ class Response:
 
 @dataclass(frozen=True)
 class Route:
+    """A row of the routing table: what it matches, the WebService method that answers, and what
+    /openapi.json says of it (``reply``: media type -> schema; ``errors``: codes besides 401 and 503)."""
+
     method: str
     template: str
     handler: str
+    summary: str
     public: bool = False
+    ok: int = 200
+    reply: Mapping[str, dict] = field(default_factory=lambda: {"application/json": {"type": "object"}})
+    errors: tuple[int, ...] = ()
+    body: dict | None = None
+    query: tuple[tuple[str, dict, str], ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def pattern(self) -> re.Pattern:
@@ -3956,19 +3966,35 @@ def _dashboard_headers() -> dict[str, str]:
         "Cache-Control": "no-store",
     }
 
+TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
+STATUS_COUNTS = {s.value: {"type": "integer"} for s in Status}
 ROUTES = (
-    Route("GET", "/", "dashboard", public=True),
-    Route("GET", "/tasks", "list_tasks"),
-    Route("POST", "/tasks", "create_task"),
-    Route("GET", "/task/{identifier}", "show_task"),
-    Route("PATCH", "/task/{identifier}", "patch_task"),
-    Route("DELETE", "/task/{identifier}", "delete_task"),
-    Route("POST", "/task/{identifier}/retry", "retry_task"),
-    Route("GET", "/stats", "stats"),
-    Route("GET", "/completed", "completed"),
-    Route("GET", "/health", "health", public=True),
-    Route("GET", "/metrics", "metrics"),
-    Route("GET", "/openapi.json", "openapi"),
+    Route("GET", "/", "dashboard", "The dashboard page (HTML; holds no data)", public=True,
+          reply={"text/html": {"type": "string"}}),
+    Route("GET", "/tasks", "list_tasks", "List tasks", errors=(400,), reply={"application/json": {
+        "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}, query=(
+        ("profile", {**PROFILE_SCHEMA, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
+        ("status", {"type": "string", "enum": [*STATUS_COUNTS, ""]}, "only this status (empty: any)"),
+        ("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
+        ("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
+        ("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
+        ("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip")),
+          headers={"X-Total-Count": "how many match"}),
+    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 411, 413),
+          body={"$ref": "#/components/schemas/NewTask"}),
+    Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
+    Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
+          body={"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
+              "status": {"type": "string", "enum": [s for s in STATUS_COUNTS if s != Status.RUNNING]}}}),
+    Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
+    Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
+          errors=(400, 404, 409)),
+    Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
+        "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
+    Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
+    Route("GET", "/health", "health", "Whether the backend answers", public=True),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics", reply={"text/plain": {"type": "string"}}),
+    Route("GET", "/openapi.json", "openapi", "This document (OpenAPI 3.1)"),
 )
 
 
@@ -4140,29 +4166,45 @@ class WebService:
         return Response(200, openapi_document())
 
 
+def _operation(route: Route) -> dict[str, Any]:
+    """One route as an OpenAPI operation; errors answer the Error schema."""
+    answer: dict[str, Any] = {"description": route.summary}
+    if route.reply:
+        answer["content"] = {media: {"schema": schema} for media, schema in route.reply.items()}
+    if route.headers:
+        answer["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
+                             for name, text in route.headers.items()}
+    answers = {str(route.ok): answer}
+    for code in (*route.errors, *(() if route.public else (401,)), 503):
+        answers[str(code)] = {"$ref": "#/components/responses/Error"}
+    operation = {"summary": route.summary, "operationId": re.sub(r"_(\w)", lambda m: m[1].upper(), route.handler),
+                 "responses": answers}
+    if route.query:
+        operation["parameters"] = [{"name": name, "in": "query", "required": False, "schema": schema,
+                                    "description": description} for name, schema, description in route.query]
+    if route.body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+    if route.public:
+        operation["security"] = []
+    return operation
+
+
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of ROUTES."""
-    error = {"description": "An error",
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    task = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}}}
-    identifier = {"name": "identifier", "in": "path", "required": True, "schema": {"type": "string"}}
-    statuses = [s.value for s in Status]
-
-    def query(name: str, schema: dict, description: str) -> dict:
-        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
-
-    def answers(**codes: Any) -> dict:
-        result = {code.lstrip("_"): value for code, value in codes.items()}
-        result.setdefault("401", {"$ref": "#/components/responses/Unauthorized"})
-        result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
-        return result
-
+    """The OpenAPI 3.1 description of ROUTES and of the task's fields (TASK_FIELDS)."""
     task_properties: dict[str, Any] = {}
     for column in TASK_JSON_ORDER:
         task_properties[column.name] = column.metadata["schema"]
         task_properties.update(column.metadata["then"])
-    counts = {"type": "object", "additionalProperties": {
-        "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        item = paths.setdefault(route.template, {})
+        names = re.findall(r"\{(\w+)\}", route.template)
+        if names:
+            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                  for name in names]
+        item[route.method.lower()] = _operation(route)
+    error = {"description": "An error",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "jobqueue", "version": __version__,
@@ -4178,70 +4220,10 @@ def openapi_document() -> dict[str, Any]:
                 "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
                             "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
             },
-            "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
+            "responses": {"Error": error},
         },
         "security": [{"bearer": []}, {}],
-        "paths": {
-            "/tasks": {
-                "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
-                    query("profile", {**PROFILE_SCHEMA, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
-                    query("status", {"type": "string", "enum": [*statuses, ""]}, "only this status (empty: any)"),
-                    query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
-                    query("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
-                    query("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
-                    query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip"),
-                ], "responses": answers(
-                    _200={"description": "Tasks", "headers": {"X-Total-Count": {
-                        "description": "how many match", "schema": {"type": "integer"}}},
-                        "content": {"application/json": {"schema": {
-                            "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}},
-                    _400=error)},
-                "post": {"summary": "Create a task", "operationId": "createTask",
-                         "requestBody": {"required": True, "content": {"application/json": {
-                             "schema": {"$ref": "#/components/schemas/NewTask"}}}},
-                         "responses": answers(_201={"description": "Created", **task}, _400=error, _403=error,
-                                              _411=error, _413=error)},
-            },
-            "/task/{identifier}": {
-                "parameters": [identifier],
-                "get": {"summary": "Show a task", "operationId": "showTask",
-                        "responses": answers(_200={"description": "The task", **task}, _404=error)},
-                "patch": {"summary": "Set a task's status", "operationId": "patchTask",
-                          "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                              "type": "object", "required": ["status"],
-                              "additionalProperties": False, "properties": {"status": {
-                                  "type": "string", "enum": [s for s in statuses if s != Status.RUNNING]}}}}}},
-                          "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
-                "delete": {"summary": "Delete a task", "operationId": "deleteTask",
-                           "responses": answers(_204={"description": "Deleted"}, _404=error)},
-            },
-            "/task/{identifier}/retry": {
-                "parameters": [identifier],
-                "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
-                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error,
-                                              _409=error)},
-            },
-            "/": {"get": {"summary": "The dashboard page (HTML; holds no data)", "operationId": "dashboard",
-                          "security": [], "responses": {"200": {"description": "The page", "content": {
-                              "text/html": {"schema": {"type": "string"}}}}}}},
-            "/completed": {"get": {"summary": "Runs completed per profile, finished and failed (counters)",
-                                   "operationId": "completed",
-                                   "responses": answers(_200={"description": "Counters", "content": {
-                                       "application/json": {"schema": {"type": "object"}}}})}},
-            "/stats": {"get": {"summary": "Counts per profile and status", "operationId": "stats",
-                               "responses": answers(_200={"description": "Counts", "content": {
-                                   "application/json": {"schema": counts}}})}},
-            "/health": {"get": {"summary": "Whether the backend answers", "operationId": "health", "security": [],
-                                "responses": {"200": {"description": "Healthy", "content": {"application/json": {
-                                    "schema": {"type": "object"}}}},
-                                    "503": {"$ref": "#/components/responses/Unavailable"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
-                                 "responses": answers(_200={"description": "Prometheus text format", "content": {
-                                     "text/plain": {"schema": {"type": "string"}}}})}},
-            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
-                                      "responses": answers(_200={"description": "OpenAPI 3.1", "content": {
-                                          "application/json": {"schema": {"type": "object"}}}})}},
-        },
+        "paths": paths,
     }
 
 

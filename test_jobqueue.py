@@ -2521,6 +2521,19 @@ def test_http_backend_outage_answers_503_and_recovers(tmp_path, redis_server, st
         own.stop()
 
 
+def test_http_openapi_document_names_every_route_and_every_field_of_a_task():
+    from openapi_spec_validator import validate
+
+    document = jobqueue.openapi_document()
+    validate(document)
+    assert {(r.method.lower(), r.template) for r in jobqueue.ROUTES} == {
+        (method, template) for template, item in document["paths"].items() for method in item if method != "parameters"}
+    schemas = document["components"]["schemas"]
+    task = Task("p", RecordingJob, {"a": 1}, ["t"], retries=1, timeout=2, lease=3, delay=4).to_json()
+    assert list(schemas["Task"]["properties"]) == list(task)
+    assert set(schemas["NewTask"]["properties"]) == set(jobqueue.NEW_TASK_KEYS)
+
+
 def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     from openapi_spec_validator import validate
 
