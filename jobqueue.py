@@ -6,11 +6,12 @@ embedded SQLite file, always as JSON, never pickled. With SQLite the
 standard library is all it needs.
 
 The file reads top to bottom in the order data flows; each section uses only
-what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
+what is defined above it, but for Assets, read at call time (``grep -n '^# == ' jobqueue.py``
+prints this map):
 
     Constants      names and defaults shared below
     Errors         JobQueueError and its children
-    Domain         Status, profiles, Job, @job, Task and its JSON form
+    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
     Queue: Redis   RedisQueue through redis-py: one slot per profile, one script library, RedisDSN
@@ -18,8 +19,9 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
     Configuration  Config.from_env and the ServiceContainer
-    HTTP           WebService (routes, auth, errors as JSON), the dashboard page, the server
+    HTTP           the routing table, WebService (auth, errors as JSON), OpenAPI from both tables, the server
     CLI            python jobqueue.py worker|manager|serve, main(argv) -> exit code
+    Assets         the dashboard page (HTML, CSS, JS): long text the HTTP section serves, kept out of the way
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import random
 import re
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -3685,273 +3688,6 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-# The dashboard at GET /: one page, no data of its own (it reads the API with the
-# token it asks for), nothing loaded from elsewhere. Values reach the DOM through
-# textContent only, and the CSP admits no script but this one.
-DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>jobqueue</title>
-<link rel="icon" href="data:,">
-<style>
-:root { font-family: system-ui, sans-serif; color: #1d232a; background: #f6f7f9; }
-body { margin: 0; }
-[hidden] { display: none !important; }
-header { background: #1d232a; color: #fff; padding: .6rem 1rem; display: flex; gap: 1rem; align-items: baseline;
-         flex-wrap: wrap; }
-header h1 { font-size: 1.2rem; margin: 0; }
-main { max-width: 1700px; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem; }
-section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: .8rem 1rem; min-width: 0; }
-h2 { font-size: 1rem; margin: 0 0 .6rem; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: .9rem; }
-th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #eceff2; white-space: nowrap; }
-td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
-form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-end; }
-label { display: flex; flex-direction: column; font-size: .8rem; gap: .2rem; }
-input, select, textarea, button { font: inherit; padding: .3rem .4rem; }
-button { cursor: pointer; border: 1px solid #8a96a3; border-radius: 4px; background: #fff; }
-button.danger { border-color: #c0392b; color: #c0392b; }
-.mark { font-size: 1.1em; }
-.waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
-.identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
-pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
-dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
-#message { min-height: 1.2em; margin: 0; color: #c0392b; }
-.pager { display: flex; gap: .6rem; align-items: center; margin-top: .5rem; }
-@media (min-width: 1000px) {
-  main { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); align-items: start; }
-  #message, #token-form { grid-column: 1 / -1; }
-  #tasks-section { grid-column: 1; grid-row: span 3; }
-  main > section:not(#tasks-section) { grid-column: 2; }
-}
-</style>
-</head>
-<body>
-<header><h1>jobqueue</h1><span id="throughput" aria-live="polite"></span></header>
-<main>
-  <form id="token-form" hidden>
-    <label for="token">API token<input id="token" name="token" type="password" autocomplete="off" required></label>
-    <button type="submit">Use this token</button>
-  </form>
-  <p id="message" role="status"></p>
-  <section id="tasks-section" aria-labelledby="tasks-title">
-    <h2 id="tasks-title">Tasks</h2>
-    <form id="filters">
-      <label for="filter-profile">Profile<input id="filter-profile" name="profile" placeholder="any"></label>
-      <label for="filter-status">Status<select id="filter-status" name="status">
-        <option value="">any</option><option>waiting</option><option>running</option>
-        <option>finished</option><option>failed</option>
-      </select></label>
-      <label for="filter-tag">Tag<input id="filter-tag" name="tags" placeholder="any"></label>
-      <label for="filter-order">Order<select id="filter-order" name="order">
-        <option value="status">status</option><option value="date">date</option>
-        <option value="profile">profile</option>
-      </select></label>
-      <button type="submit">Filter</button>
-    </form>
-    <div class="scroll">
-      <table id="tasks">
-        <caption hidden>Tasks matching the filters</caption>
-        <thead><tr><th>Status</th><th>Job</th><th>Profile</th><th>Date</th><th>Tags</th>
-          <th class="number">Attempts</th><th>Identifier</th></tr></thead>
-        <tbody></tbody>
-      </table>
-    </div>
-    <div class="pager">
-      <button type="button" id="previous">Previous</button>
-      <span id="page" aria-live="polite"></span>
-      <button type="button" id="next">Next</button>
-    </div>
-  </section>
-  <section aria-labelledby="counts-title">
-    <h2 id="counts-title">Counts</h2>
-    <div class="scroll">
-      <table id="counts">
-        <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
-          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
-        <tbody></tbody>
-      </table>
-    </div>
-  </section>
-  <section id="detail" aria-labelledby="detail-title" hidden>
-    <h2 id="detail-title">Task</h2>
-    <dl id="detail-fields"></dl>
-    <div class="pager">
-      <button type="button" id="retry" hidden>Retry</button>
-      <button type="button" id="delete" class="danger">Delete</button>
-      <button type="button" id="close">Close</button>
-    </div>
-  </section>
-  <section aria-labelledby="add-title">
-    <h2 id="add-title">Add a task</h2>
-    <form id="add">
-      <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
-      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
-      <label for="add-parameters">Parameters (JSON)
-        <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
-      <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
-      <button type="submit">Add</button>
-    </form>
-  </section>
-</main>
-<script>
-"use strict";
-const TOKEN = "jobqueue-token";
-const state = { offset: 0, limit: 50, total: 0, selected: null, history: [], busy: false, locked: false };
-const $ = (id) => document.getElementById(id);
-
-function element(tag, attributes, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes || {})) {
-    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value);
-  }
-  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
-  return node;
-}
-
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
-  const token = sessionStorage.getItem(TOKEN);
-  if (token) headers.Authorization = "Bearer " + token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (response.status === 401) {
-    state.locked = true;
-    $("token-form").hidden = false;
-    throw new Error("This server needs an API token.");
-  }
-  const data = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error((data && data.message) || response.statusText);
-  return { data, response };
-}
-
-function say(text) { $("message").textContent = text || ""; }
-
-function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
-
-async function refreshCounts() {
-  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
-  const body = $("counts").tBodies[0];
-  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
-    element("td", {}, profile),
-    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
-  let executed = 0, failed = 0;
-  for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
-  const now = Date.now();
-  state.history.push({ now, executed, failed });
-  state.history = state.history.filter((sample) => now - sample.now <= 61000);
-  const first = state.history[0];
-  $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
-    `${failed - first.failed} failed`;
-}
-
-function query() {
-  const form = new FormData($("filters"));
-  const params = new URLSearchParams();
-  for (const [name, value] of form) if (value) params.set(name, value);
-  params.set("limit", state.limit);
-  params.set("offset", state.offset);
-  return params.toString();
-}
-
-async function refreshTasks() {
-  const { data: tasks, response } = await api("GET", "/tasks?" + query());
-  state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
-  $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
-    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
-    element("td", {}, task.job_name),
-    element("td", {}, task.profile),
-    element("td", {}, when(task.created_at)),
-    element("td", {}, task.tags.join(", ")),
-    element("td", { class: "number" }, task.attempts),
-    element("td", {}, element("button", { type: "button", class: "identifier", onclick: () => show(task.identifier) },
-      task.identifier)))));
-  const last = Math.min(state.offset + state.limit, state.total);
-  $("page").textContent = state.total ? `${state.offset + 1} to ${last} of ${state.total}` : "no task";
-  $("previous").disabled = state.offset === 0;
-  $("next").disabled = last >= state.total;
-}
-
-async function show(identifier) {
-  try {
-    const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
-    state.selected = task;
-    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
-      ["Profile", task.profile],
-      ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
-      ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
-      ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
-      ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
-      ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];
-    $("detail-fields").replaceChildren(
-      ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
-    $("retry").hidden = task.status !== "failed";
-    $("detail").hidden = false;
-    $("detail-title").focus();
-  } catch (error) { say(error.message); }
-}
-
-async function act(confirmation, method, path, done) {
-  if (!window.confirm(confirmation)) return;
-  try { await api(method, path); say(""); done(); await refresh(); } catch (error) { say(error.message); }
-}
-
-async function refresh() {
-  if (state.busy || state.locked) return;
-  state.busy = true;
-  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
-  catch (error) { say(error.message); }
-  finally { state.busy = false; }
-}
-
-$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; refresh(); });
-for (const id of ["filter-status", "filter-order"]) {
-  $(id).addEventListener("change", () => { state.offset = 0; refresh(); });
-}
-$("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
-$("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
-$("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
-$("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
-  `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
-$("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
-  `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
-$("add").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const form = new FormData(event.target);
-  let parameters;
-  try { parameters = JSON.parse(form.get("parameters") || "{}"); }
-  catch { say("Parameters must be a JSON object"); return; }
-  const tags = String(form.get("tags") || "").split(",").map((tag) => tag.trim()).filter(Boolean);
-  if (!window.confirm(`Add a ${form.get("job")} task to ${form.get("profile")}?`)) return;
-  try {
-    const body = { profile: form.get("profile"), job: form.get("job"), parameters, tags };
-    const { data: task } = await api("POST", "/tasks", body);
-    say(""); await refresh(); show(task.identifier);
-  } catch (error) { say(error.message); }
-});
-$("token-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  sessionStorage.setItem(TOKEN, $("token").value);
-  $("token").value = "";
-  $("token-form").hidden = true;
-  state.locked = false;
-  refresh();
-});
-$("detail-title").tabIndex = -1;
-refresh();
-setInterval(refresh, 2000);
-</script>
-</body>
-</html>
-"""
-
-
 @functools.cache
 def _dashboard_headers() -> dict[str, str]:
     import base64
@@ -4227,208 +3963,200 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-@functools.cache
-def _http_classes() -> dict[str, type]:
-    """RequestHandler and Server, built on first use: http.server costs a worker 6 MiB it never needs."""
-    from http import HTTPStatus
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class RequestHandler:
+    """Reads one request at a time off a keep-alive connection and hands it to the WebService.
 
-    class RequestHandler(BaseHTTPRequestHandler):
-        """Reads one request at a time off a keep-alive connection and hands it to the WebService."""
+    Server mixes it with http.server's BaseHTTPRequestHandler when it starts, so that importing
+    jobqueue (in a worker, say) never loads http.server, http.client, email and ssl.
+    """
 
-        protocol_version = "HTTP/1.1"
-        server_version = f"jobqueue/{__version__}"
-        disable_nagle_algorithm = True
-        busy = False
-        server: Server
+    protocol_version = "HTTP/1.1"
+    server_version = f"jobqueue/{__version__}"
+    disable_nagle_algorithm = True
+    busy = False
+    server: Server
 
-        def setup(self) -> None:
-            self.timeout = self.server.request_timeout
-            super().setup()
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
 
-        def handle(self) -> None:
-            self.server.track(self, True)
+    def handle(self) -> None:
+        self.server.track(self, True)
+        try:
+            super().handle()
+        finally:
+            self.server.track(self, False)
+
+    def _answer(self) -> None:
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return
+        self.busy, started = True, time.monotonic()
+        try:
+            parts = urlsplit(self.path)
+            body, body_error = self._read_body()
             try:
-                super().handle()
-            finally:
-                self.server.track(self, False)
+                path, query = unquote(parts.path, errors="strict"), parse_qs(
+                    parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
+            except (UnicodeDecodeError, ValueError):
+                path, query = unquote(parts.path), {}
+                body_error = body_error or HTTPError(
+                    400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
+            request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
+                              query=query, headers=self.headers, body=body, body_error=body_error)
+            if body_error is not None:
+                self.close_connection = True
+            response = self.server.service.handle(request)
+            self._send(response)
+            http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
+                          (time.monotonic() - started) * 1000)
+        finally:
+            self.busy = False
+            if self.server.stopping:
+                self.close_connection = True
 
-        def _answer(self) -> None:
-            if self.request_version == "HTTP/0.9":
-                self.send_error(400, "HTTP/0.9 requests are not supported")
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
+        if name.startswith("do_"):
+            return self._answer
+        raise AttributeError(name)
+
+    def _read_body(self) -> tuple:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not (length.isascii() and length.isdigit()):
+            return b"", HTTPError(400, "Content-Length must be a whole number")
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            return b"", HTTPError(413, "The body is over 1 MiB")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise ConnectionError("the client closed the connection mid-body")
+        return body, None
+
+    def _send(self, response: Response) -> None:
+        payload = response.payload()
+        self.send_response(response.status)
+        if response.status != 204:
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(payload)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
+        self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
+        self.flush_headers()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, huge headers…) answered in JSON too."""
+        self.close_connection = True
+        self.request_version = self.protocol_version
+        from http import HTTPStatus
+
+        self._send(Response(code, {"message": message or HTTPStatus(code).phrase, "code": code}))
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Access lines are written by _answer, with the time taken."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        http_log.debug("%s %s", self.address_string(), format % args)
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
+
+    A thread serves one connection at a time and then waits a while for
+    the next, so a stream of short connections reuses threads (and their
+    database connections) instead of starting one each; accepting never
+    waits for a new thread to be scheduled.
+    """
+
+    daemon_threads = False
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
+        import queue
+
+        self.service = service
+        self.request_timeout = request_timeout
+        self.stopping = False
+        self._handlers: set[RequestHandler] = set()
+        self._handlers_lock = threading.Lock()
+        self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle, self._closed, self._threads_alive = 0, False, set()
+        from http.server import BaseHTTPRequestHandler
+
+        super().__init__(address, type("RequestHandler", (RequestHandler, BaseHTTPRequestHandler), {}))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._handlers_lock:
+            if self._idle:
+                self._idle -= 1
+                self._accepted.put((request, client_address))
                 return
-            self.busy, started = True, time.monotonic()
-            try:
-                parts = urlsplit(self.path)
-                body, body_error = self._read_body()
-                try:
-                    path, query = unquote(parts.path, errors="strict"), parse_qs(
-                        parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
-                except (UnicodeDecodeError, ValueError):
-                    path, query = unquote(parts.path), {}
-                    body_error = body_error or HTTPError(
-                        400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
-                request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
-                                  query=query, headers=self.headers, body=body, body_error=body_error)
-                if body_error is not None:
-                    self.close_connection = True
-                response = self.server.service.handle(request)
-                self._send(response)
-                http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
-                              (time.monotonic() - started) * 1000)
-            finally:
-                self.busy = False
-                if self.server.stopping:
-                    self.close_connection = True
+            thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
+            self._threads_alive.add(thread)
+        thread.start()
 
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+    def _serve_connections(self, request: Any, client_address: Any) -> None:
+        import queue
 
-        def __getattr__(self, name: str) -> Any:
-            """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
-            if name.startswith("do_"):
-                return self._answer
-            raise AttributeError(name)
-
-        def _read_body(self) -> tuple:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
-            length = (self.headers.get("Content-Length") or "0").strip()
-            if not (length.isascii() and length.isdigit()):
-                return b"", HTTPError(400, "Content-Length must be a whole number")
-            size = int(length)
-            if size > MAX_BODY_BYTES:
-                return b"", HTTPError(413, "The body is over 1 MiB")
-            body = self.rfile.read(size)
-            if len(body) < size:
-                raise ConnectionError("the client closed the connection mid-body")
-            return body, None
-
-        def _send(self, response: Response) -> None:
-            payload = response.payload()
-            self.send_response(response.status)
-            if response.status != 204:
-                self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(payload)))
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            elif self.request_version == "HTTP/1.0":
-                self.send_header("Connection", "keep-alive")
-            self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
-            self.flush_headers()
-
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """Errors http.server finds itself (bad request line, huge headers…) answered in JSON too."""
-            self.close_connection = True
-            self.request_version = self.protocol_version
-            self._send(Response(code, {"message": message or HTTPStatus(code).phrase, "code": code}))
-
-        def log_request(self, code: Any = "-", size: Any = "-") -> None:
-            """Access lines are written by _answer, with the time taken."""
-
-        def log_message(self, format: str, *args: Any) -> None:
-            http_log.debug("%s %s", self.address_string(), format % args)
-
-
-    class Server(ThreadingHTTPServer):
-        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
-
-        A thread serves one connection at a time and then waits a while for
-        the next, so a stream of short connections reuses threads (and their
-        database connections) instead of starting one each; accepting never
-        waits for a new thread to be scheduled.
-        """
-
-        daemon_threads = False
-        allow_reuse_address = True
-        request_queue_size = LISTEN_BACKLOG
-
-        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
-            import queue
-
-            self.service = service
-            self.request_timeout = request_timeout
-            self.stopping = False
-            self._handlers: set[RequestHandler] = set()
-            self._handlers_lock = threading.Lock()
-            self._accepted: queue.SimpleQueue = queue.SimpleQueue()
-            self._idle, self._closed, self._threads_alive = 0, False, set()
-            super().__init__(address, RequestHandler)
-
-        def process_request(self, request: Any, client_address: Any) -> None:
-            with self._handlers_lock:
-                if self._idle:
-                    self._idle -= 1
-                    self._accepted.put((request, client_address))
-                    return
-                thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
-                self._threads_alive.add(thread)
-            thread.start()
-
-        def _serve_connections(self, request: Any, client_address: Any) -> None:
-            import queue
-
-            try:
-                while request is not None:
-                    self.process_request_thread(request, client_address)
-                    with self._handlers_lock:
-                        if self._closed:
-                            return
-                        self._idle += 1
-                    try:
-                        request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
-                    except queue.Empty:
-                        with self._handlers_lock:
-                            try:
-                                request, client_address = self._accepted.get_nowait()
-                            except queue.Empty:
-                                self._idle -= 1
-                                return
-            finally:
+        try:
+            while request is not None:
+                self.process_request_thread(request, client_address)
                 with self._handlers_lock:
-                    self._threads_alive.discard(threading.current_thread())
-
-        def server_close(self) -> None:
-            """Close the socket; wake idle threads to end; wait for busy ones."""
+                    if self._closed:
+                        return
+                    self._idle += 1
+                try:
+                    request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
+                except queue.Empty:
+                    with self._handlers_lock:
+                        try:
+                            request, client_address = self._accepted.get_nowait()
+                        except queue.Empty:
+                            self._idle -= 1
+                            return
+        finally:
             with self._handlers_lock:
-                self._closed = True
-                for _ in range(self._idle):
-                    self._accepted.put((None, None))
-                self._idle = 0
-                threads = list(self._threads_alive)
-            super().server_close()
-            for thread in threads:
-                thread.join()
+                self._threads_alive.discard(threading.current_thread())
 
-        @property
-        def url(self) -> str:
-            host, port = self.server_address[:2]
-            return f"http://{host}:{port}"
+    def server_close(self) -> None:
+        """Close the socket; wake idle threads to end; wait for busy ones."""
+        with self._handlers_lock:
+            self._closed = True
+            for _ in range(self._idle):
+                self._accepted.put((None, None))
+            self._idle = 0
+            threads = list(self._threads_alive)
+        super().server_close()
+        for thread in threads:
+            thread.join()
 
-        def track(self, handler: RequestHandler, open_: bool) -> None:
-            with self._handlers_lock:
-                (self._handlers.add if open_ else self._handlers.discard)(handler)
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
-        def stop(self) -> None:
-            """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
-            self.stopping = True
-            self.shutdown()
-            with self._handlers_lock:
-                idle = [handler for handler in self._handlers if not handler.busy]
-            for handler in idle:
-                with contextlib.suppress(OSError):
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-            self.server_close()
+    def track(self, handler: RequestHandler, open_: bool) -> None:
+        with self._handlers_lock:
+            (self._handlers.add if open_ else self._handlers.discard)(handler)
 
-    return {"RequestHandler": RequestHandler, "Server": Server}
-
-
-def __getattr__(name: str) -> Any:
-    """``jobqueue.Server`` and ``jobqueue.RequestHandler``, imported lazily (PEP 562)."""
-    if name in ("Server", "RequestHandler"):
-        return _http_classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def stop(self) -> None:
+        """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
+        self.stopping = True
+        self.shutdown()
+        with self._handlers_lock:
+            idle = [handler for handler in self._handlers if not handler.busy]
+        for handler in idle:
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+        self.server_close()
 
 
 # == CLI =====================================================================
@@ -4902,7 +4630,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          " --insecure if something else guards this address")
     service = WebService(services.queue, services.config, insecure=args.insecure)
     try:
-        server = _http_classes()["Server"]((args.host.strip("[]"), args.port), service)
+        server = Server((args.host.strip("[]"), args.port), service)
     except OSError as error:
         raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     stop = threading.Event()
@@ -5178,6 +4906,275 @@ def _import_names() -> list[str]:
         if relative.endswith(".py") and all(part.isidentifier() for part in parts):
             names.append(".".join(parts))
     return names
+
+
+# == Assets =================================================================
+
+# The dashboard at GET /: one page, no data of its own (it reads the API with the
+# token it asks for), nothing loaded from elsewhere. Values reach the DOM through
+# textContent only, and the CSP admits no script but this one.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>jobqueue</title>
+<link rel="icon" href="data:,">
+<style>
+:root { font-family: system-ui, sans-serif; color: #1d232a; background: #f6f7f9; }
+body { margin: 0; }
+[hidden] { display: none !important; }
+header { background: #1d232a; color: #fff; padding: .6rem 1rem; display: flex; gap: 1rem; align-items: baseline;
+         flex-wrap: wrap; }
+header h1 { font-size: 1.2rem; margin: 0; }
+main { max-width: 1700px; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem; }
+section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: .8rem 1rem; min-width: 0; }
+h2 { font-size: 1rem; margin: 0 0 .6rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #eceff2; white-space: nowrap; }
+td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
+form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-end; }
+label { display: flex; flex-direction: column; font-size: .8rem; gap: .2rem; }
+input, select, textarea, button { font: inherit; padding: .3rem .4rem; }
+button { cursor: pointer; border: 1px solid #8a96a3; border-radius: 4px; background: #fff; }
+button.danger { border-color: #c0392b; color: #c0392b; }
+.mark { font-size: 1.1em; }
+.waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
+.identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
+dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
+#message { min-height: 1.2em; margin: 0; color: #c0392b; }
+.pager { display: flex; gap: .6rem; align-items: center; margin-top: .5rem; }
+@media (min-width: 1000px) {
+  main { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); align-items: start; }
+  #message, #token-form { grid-column: 1 / -1; }
+  #tasks-section { grid-column: 1; grid-row: span 3; }
+  main > section:not(#tasks-section) { grid-column: 2; }
+}
+</style>
+</head>
+<body>
+<header><h1>jobqueue</h1><span id="throughput" aria-live="polite"></span></header>
+<main>
+  <form id="token-form" hidden>
+    <label for="token">API token<input id="token" name="token" type="password" autocomplete="off" required></label>
+    <button type="submit">Use this token</button>
+  </form>
+  <p id="message" role="status"></p>
+  <section id="tasks-section" aria-labelledby="tasks-title">
+    <h2 id="tasks-title">Tasks</h2>
+    <form id="filters">
+      <label for="filter-profile">Profile<input id="filter-profile" name="profile" placeholder="any"></label>
+      <label for="filter-status">Status<select id="filter-status" name="status">
+        <option value="">any</option><option>waiting</option><option>running</option>
+        <option>finished</option><option>failed</option>
+      </select></label>
+      <label for="filter-tag">Tag<input id="filter-tag" name="tags" placeholder="any"></label>
+      <label for="filter-order">Order<select id="filter-order" name="order">
+        <option value="status">status</option><option value="date">date</option>
+        <option value="profile">profile</option>
+      </select></label>
+      <button type="submit">Filter</button>
+    </form>
+    <div class="scroll">
+      <table id="tasks">
+        <caption hidden>Tasks matching the filters</caption>
+        <thead><tr><th>Status</th><th>Job</th><th>Profile</th><th>Date</th><th>Tags</th>
+          <th class="number">Attempts</th><th>Identifier</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+    <div class="pager">
+      <button type="button" id="previous">Previous</button>
+      <span id="page" aria-live="polite"></span>
+      <button type="button" id="next">Next</button>
+    </div>
+  </section>
+  <section aria-labelledby="counts-title">
+    <h2 id="counts-title">Counts</h2>
+    <div class="scroll">
+      <table id="counts">
+        <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
+          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+  </section>
+  <section id="detail" aria-labelledby="detail-title" hidden>
+    <h2 id="detail-title">Task</h2>
+    <dl id="detail-fields"></dl>
+    <div class="pager">
+      <button type="button" id="retry" hidden>Retry</button>
+      <button type="button" id="delete" class="danger">Delete</button>
+      <button type="button" id="close">Close</button>
+    </div>
+  </section>
+  <section aria-labelledby="add-title">
+    <h2 id="add-title">Add a task</h2>
+    <form id="add">
+      <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
+      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
+      <label for="add-parameters">Parameters (JSON)
+        <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
+      <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
+      <button type="submit">Add</button>
+    </form>
+  </section>
+</main>
+<script>
+"use strict";
+const TOKEN = "jobqueue-token";
+const state = { offset: 0, limit: 50, total: 0, selected: null, history: [], busy: false, locked: false };
+const $ = (id) => document.getElementById(id);
+
+function element(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN);
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) {
+    state.locked = true;
+    $("token-form").hidden = false;
+    throw new Error("This server needs an API token.");
+  }
+  const data = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error((data && data.message) || response.statusText);
+  return { data, response };
+}
+
+function say(text) { $("message").textContent = text || ""; }
+
+function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
+
+async function refreshCounts() {
+  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const body = $("counts").tBodies[0];
+  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
+    element("td", {}, profile),
+    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
+  let executed = 0, failed = 0;
+  for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
+  const now = Date.now();
+  state.history.push({ now, executed, failed });
+  state.history = state.history.filter((sample) => now - sample.now <= 61000);
+  const first = state.history[0];
+  $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
+    `${failed - first.failed} failed`;
+}
+
+function query() {
+  const form = new FormData($("filters"));
+  const params = new URLSearchParams();
+  for (const [name, value] of form) if (value) params.set(name, value);
+  params.set("limit", state.limit);
+  params.set("offset", state.offset);
+  return params.toString();
+}
+
+async function refreshTasks() {
+  const { data: tasks, response } = await api("GET", "/tasks?" + query());
+  state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
+  $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
+    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
+    element("td", {}, task.job_name),
+    element("td", {}, task.profile),
+    element("td", {}, when(task.created_at)),
+    element("td", {}, task.tags.join(", ")),
+    element("td", { class: "number" }, task.attempts),
+    element("td", {}, element("button", { type: "button", class: "identifier", onclick: () => show(task.identifier) },
+      task.identifier)))));
+  const last = Math.min(state.offset + state.limit, state.total);
+  $("page").textContent = state.total ? `${state.offset + 1} to ${last} of ${state.total}` : "no task";
+  $("previous").disabled = state.offset === 0;
+  $("next").disabled = last >= state.total;
+}
+
+async function show(identifier) {
+  try {
+    const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
+    state.selected = task;
+    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
+      ["Profile", task.profile],
+      ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
+      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
+      ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
+      ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
+      ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];
+    $("detail-fields").replaceChildren(
+      ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
+    $("retry").hidden = task.status !== "failed";
+    $("detail").hidden = false;
+    $("detail-title").focus();
+  } catch (error) { say(error.message); }
+}
+
+async function act(confirmation, method, path, done) {
+  if (!window.confirm(confirmation)) return;
+  try { await api(method, path); say(""); done(); await refresh(); } catch (error) { say(error.message); }
+}
+
+async function refresh() {
+  if (state.busy || state.locked) return;
+  state.busy = true;
+  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
+  catch (error) { say(error.message); }
+  finally { state.busy = false; }
+}
+
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; refresh(); });
+for (const id of ["filter-status", "filter-order"]) {
+  $(id).addEventListener("change", () => { state.offset = 0; refresh(); });
+}
+$("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
+$("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
+$("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
+$("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
+  `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
+$("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
+  `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
+$("add").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  let parameters;
+  try { parameters = JSON.parse(form.get("parameters") || "{}"); }
+  catch { say("Parameters must be a JSON object"); return; }
+  const tags = String(form.get("tags") || "").split(",").map((tag) => tag.trim()).filter(Boolean);
+  if (!window.confirm(`Add a ${form.get("job")} task to ${form.get("profile")}?`)) return;
+  try {
+    const body = { profile: form.get("profile"), job: form.get("job"), parameters, tags };
+    const { data: task } = await api("POST", "/tasks", body);
+    say(""); await refresh(); show(task.identifier);
+  } catch (error) { say(error.message); }
+});
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN, $("token").value);
+  $("token").value = "";
+  $("token-form").hidden = true;
+  state.locked = false;
+  refresh();
+});
+$("detail-title").tabIndex = -1;
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":
