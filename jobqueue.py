@@ -541,6 +541,10 @@ def _if_set(name: str, render: Callable[[Any], str] = str) -> Callable[[Task], s
     return lambda task: None if getattr(task, name) is None else render(getattr(task, name))
 
 
+def _is_required(column: dataclasses.Field) -> bool:
+    return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
+
+
 @dataclass
 class Task:
     """A unit of work: which ``job`` to run, for which ``profile``, with which ``parameters``.
@@ -680,10 +684,6 @@ class Task:
 
 TASK_FIELDS = dataclasses.fields(Task)
 TASK_JSON_ORDER = sorted(TASK_FIELDS, key=lambda column: not column.metadata["first"])
-
-
-def _is_required(column: dataclasses.Field) -> bool:
-    return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
 
 
 def _encode_task(task: Task) -> dict[str, str]:
@@ -1763,6 +1763,13 @@ def _socket_timeout(client: Any) -> float | None:
     return kwargs.get("socket_timeout")
 
 
+def _score_pairs(reply: Any) -> list[tuple]:
+    """(score, member) pairs from a WITHSCORES reply, in its order."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        reply = list(zip(reply[::2], reply[1::2]))
+    return [(float(score), _text(member)) for member, score in reply]
+
+
 class RedisQueue(Queue):
     """A queue in Redis through redis-py: every state change is one script on its profile's slot.
 
@@ -2167,13 +2174,6 @@ class RedisQueue(Queue):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
-
-
-def _score_pairs(reply: Any) -> list[tuple]:
-    """(score, member) pairs from a WITHSCORES reply, in its order."""
-    if reply and not isinstance(reply[0], (list, tuple)):
-        reply = list(zip(reply[::2], reply[1::2]))
-    return [(float(score), _text(member)) for member, score in reply]
 
 
 # == Queue: SQLite ===========================================================
@@ -2684,6 +2684,440 @@ def _encode_result(value: Any) -> Any:
     return value
 
 
+_UNAVAILABLE = object()
+
+
+def _asyncio() -> Any:
+    import asyncio
+
+    return asyncio
+
+
+def _run_loop(loop: Any) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _simple_queue() -> Any:
+    import queue
+
+    return queue.SimpleQueue()
+
+
+def _is_coroutine_job(target: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(target.perform if isinstance(target, type) else target)
+
+
+def _job_instance(target: type, task: Task) -> Job:
+    instance = target()
+    instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
+    return instance
+
+
+def _perform(target: Any, task: Task) -> Any:
+    if not isinstance(target, type):
+        return target(task)
+    instance = _job_instance(target, task)
+    instance.set_up(task)
+    try:
+        return instance.perform(task)
+    finally:
+        instance.tear_down(task)
+
+
+async def _perform_async(target: Any, task: Task) -> Any:
+    """A coroutine job: ``async def perform`` (set_up and tear_down may be either) or an async @job function."""
+    import inspect
+
+    if not isinstance(target, type):
+        return await target(task)
+    instance = _job_instance(target, task)
+    if inspect.isawaitable(prepared := instance.set_up(task)):
+        await prepared
+    try:
+        return await instance.perform(task)
+    finally:
+        if inspect.isawaitable(cleaned := instance.tear_down(task)):
+            await cleaned
+
+
+async def _outcome_of(coroutine: Any) -> tuple[bool, Any]:
+    """(True, value) or (False, error): a job's SystemExit must fail its task, not stop the event loop."""
+    try:
+        return True, await coroutine
+    except _asyncio().CancelledError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - handed to the worker thread that waits for it
+        return False, error
+
+
+class _Quota:
+    """How many tasks the runners of one ``consume`` may still take, shared between them."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.taken, self.done = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit is not None and self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done += 1
+
+
+def _async_raise(thread_id: int, exception: type | None) -> None:
+    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
+class _Guard:
+    """Delivers an exception into one runner thread only while that thread runs job code.
+
+    The runner sets ``inside`` around the job. The watchdog raises (with
+    PyThreadState_SetAsyncExc) only while it is set, marking ``arming`` around
+    its check-and-raise; the runner, leaving, clears ``inside``, waits out
+    ``arming`` and cancels anything still pending, in a loop that absorbs an
+    exception landing meanwhile. So a timeout lands in the job or in these few
+    lines, never in a lock, a ``finally`` of the worker, or between tasks, and
+    at most once per task. In the main thread, when the CLI installed a
+    handler for ``wake_signal``, the watchdog sends that signal instead and the
+    handler (``wake``) raises, which also stops a sleep or a blocking call.
+    """
+
+    def __init__(self, wake_signal: int | None):
+        self.thread = threading.get_ident()
+        self.wake_signal = wake_signal
+        self.inside = self.arming = False
+        self.due: type | None = None
+        self.fired: type | None = None
+
+    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
+        value, error, late = None, None, None
+        self.due = self.fired = None
+        try:
+            try:
+                self.inside = True
+                value = function()
+            except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
+                error = caught
+            finally:
+                late = self._leave()
+        except BaseException as caught:  # noqa: BLE001 - an interruption that landed after the job
+            late = self._leave() or caught
+        if self.fired is not None:
+            return None, self.fired()
+        return value, late if isinstance(late, KeyboardInterrupt) else error
+
+    def fire(self, exception: type) -> None:
+        """From another thread: interrupt the job, if one runs, with ``exception``."""
+        if self.wake_signal is not None:
+            self.due = exception
+            signal.pthread_kill(self.thread, self.wake_signal)
+            return
+        self.arming = True
+        if self.inside and self.fired is None:
+            self.fired = exception
+            _async_raise(self.thread, exception)
+        self.arming = False
+
+    def wake(self) -> None:
+        """In the guarded thread (a signal handler): raise what ``fire`` asked for, if the job still runs."""
+        if self.inside and self.due is not None and self.fired is None:
+            self.fired = self.due
+            raise self.fired
+
+    def _leave(self) -> BaseException | None:
+        """Leave the job; return an interruption that landed here (a timeout is also recorded in ``fired``)."""
+        landed = None
+        while True:
+            try:
+                self.inside = False
+                while self.arming:
+                    time.sleep(0)
+                if self.wake_signal is None and self.fired is not None:
+                    _async_raise(self.thread, None)
+                return landed
+            except BaseException as caught:  # noqa: BLE001
+                landed = caught
+
+
+class _JobAbandoned(BaseException):
+    """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
+
+
+_CHILD_BOOT = """\
+import importlib, importlib.util, json, sys
+name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if name == "__main__":
+    spec = importlib.util.spec_from_file_location("jobqueue", path)
+    module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+else:
+    module = importlib.import_module(name)
+module._serve_isolated(level, int(sys.argv[5]))
+"""
+
+
+class _Child:
+    """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
+
+    The worker sends each task as a JSON line and reads the outcome back as
+    one; meanwhile its watchdog renews the lease. At the timeout the child
+    is killed (SIGKILL) and the next task starts a new one, as it does after a
+    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
+    the measurement that chose this over a fork per task.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.process: Any = None
+        self._buffer = b""
+
+    def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        try:
+            self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
+            self.process.stdin.flush()
+            line = self._read_line(deadline)
+        except BaseException:
+            self.close()
+            raise
+        if line is None:
+            self.close()
+            return None, f"Timed out after {timeout:g} s (job process killed)\n"
+        if not line:
+            return None, self._death()
+        outcome = json.loads(line)
+        return outcome.get("result"), outcome.get("error")
+
+    def _start(self) -> None:
+        import subprocess
+
+        module = sys.modules[__name__]
+        name = __name__ if __name__ != "__main__" else "__main__"
+        root = logging.getLogger()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
+             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self._buffer = b""
+
+    def _read_line(self, deadline: float | None) -> bytes | None:
+        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
+        import select
+
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if self.worker._aborting:
+                raise _JobAbandoned
+            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
+            if not select.select([fd], [], [], wait)[0]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _death(self) -> str:
+        code = self.process.wait()
+        self.process = None
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return f"Job process died: killed by signal {name}\n"
+        return f"Job process died: exit status {code}\n"
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _die_with_parent(signum: int, parent: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before we asked
+        os.kill(os.getpid(), signum)
+    return True
+
+
+class _Slot:
+    """Where one runner executes its tasks: its own thread (guarded), or its own child process."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        main = threading.current_thread() is threading.main_thread()
+        self.guard = _Guard(worker.wake_signal if main else None)
+        self.child = _Child(worker) if worker.isolation == "process" else None
+        worker._guards[self.guard.thread] = self.guard
+
+    def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        """Run the job; return (result, None) or (None, the error text to record)."""
+        if self.child is not None:
+            return self.child.run(task, timeout)
+        try:
+            target = self.worker._target(task)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
+            return None, format_error(error)
+        value, error = self.guard.call(lambda: self.worker._execute(target, task))
+        if isinstance(error, JobTimeout):
+            return None, f"Timed out after {timeout:g} s\n"
+        if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
+            raise error
+        return value, None if error is None else format_error(error)
+
+    def close(self) -> None:
+        self.worker._guards.pop(self.guard.thread, None)
+        if self.child is not None:
+            self.child.close()
+
+
+def _serve_isolated(log_level: int, worker_pid: int) -> None:
+    """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
+
+    The job's own prints go to stderr. SIGINT is ignored: the worker decides
+    whether a task ends or is abandoned; if the worker dies, so does the child.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(signal.SIGKILL, worker_pid)
+    if log_level:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    targets: dict[str, Any] = {}
+    loop = None
+    for line in sys.stdin:
+        task = Task.from_json(json.loads(line))
+        try:
+            target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
+            if _is_coroutine_job(target):
+                loop = loop or _asyncio().new_event_loop()
+                ok, value = loop.run_until_complete(_outcome_of(_perform_async(target, task)))
+                if not ok:
+                    raise value
+            else:
+                value = _perform(target, task)
+            outcome = {"result": _encode_result(value)}
+        except BaseException as error:  # noqa: BLE001 - SystemExit too: every error fails the task
+            outcome = {"error": format_error(error)}
+        replies.write(json.dumps(outcome) + "\n")
+        replies.flush()
+
+
+@dataclass
+class _WatchedRun:
+    task: Task
+    guard: _Guard | None
+    deadline: float | None
+    renew_at: float
+
+
+class _Watchdog:
+    """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
+
+    It never blocks on the job: a job that holds the GIL in C code delays it
+    (that is what ``isolation="process"`` is for). A renewal that fails, for
+    any reason, is logged and tried again at the next third of the lease.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._runs: dict[int, _WatchedRun] = {}
+
+    @contextlib.contextmanager
+    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+        now = time.monotonic()
+        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
+        with self._condition:
+            self._runs[id(run)] = run
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._runs.pop(id(run), None)
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _lease(self, task: Task) -> float:
+        return task.lease or self.worker.lease  # type: ignore[return-value]
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed:
+                    now = time.monotonic()
+                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
+                              default=math.inf)
+                    if now >= due:
+                        break
+                    self._condition.wait(None if due == math.inf else due - now)
+                if self._closed:
+                    return
+                renewals = []
+                for run in self._runs.values():
+                    if run.deadline is not None and now >= run.deadline:
+                        run.deadline = None
+                        if run.guard is not None:
+                            run.guard.fire(JobTimeout)
+                    if now >= run.renew_at:
+                        run.renew_at = now + self._lease(run.task) / 3
+                        renewals.append(run.task)
+            for task in renewals:
+                self._renew(task)
+
+    def _renew(self, task: Task) -> None:
+        try:
+            if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
+                self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
+                                           task.identifier, task.job_name)
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+            self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
+
+
 class Worker:
     """Takes tasks of one profile from a queue and runs them.
 
@@ -3008,440 +3442,6 @@ class Worker:
             loop.call_soon_threadsafe(loop.stop)
 
 
-_UNAVAILABLE = object()
-
-
-def _asyncio() -> Any:
-    import asyncio
-
-    return asyncio
-
-
-def _run_loop(loop: Any) -> None:
-    try:
-        loop.run_forever()
-    finally:
-        loop.close()
-
-
-def _simple_queue() -> Any:
-    import queue
-
-    return queue.SimpleQueue()
-
-
-def _is_coroutine_job(target: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(target.perform if isinstance(target, type) else target)
-
-
-def _job_instance(target: type, task: Task) -> Job:
-    instance = target()
-    instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
-    return instance
-
-
-def _perform(target: Any, task: Task) -> Any:
-    if not isinstance(target, type):
-        return target(task)
-    instance = _job_instance(target, task)
-    instance.set_up(task)
-    try:
-        return instance.perform(task)
-    finally:
-        instance.tear_down(task)
-
-
-async def _perform_async(target: Any, task: Task) -> Any:
-    """A coroutine job: ``async def perform`` (set_up and tear_down may be either) or an async @job function."""
-    import inspect
-
-    if not isinstance(target, type):
-        return await target(task)
-    instance = _job_instance(target, task)
-    if inspect.isawaitable(prepared := instance.set_up(task)):
-        await prepared
-    try:
-        return await instance.perform(task)
-    finally:
-        if inspect.isawaitable(cleaned := instance.tear_down(task)):
-            await cleaned
-
-
-async def _outcome_of(coroutine: Any) -> tuple[bool, Any]:
-    """(True, value) or (False, error): a job's SystemExit must fail its task, not stop the event loop."""
-    try:
-        return True, await coroutine
-    except _asyncio().CancelledError:
-        raise
-    except BaseException as error:  # noqa: BLE001 - handed to the worker thread that waits for it
-        return False, error
-
-
-class _Quota:
-    """How many tasks the runners of one ``consume`` may still take, shared between them."""
-
-    def __init__(self, limit: int | None):
-        self.limit, self.taken, self.done = limit, 0, 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            if self.limit is not None and self.taken >= self.limit:
-                return False
-            self.taken += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.taken -= 1
-
-    def finish(self) -> None:
-        with self._lock:
-            self.done += 1
-
-
-class _Guard:
-    """Delivers an exception into one runner thread only while that thread runs job code.
-
-    The runner sets ``inside`` around the job. The watchdog raises (with
-    PyThreadState_SetAsyncExc) only while it is set, marking ``arming`` around
-    its check-and-raise; the runner, leaving, clears ``inside``, waits out
-    ``arming`` and cancels anything still pending, in a loop that absorbs an
-    exception landing meanwhile. So a timeout lands in the job or in these few
-    lines, never in a lock, a ``finally`` of the worker, or between tasks, and
-    at most once per task. In the main thread, when the CLI installed a
-    handler for ``wake_signal``, the watchdog sends that signal instead and the
-    handler (``wake``) raises, which also stops a sleep or a blocking call.
-    """
-
-    def __init__(self, wake_signal: int | None):
-        self.thread = threading.get_ident()
-        self.wake_signal = wake_signal
-        self.inside = self.arming = False
-        self.due: type | None = None
-        self.fired: type | None = None
-
-    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
-        value, error, late = None, None, None
-        self.due = self.fired = None
-        try:
-            try:
-                self.inside = True
-                value = function()
-            except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
-                error = caught
-            finally:
-                late = self._leave()
-        except BaseException as caught:  # noqa: BLE001 - an interruption that landed after the job
-            late = self._leave() or caught
-        if self.fired is not None:
-            return None, self.fired()
-        return value, late if isinstance(late, KeyboardInterrupt) else error
-
-    def fire(self, exception: type) -> None:
-        """From another thread: interrupt the job, if one runs, with ``exception``."""
-        if self.wake_signal is not None:
-            self.due = exception
-            signal.pthread_kill(self.thread, self.wake_signal)
-            return
-        self.arming = True
-        if self.inside and self.fired is None:
-            self.fired = exception
-            _async_raise(self.thread, exception)
-        self.arming = False
-
-    def wake(self) -> None:
-        """In the guarded thread (a signal handler): raise what ``fire`` asked for, if the job still runs."""
-        if self.inside and self.due is not None and self.fired is None:
-            self.fired = self.due
-            raise self.fired
-
-    def _leave(self) -> BaseException | None:
-        """Leave the job; return an interruption that landed here (a timeout is also recorded in ``fired``)."""
-        landed = None
-        while True:
-            try:
-                self.inside = False
-                while self.arming:
-                    time.sleep(0)
-                if self.wake_signal is None and self.fired is not None:
-                    _async_raise(self.thread, None)
-                return landed
-            except BaseException as caught:  # noqa: BLE001
-                landed = caught
-
-
-def _async_raise(thread_id: int, exception: type | None) -> None:
-    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
-    )
-
-
-class _Slot:
-    """Where one runner executes its tasks: its own thread (guarded), or its own child process."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        main = threading.current_thread() is threading.main_thread()
-        self.guard = _Guard(worker.wake_signal if main else None)
-        self.child = _Child(worker) if worker.isolation == "process" else None
-        worker._guards[self.guard.thread] = self.guard
-
-    def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
-        """Run the job; return (result, None) or (None, the error text to record)."""
-        if self.child is not None:
-            return self.child.run(task, timeout)
-        try:
-            target = self.worker._target(task)
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
-            return None, format_error(error)
-        value, error = self.guard.call(lambda: self.worker._execute(target, task))
-        if isinstance(error, JobTimeout):
-            return None, f"Timed out after {timeout:g} s\n"
-        if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
-            raise error
-        return value, None if error is None else format_error(error)
-
-    def close(self) -> None:
-        self.worker._guards.pop(self.guard.thread, None)
-        if self.child is not None:
-            self.child.close()
-
-
-class _JobAbandoned(BaseException):
-    """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
-
-
-class _Child:
-    """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
-
-    The worker sends each task as a JSON line and reads the outcome back as
-    one; meanwhile its watchdog renews the lease. At the timeout the child
-    is killed (SIGKILL) and the next task starts a new one, as it does after a
-    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
-    the measurement that chose this over a fork per task.
-    """
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.process: Any = None
-        self._buffer = b""
-
-    def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.process is None or self.process.poll() is not None:
-            self._start()
-        try:
-            self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
-            self.process.stdin.flush()
-            line = self._read_line(deadline)
-        except BaseException:
-            self.close()
-            raise
-        if line is None:
-            self.close()
-            return None, f"Timed out after {timeout:g} s (job process killed)\n"
-        if not line:
-            return None, self._death()
-        outcome = json.loads(line)
-        return outcome.get("result"), outcome.get("error")
-
-    def _start(self) -> None:
-        import subprocess
-
-        module = sys.modules[__name__]
-        name = __name__ if __name__ != "__main__" else "__main__"
-        root = logging.getLogger()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
-             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        self._buffer = b""
-
-    def _read_line(self, deadline: float | None) -> bytes | None:
-        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
-        import select
-
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self._buffer:
-            if self.worker._aborting:
-                raise _JobAbandoned
-            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
-            if not select.select([fd], [], [], wait)[0]:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return b""
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
-
-    def _death(self) -> str:
-        code = self.process.wait()
-        self.process = None
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            return f"Job process died: killed by signal {name}\n"
-        return f"Job process died: exit status {code}\n"
-
-    def close(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait()
-            for stream in (process.stdin, process.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
-_CHILD_BOOT = """\
-import importlib, importlib.util, json, sys
-name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-if name == "__main__":
-    spec = importlib.util.spec_from_file_location("jobqueue", path)
-    module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-else:
-    module = importlib.import_module(name)
-module._serve_isolated(level, int(sys.argv[5]))
-"""
-
-
-def _serve_isolated(log_level: int, worker_pid: int) -> None:
-    """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
-
-    The job's own prints go to stderr. SIGINT is ignored: the worker decides
-    whether a task ends or is abandoned; if the worker dies, so does the child.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(signal.SIGKILL, worker_pid)
-    if log_level:
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    targets: dict[str, Any] = {}
-    loop = None
-    for line in sys.stdin:
-        task = Task.from_json(json.loads(line))
-        try:
-            target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
-            if _is_coroutine_job(target):
-                loop = loop or _asyncio().new_event_loop()
-                ok, value = loop.run_until_complete(_outcome_of(_perform_async(target, task)))
-                if not ok:
-                    raise value
-            else:
-                value = _perform(target, task)
-            outcome = {"result": _encode_result(value)}
-        except BaseException as error:  # noqa: BLE001 - SystemExit too: every error fails the task
-            outcome = {"error": format_error(error)}
-        replies.write(json.dumps(outcome) + "\n")
-        replies.flush()
-
-
-def _die_with_parent(signum: int, parent: int) -> bool:
-    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it ended before we asked
-        os.kill(os.getpid(), signum)
-    return True
-
-
-class _Watchdog:
-    """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
-
-    It never blocks on the job: a job that holds the GIL in C code delays it
-    (that is what ``isolation="process"`` is for). A renewal that fails, for
-    any reason, is logged and tried again at the next third of the lease.
-    """
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._runs: dict[int, _WatchedRun] = {}
-
-    @contextlib.contextmanager
-    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
-        now = time.monotonic()
-        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
-        with self._condition:
-            self._runs[id(run)] = run
-            if self._thread is None or not self._thread.is_alive():
-                self._closed = False
-                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
-                self._thread.start()
-            self._condition.notify()
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._runs.pop(id(run), None)
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
-
-    def _lease(self, task: Task) -> float:
-        return task.lease or self.worker.lease  # type: ignore[return-value]
-
-    def _loop(self) -> None:
-        while True:
-            with self._condition:
-                while not self._closed:
-                    now = time.monotonic()
-                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
-                              default=math.inf)
-                    if now >= due:
-                        break
-                    self._condition.wait(None if due == math.inf else due - now)
-                if self._closed:
-                    return
-                renewals = []
-                for run in self._runs.values():
-                    if run.deadline is not None and now >= run.deadline:
-                        run.deadline = None
-                        if run.guard is not None:
-                            run.guard.fire(JobTimeout)
-                    if now >= run.renew_at:
-                        run.renew_at = now + self._lease(run.task) / 3
-                        renewals.append(run.task)
-            for task in renewals:
-                self._renew(task)
-
-    def _renew(self, task: Task) -> None:
-        try:
-            if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
-                self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
-                                           task.identifier, task.job_name)
-        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
-            self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
-
-
-@dataclass
-class _WatchedRun:
-    task: Task
-    guard: _Guard | None
-    deadline: float | None
-    renew_at: float
-
-
 # == Configuration ===========================================================
 
 
@@ -3734,6 +3734,67 @@ ROUTES = (
 )
 
 
+def _operation(route: Route) -> dict[str, Any]:
+    """One route as an OpenAPI operation; errors answer the Error schema."""
+    answer: dict[str, Any] = {"description": route.summary}
+    if route.reply:
+        answer["content"] = {media: {"schema": schema} for media, schema in route.reply.items()}
+    if route.headers:
+        answer["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
+                             for name, text in route.headers.items()}
+    answers = {str(route.ok): answer}
+    for code in (*route.errors, *(() if route.public else (401,)), 503):
+        answers[str(code)] = {"$ref": "#/components/responses/Error"}
+    operation = {"summary": route.summary, "operationId": re.sub(r"_(\w)", lambda m: m[1].upper(), route.handler),
+                 "responses": answers}
+    if route.query:
+        operation["parameters"] = [{"name": name, "in": "query", "required": False, "schema": schema,
+                                    "description": description} for name, schema, description in route.query]
+    if route.body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+    if route.public:
+        operation["security"] = []
+    return operation
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ROUTES and of the task's fields (TASK_FIELDS)."""
+    task_properties: dict[str, Any] = {}
+    for column in TASK_JSON_ORDER:
+        task_properties[column.name] = column.metadata["schema"]
+        task_properties.update(column.metadata["then"])
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        item = paths.setdefault(route.template, {})
+        names = re.findall(r"\{(\w+)\}", route.template)
+        if names:
+            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                  for name in names]
+        item[route.method.lower()] = _operation(route)
+    error = {"description": "An error",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobqueue", "version": __version__,
+                 "description": "Tasks for workers: list, create, inspect and steer them."},
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required on every route but /health and / when JOBQUEUE_TOKEN is set"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["message", "code"],
+                          "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
+                "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
+                "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
+                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+            },
+            "responses": {"Error": error},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": paths,
+    }
+
+
 class WebService:
     """The JSON API over a queue: one routing table, one place that turns errors into answers."""
 
@@ -3900,67 +3961,6 @@ class WebService:
 
     def openapi(self, request: Request) -> Response:
         return Response(200, openapi_document())
-
-
-def _operation(route: Route) -> dict[str, Any]:
-    """One route as an OpenAPI operation; errors answer the Error schema."""
-    answer: dict[str, Any] = {"description": route.summary}
-    if route.reply:
-        answer["content"] = {media: {"schema": schema} for media, schema in route.reply.items()}
-    if route.headers:
-        answer["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
-                             for name, text in route.headers.items()}
-    answers = {str(route.ok): answer}
-    for code in (*route.errors, *(() if route.public else (401,)), 503):
-        answers[str(code)] = {"$ref": "#/components/responses/Error"}
-    operation = {"summary": route.summary, "operationId": re.sub(r"_(\w)", lambda m: m[1].upper(), route.handler),
-                 "responses": answers}
-    if route.query:
-        operation["parameters"] = [{"name": name, "in": "query", "required": False, "schema": schema,
-                                    "description": description} for name, schema, description in route.query]
-    if route.body:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
-    if route.public:
-        operation["security"] = []
-    return operation
-
-
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of ROUTES and of the task's fields (TASK_FIELDS)."""
-    task_properties: dict[str, Any] = {}
-    for column in TASK_JSON_ORDER:
-        task_properties[column.name] = column.metadata["schema"]
-        task_properties.update(column.metadata["then"])
-    paths: dict[str, Any] = {}
-    for route in ROUTES:
-        item = paths.setdefault(route.template, {})
-        names = re.findall(r"\{(\w+)\}", route.template)
-        if names:
-            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                  for name in names]
-        item[route.method.lower()] = _operation(route)
-    error = {"description": "An error",
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "jobqueue", "version": __version__,
-                 "description": "Tasks for workers: list, create, inspect and steer them."},
-        "components": {
-            "securitySchemes": {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "Required on every route but /health and / when JOBQUEUE_TOKEN is set"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["message", "code"],
-                          "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
-                "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
-                "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
-                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
-            },
-            "responses": {"Error": error},
-        },
-        "security": [{"bearer": []}, {}],
-        "paths": paths,
-    }
 
 
 class RequestHandler:
@@ -4492,31 +4492,6 @@ def _stop_with_supervisor(worker: Worker, supervisor: int) -> None:
     threading.Thread(target=watch, name=f"{worker.name}-parent-watch", daemon=True).start()
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    _configure_logging(args)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    services = ServiceContainer.get_instance()
-    validate_profile(args.profile)
-    _import_modules([*services.config.imports, *args.imports])
-    queue = services.queue
-    if args.concurrency > 1:
-        return supervise(args)
-    config = services.config
-    worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
-                    max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
-                    threads=args.threads)
-    _stop_on_signals(worker)
-    if args.supervisor is not None:
-        _die_with_parent(signal.SIGTERM, args.supervisor)
-        _stop_with_supervisor(worker, args.supervisor)
-    print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
-    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
-    worker.consume(args.quantity, burst=args.burst)
-    print(f"Worker {worker.name} is done.", flush=True)
-    return 0
-
-
 def _child_command(args: argparse.Namespace, name: str) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name,
                "--lease", repr(args.lease), "--isolation", args.isolation, "--threads", str(args.threads),
@@ -4606,6 +4581,32 @@ def supervise(args: argparse.Namespace) -> int:
 
 
 # -- serve --------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    services = ServiceContainer.get_instance()
+    validate_profile(args.profile)
+    _import_modules([*services.config.imports, *args.imports])
+    queue = services.queue
+    if args.concurrency > 1:
+        return supervise(args)
+    config = services.config
+    worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
+                    max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
+                    threads=args.threads)
+    _stop_on_signals(worker)
+    if args.supervisor is not None:
+        _die_with_parent(signal.SIGTERM, args.supervisor)
+        _stop_with_supervisor(worker, args.supervisor)
+    # One write per line: the workers of --concurrency share this pipe, and a separate "\n" could interleave.
+    print(f'Worker {worker.name} handles "{worker.profile}" tasks...\n', end="", flush=True)
+    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
+    worker.consume(args.quantity, burst=args.burst)
+    print(f"Worker {worker.name} is done.\n", end="", flush=True)
+    return 0
 
 
 def _log_requests_off_thread() -> Any:
