@@ -4909,7 +4909,7 @@ def _import_names() -> list[str]:
     return names
 
 
-# == Assets =================================================================
+# == Assets ==================================================================
 
 # The dashboard at GET /: one page, no data of its own (it reads the API with the
 # token it asks for), nothing loaded from elsewhere. Values reach the DOM through
