@@ -4042,6 +4042,14 @@ def test_missing_redis_server_skips_locally_and_fails_under_ci(tmp_path):
     assert "CI=true the Redis tests must run" in ci.stdout
 
 
+def test_the_module_docstring_and_the_tests_show_the_module_map():
+    source = Path(jobqueue.__file__).read_text()
+    banners = re.findall(r"^# == (.*?) =+$", source, re.M)
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in jobqueue.__doc__.split("map):")[1].strip().splitlines()]
+    assert listed == banners
+    assert re.findall(r"^# == (.*?) =+$", Path(__file__).read_text(), re.M) == banners
+
+
 def test_code_is_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
