@@ -673,10 +673,11 @@ class Task:
             raise ValidationError("A task must be a JSON object")
         values: dict[str, Any] = {}
         for column in TASK_FIELDS:
-            value = data.get(column.name) or data.get(column.metadata["alias"]) if column.metadata["alias"] \
-                else data.get(column.name)
             if column.name not in data and _is_required(column):
                 raise ValidationError(f"Missing {column.name}")
+            value = data.get(column.name)
+            if column.metadata["alias"]:
+                value = value or data.get(column.metadata["alias"])
             if value is not None:
                 values[column.name] = column.metadata["codec"].parse(value)
         return cls(**values)
