@@ -6,11 +6,12 @@ embedded SQLite file, always as JSON, never pickled. With SQLite the
 standard library is all it needs.
 
 The file reads top to bottom in the order data flows; each section uses only
-what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
+what is defined above it, but for Assets, read at call time (``grep -n '^# == ' jobqueue.py``
+prints this map):
 
     Constants      names and defaults shared below
     Errors         JobQueueError and its children
-    Domain         Status, profiles, Job, @job, Task and its JSON form
+    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
     Queue: Redis   RedisQueue through redis-py: one slot per profile, one script library, RedisDSN
@@ -18,14 +19,17 @@ what is defined above it (``grep -n '^# == ' jobqueue.py`` prints this map):
     DSN            queue_from_dsn, the only place that names a backend
     Worker         fetch, run set_up/perform/tear_down, record the outcome
     Configuration  Config.from_env and the ServiceContainer
-    HTTP           WebService (routes, auth, errors as JSON), the dashboard page, the server
+    HTTP           the routing table, WebService (auth, errors as JSON), OpenAPI from both tables, the server
     CLI            python jobqueue.py worker|manager|serve, main(argv) -> exit code
+    Assets         the dashboard page (HTML, CSS, JS): long text the HTTP section serves, kept out of the way
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -38,13 +42,14 @@ import random
 import re
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import InitVar, dataclass, field
+from dataclasses import MISSING, InitVar, dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -474,6 +479,73 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * DURATION_UNITS[match[2]]
 
 
+def _stamp(value: datetime | None) -> str:
+    return "" if value is None else repr(value.timestamp())
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one kind of task field is stored (text in Redis, a typed SQLite column) and shown in JSON.
+
+    ``load`` reads either form: Redis gives text, SQLite its column's number or text.
+    """
+
+    sql: str
+    store: Callable[[Any], str]
+    load: Callable[[Any], Any]
+    dump: Callable[[Any], Any] = copy.copy
+    parse: Callable[[Any], Any] = copy.copy
+
+
+TEXT = Codec("TEXT", str, str)
+JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
+EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
+NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
+COUNT = Codec("INTEGER", str, int)
+STATUS = Codec("TEXT", lambda value: value.value, Status, lambda value: value.value)
+NULLABLE = {"type": ["string", "null"]}
+PROFILE_SCHEMA = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
+SCALAR_SCHEMA = {"type": ["string", "number", "integer", "boolean", "null"]}
+SECONDS_SCHEMA = {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
+POSITIVE_SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
+
+
+def _column(codec: Codec, default: Any = MISSING, *, schema: dict, sql: str = "", state: bool = False,
+            then: Mapping[str, dict] | None = None, show: tuple = (), alias: str | None = None,
+            first: bool = False, new: dict | None = None, **options: Any) -> Any:
+    """A Task field and its row in the field table.
+
+    ``codec`` stores and shows it; ``sql`` adds column constraints; ``state`` marks what queues and
+    workers fill in (never stored on add); ``schema`` is its OpenAPI schema; ``then`` names properties
+    the JSON form shows right after it (name -> schema), ``first`` puts it at the head of the JSON form as
+    in the seed; ``show`` holds ``manager show`` lines as
+    ``(rank, label, render(task) -> text or None)``; ``alias`` is a second JSON name ``from_json`` reads;
+    ``new`` is its schema in a create request (POST /tasks), if that request may set it.
+    """
+    metadata = {"codec": codec, "schema": schema, "sql": f"{codec.sql} {sql}".strip(), "state": state,
+                "then": then or {}, "show": show, "alias": alias,
+                "first": first, "new": new}
+    return field(default=default, metadata=metadata, **options)
+
+
+def _seconds_shown(value: float | None, otherwise: str) -> str:
+    return f"{value:g}s" if value else otherwise
+
+
+def _parameters_shown(task: Task) -> str:
+    lines = [f"{number}) {name}: {value if isinstance(value, str) else json.dumps(value)}"
+             for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
+    return ("\n" + " " * len("Parameters : ")).join(lines) or "(none)"
+
+
+def _if_set(name: str, render: Callable[[Any], str] = str) -> Callable[[Task], str | None]:
+    return lambda task: None if getattr(task, name) is None else render(getattr(task, name))
+
+
+def _is_required(column: dataclasses.Field) -> bool:
+    return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
+
+
 @dataclass
 class Task:
     """A unit of work: which ``job`` to run, for which ``profile``, with which ``parameters``.
@@ -485,28 +557,61 @@ class Task:
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
     ``run_at`` (a datetime). The other fields are filled in by queues and workers.
+
+    The fields are the field table (``_column``): their order is the JSON form's, and their rows
+    drive storage on both backends, the SQLite columns, ``manager show`` and the OpenAPI schema.
     """
 
-    profile: str
-    job: Any
-    parameters: dict[str, Scalar] | None = None
-    tags: Sequence[str] | None = None
-    identifier: str = field(default_factory=lambda: str(uuid.uuid4()))
-    status: Status = Status.WAITING
-    created_at: datetime = field(default_factory=_utcnow)
-    attempts: int = 0
-    worker: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: str | None = None
-    result: Any = None
-    retries: int = 0
-    retry_delay: float = DEFAULT_RETRY_DELAY
-    timeout: float | None = None
-    lease: float | None = None
-    run_at: datetime | None = None
-    failures: int = 0
-    lost: int = 0
+    profile: str = _column(TEXT, sql="NOT NULL", show=((5, "Profile", _if_set("profile")),), schema=PROFILE_SCHEMA,
+                           new=PROFILE_SCHEMA)
+    job: Any = _column(TEXT, sql="NOT NULL", schema={"type": "string"},
+                       new={"type": "string", "pattern": f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"},
+                       then={"date": {"type": "string", "description": "RFC 2822"}},
+                       show=((3, "Job class", _if_set("job")), (4, "Job name", lambda task: task.job_name)))
+    parameters: dict[str, Scalar] | None = _column(
+        JSON_TEXT, None, sql="NOT NULL", show=((8, "Parameters", _parameters_shown),),
+        schema={"type": "object", "additionalProperties": SCALAR_SCHEMA},
+        new={"type": ["object", "null"], "additionalProperties": SCALAR_SCHEMA})
+    tags: Sequence[str] | None = _column(
+        JSON_TEXT, None, sql="NOT NULL", schema={"type": "array", "items": {"type": "string"}},
+        then={"job_name": {"type": "string"}},
+        new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+        show=((7, "Tags", lambda task: ", ".join(task.tags) or "(none)"),))  # type: ignore[arg-type]
+    identifier: str = _column(TEXT, sql="NOT NULL UNIQUE", first=True, default_factory=lambda: str(uuid.uuid4()),
+                              schema={"type": "string", "format": "uuid"},
+                              show=((1, "Identifier", _if_set("identifier")),))
+    status: Status = _column(STATUS, Status.WAITING, sql="NOT NULL", state=True, first=True,
+                             schema={"type": "string", "enum": [s.value for s in Status]},
+                             show=((6, "Status", lambda task: task.status.value),))
+    created_at: datetime = _column(EPOCH, sql="NOT NULL", default_factory=_utcnow, alias="date",
+                                   schema={"type": "string", "format": "date-time"},
+                                   show=((2, "Date", lambda task: task.date),))
+    attempts: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
+                            show=((14, "Attempts", _if_set("attempts")),))
+    worker: str | None = _column(TEXT, None, state=True, schema=NULLABLE,
+                                 show=((16, "Worker", _if_set("worker")),))
+    started_at: datetime | None = _column(EPOCH, None, state=True, schema=NULLABLE,
+                                          show=((17, "Started", _if_set("started_at", _rfc2822)),))
+    finished_at: datetime | None = _column(EPOCH, None, state=True, schema=NULLABLE,
+                                           show=((18, "Finished", _if_set("finished_at", _rfc2822)),))
+    error: str | None = _column(TEXT, None, state=True, schema=NULLABLE, show=((20, "Error", lambda task: (
+        task.error.rstrip("\n").replace("\n", "\n        ") if task.error else None)),))
+    result: Any = _column(JSON_TEXT, None, state=True, schema={},
+                          show=((19, "Result", _if_set("result", json.dumps)),))
+    retries: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", schema={"type": "integer"},
+                           new={"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX}, show=(
+        (9, "Retries", lambda task: f"{task.retries} (failed so far: {task.failures})"),))
+    retry_delay: float = _column(NUMBER, DEFAULT_RETRY_DELAY, schema={"type": "number"}, new=SECONDS_SCHEMA, show=(
+        (10, "Retry delay", lambda task: f"{task.retry_delay or 0:g}s, doubled after each failure"),))
+    timeout: float | None = _column(NUMBER, None, schema={"type": ["number", "null"]}, new=POSITIVE_SECONDS, show=(
+        (11, "Timeout", lambda task: _seconds_shown(task.timeout, "(none; the worker --timeout applies)")),))
+    lease: float | None = _column(NUMBER, None, schema={"type": ["number", "null"]}, new=POSITIVE_SECONDS, show=(
+        (12, "Lease", lambda task: _seconds_shown(task.lease, "(the worker --lease, 30s by default)")),))
+    run_at: datetime | None = _column(EPOCH, None, schema={**NULLABLE, "format": "date-time"}, show=(
+        (13, "Run at", lambda task: _rfc2822(task.run_at) if task.run_at else "(as soon as a worker is free)"),))
+    failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
+    lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
+                        show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -556,108 +661,43 @@ class Task:
 
     def to_json(self) -> dict[str, Any]:
         """The task as the API and ``--json`` show it: the seed's fields, then ours."""
-        return {
-            "identifier": self.identifier,
-            "status": self.status.value,
-            "profile": self.profile,
-            "job": self.job,
-            "date": self.date,
-            "parameters": dict(self.parameters),  # type: ignore[arg-type]
-            "tags": list(self.tags),  # type: ignore[arg-type]
-            "job_name": self.job_name,
-            "created_at": _iso(self.created_at),
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "error": self.error,
-            "result": self.result,
-            "retries": self.retries,
-            "retry_delay": self.retry_delay,
-            "timeout": self.timeout,
-            "lease": self.lease,
-            "run_at": _iso(self.run_at),
-            "failures": self.failures,
-            "lost": self.lost,
-        }
+        data: dict[str, Any] = {}
+        for column in TASK_JSON_ORDER:
+            data[column.name] = column.metadata["codec"].dump(getattr(self, column.name))
+            data.update({name: getattr(self, name) for name in column.metadata["then"]})
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Task:
         """Build a task from its JSON form (``to_json``), validating every field."""
         if not isinstance(data, Mapping):
             raise ValidationError("A task must be a JSON object")
-        if "profile" not in data:
-            raise ValidationError("Missing profile")
-        if "job" not in data:
-            raise ValidationError("Missing job")
-        extra: dict[str, Any] = {}
-        for name in ("identifier", "status", "worker", "error", "result", "retries", "retry_delay",
-                     "timeout", "lease", "attempts", "failures", "lost"):
-            if data.get(name) is not None:
-                extra[name] = data[name]
-        for name in ("started_at", "finished_at", "run_at"):
-            extra[name] = _parse_datetime(data.get(name))
-        created = _parse_datetime(data.get("created_at") or data.get("date"))
-        if created is not None:
-            extra["created_at"] = created
-        return cls(data["profile"], data["job"], data.get("parameters"), data.get("tags"), **extra)
+        values: dict[str, Any] = {}
+        for column in TASK_FIELDS:
+            if column.name not in data and _is_required(column):
+                raise ValidationError(f"Missing {column.name}")
+            value = data.get(column.name)
+            if column.metadata["alias"]:
+                value = value or data.get(column.metadata["alias"])
+            if value is not None:
+                values[column.name] = column.metadata["codec"].parse(value)
+        return cls(**values)
 
 
-def _stamp(value: datetime | None) -> str:
-    return "" if value is None else repr(value.timestamp())
-
-
-def _number(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
+TASK_FIELDS = dataclasses.fields(Task)
+TASK_JSON_ORDER = sorted(TASK_FIELDS, key=lambda column: not column.metadata["first"])
 
 
 def _encode_task(task: Task) -> dict[str, str]:
-    """The storage form both backends share: JSON text and epoch floats as text, never pickle."""
-    return {
-        "identifier": task.identifier,
-        "profile": task.profile,
-        "job": task.job,
-        "parameters": json.dumps(task.parameters),
-        "tags": json.dumps(task.tags),
-        "created_at": _stamp(task.created_at),
-        "retries": str(task.retries) if task.retries else "",
-        "retry_delay": "" if task.retry_delay == DEFAULT_RETRY_DELAY else _number(task.retry_delay),
-        "timeout": _number(task.timeout),
-        "lease": _number(task.lease),
-        "run_at": _stamp(task.run_at),
-    }
+    """The storage form both backends share: text (JSON, epoch seconds), '' for a default; never pickle."""
+    return {column.name: "" if (value := getattr(task, column.name)) is None or value == column.default
+            else column.metadata["codec"].store(value) for column in TASK_FIELDS if not column.metadata["state"]}
 
 
-def _optional_float(value: Any) -> float | None:
-    return None if value is None or value == "" else float(value)
-
-
-def _decode_task(fields: Mapping[str, Any]) -> Task:
-    """Rebuild a stored task; the fields were validated when it was added."""
-    task = Task.__new__(Task)
-    task.identifier = fields["identifier"]
-    task.profile = fields["profile"]
-    task.job = fields["job"]
-    task.parameters = json.loads(fields["parameters"])
-    task.tags = json.loads(fields["tags"])
-    task.status = Status(fields["status"])
-    task.created_at = _from_timestamp(fields["created_at"])  # type: ignore[assignment]
-    task.attempts = int(fields.get("attempts") or 0)
-    task.worker = fields.get("worker") or None
-    task.started_at = _from_timestamp(fields.get("started_at"))
-    task.finished_at = _from_timestamp(fields.get("finished_at"))
-    task.error = fields.get("error") or None
-    result = fields.get("result")
-    task.result = None if result is None or result == "" else json.loads(result)
-    task.retries = int(fields.get("retries") or 0)
-    retry_delay = _optional_float(fields.get("retry_delay"))
-    task.retry_delay = DEFAULT_RETRY_DELAY if retry_delay is None else retry_delay
-    task.timeout = _optional_float(fields.get("timeout"))
-    task.lease = _optional_float(fields.get("lease"))
-    task.run_at = _from_timestamp(fields.get("run_at"))
-    task.failures = int(fields.get("failures") or 0)
-    task.lost = int(fields.get("lost") or 0)
-    return task
+def _decode_task(stored: Mapping[str, Any]) -> Task:
+    """Rebuild a stored task, validated as every task is; a missing or '' field takes its default."""
+    return Task(**{column.name: column.metadata["codec"].load(value) for column in TASK_FIELDS
+                   if (value := stored.get(column.name)) is not None and value != ""})
 
 
 # -- Schedules: cron expressions and time zones --------------------------------
@@ -1737,6 +1777,13 @@ def _socket_timeout(client: Any) -> float | None:
     return kwargs.get("socket_timeout")
 
 
+def _score_pairs(reply: Any) -> list[tuple]:
+    """(score, member) pairs from a WITHSCORES reply, in its order."""
+    if reply and not isinstance(reply[0], (list, tuple)):
+        reply = list(zip(reply[::2], reply[1::2]))
+    return [(float(score), _text(member)) for member, score in reply]
+
+
 class RedisQueue(Queue):
     """A queue in Redis through redis-py: every state change is one script on its profile's slot.
 
@@ -2178,44 +2225,21 @@ class RedisQueue(Queue):
             self.client.close()
 
 
-def _score_pairs(reply: Any) -> list[tuple]:
-    """(score, member) pairs from a WITHSCORES reply, in its order."""
-    if reply and not isinstance(reply[0], (list, tuple)):
-        reply = list(zip(reply[::2], reply[1::2]))
-    return [(float(score), _text(member)) for member, score in reply]
-
-
 # == Queue: SQLite ===========================================================
 
 # One row per task. A waiting task has a FIFO ``position``, or none while it
 # is delayed (until ``run_at``); a running one has ``lease_until``. Partial
 # indexes serve the FIFO, the delayed set, expired leases and ended tasks.
-_SQLITE_SCHEMA = """
+_SQLITE_TYPES = {"TEXT": str, "REAL": float, "INTEGER": int}
+_SQLITE_ADDED = [column for column in TASK_FIELDS if not column.metadata["state"]]
+_SQLITE_COLUMNS = ",\n    ".join(f"{column.name} {column.metadata['sql']}" for column in TASK_FIELDS)
+_SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     seq INTEGER PRIMARY KEY,
-    identifier TEXT NOT NULL UNIQUE,
-    profile TEXT NOT NULL,
-    job TEXT NOT NULL,
-    parameters TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    status TEXT NOT NULL,
+    {_SQLITE_COLUMNS},
     status_rank INTEGER NOT NULL,
     position INTEGER,
-    created_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    lost INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0,
-    retry_delay REAL,
-    timeout REAL,
-    lease REAL,
-    run_at REAL,
-    lease_until REAL,
-    worker TEXT,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    result TEXT
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
@@ -2285,6 +2309,18 @@ RETURNING profile
 _SQLITE_COUNT_COMPLETED = """
 INSERT INTO jobqueue_counters (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1
 """
+
+
+_ADDED_NAMES = [column.name for column in _SQLITE_ADDED]
+_SQLITE_INSERT = (f"INSERT INTO jobqueue_tasks ({', '.join(_ADDED_NAMES)}, status, status_rank, position)"
+                  f" VALUES ({'?, ' * len(_ADDED_NAMES)}'waiting', 0, ?)")
+
+
+def _sql_value(column: dataclasses.Field, text: str) -> Any:
+    """An encoded field as its column holds it: '' is the field's default."""
+    if text == "" and column.default is not MISSING:
+        text = None if column.default is None else column.metadata["codec"].store(column.default)
+    return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -2410,15 +2446,9 @@ class SQLiteQueue(Queue):
         with self._write() as connection:
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
-                connection.executemany(
-                    "INSERT INTO jobqueue_tasks (identifier, profile, job, parameters, tags, status, status_rank,"
-                    " position, created_at, retries, retry_delay, timeout, lease, run_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'waiting', 0, ?, ?, ?, ?, ?, ?, ?)",
-                    [(r["identifier"], r["profile"], r["job"], r["parameters"], r["tags"],
-                      None if later else next(positions), float(r["created_at"]), int(r["retries"] or 0),
-                      *[_optional_float(r[name]) for name in ("retry_delay", "timeout", "lease", "run_at")])
-                     for r, later in zip(rows, delayed)],
-                )
+                connection.executemany(_SQLITE_INSERT, [
+                    [*map(_sql_value, _SQLITE_ADDED, map(row.get, _ADDED_NAMES)), None if later else next(positions)]
+                    for row, later in zip(rows, delayed)])
             except _sqlite3().IntegrityError:
                 raise ValidationError("A task with the same identifier already exists") from None
             connection.executemany(
@@ -2701,6 +2731,440 @@ def _encode_result(value: Any) -> Any:
     if len(text.encode("utf-8")) > RESULT_MAX_BYTES:
         raise JobError("The job returned a result over 1 MiB of JSON")
     return value
+
+
+_UNAVAILABLE = object()
+
+
+def _asyncio() -> Any:
+    import asyncio
+
+    return asyncio
+
+
+def _run_loop(loop: Any) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _simple_queue() -> Any:
+    import queue
+
+    return queue.SimpleQueue()
+
+
+def _is_coroutine_job(target: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(target.perform if isinstance(target, type) else target)
+
+
+def _job_instance(target: type, task: Task) -> Job:
+    instance = target()
+    instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
+    return instance
+
+
+def _perform(target: Any, task: Task) -> Any:
+    if not isinstance(target, type):
+        return target(task)
+    instance = _job_instance(target, task)
+    instance.set_up(task)
+    try:
+        return instance.perform(task)
+    finally:
+        instance.tear_down(task)
+
+
+async def _perform_async(target: Any, task: Task) -> Any:
+    """A coroutine job: ``async def perform`` (set_up and tear_down may be either) or an async @job function."""
+    import inspect
+
+    if not isinstance(target, type):
+        return await target(task)
+    instance = _job_instance(target, task)
+    if inspect.isawaitable(prepared := instance.set_up(task)):
+        await prepared
+    try:
+        return await instance.perform(task)
+    finally:
+        if inspect.isawaitable(cleaned := instance.tear_down(task)):
+            await cleaned
+
+
+async def _outcome_of(coroutine: Any) -> tuple[bool, Any]:
+    """(True, value) or (False, error): a job's SystemExit must fail its task, not stop the event loop."""
+    try:
+        return True, await coroutine
+    except _asyncio().CancelledError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - handed to the worker thread that waits for it
+        return False, error
+
+
+class _Quota:
+    """How many tasks the runners of one ``consume`` may still take, shared between them."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.taken, self.done = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit is not None and self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done += 1
+
+
+def _async_raise(thread_id: int, exception: type | None) -> None:
+    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
+class _Guard:
+    """Delivers an exception into one runner thread only while that thread runs job code.
+
+    The runner sets ``inside`` around the job. The watchdog raises (with
+    PyThreadState_SetAsyncExc) only while it is set, marking ``arming`` around
+    its check-and-raise; the runner, leaving, clears ``inside``, waits out
+    ``arming`` and cancels anything still pending, in a loop that absorbs an
+    exception landing meanwhile. So a timeout lands in the job or in these few
+    lines, never in a lock, a ``finally`` of the worker, or between tasks, and
+    at most once per task. In the main thread, when the CLI installed a
+    handler for ``wake_signal``, the watchdog sends that signal instead and the
+    handler (``wake``) raises, which also stops a sleep or a blocking call.
+    """
+
+    def __init__(self, wake_signal: int | None):
+        self.thread = threading.get_ident()
+        self.wake_signal = wake_signal
+        self.inside = self.arming = False
+        self.due: type | None = None
+        self.fired: type | None = None
+
+    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
+        value, error, late = None, None, None
+        self.due = self.fired = None
+        try:
+            try:
+                self.inside = True
+                value = function()
+            except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
+                error = caught
+            finally:
+                late = self._leave()
+        except BaseException as caught:  # noqa: BLE001 - an interruption that landed after the job
+            late = self._leave() or caught
+        if self.fired is not None:
+            return None, self.fired()
+        return value, late if isinstance(late, KeyboardInterrupt) else error
+
+    def fire(self, exception: type) -> None:
+        """From another thread: interrupt the job, if one runs, with ``exception``."""
+        if self.wake_signal is not None:
+            self.due = exception
+            signal.pthread_kill(self.thread, self.wake_signal)
+            return
+        self.arming = True
+        if self.inside and self.fired is None:
+            self.fired = exception
+            _async_raise(self.thread, exception)
+        self.arming = False
+
+    def wake(self) -> None:
+        """In the guarded thread (a signal handler): raise what ``fire`` asked for, if the job still runs."""
+        if self.inside and self.due is not None and self.fired is None:
+            self.fired = self.due
+            raise self.fired
+
+    def _leave(self) -> BaseException | None:
+        """Leave the job; return an interruption that landed here (a timeout is also recorded in ``fired``)."""
+        landed = None
+        while True:
+            try:
+                self.inside = False
+                while self.arming:
+                    time.sleep(0)
+                if self.wake_signal is None and self.fired is not None:
+                    _async_raise(self.thread, None)
+                return landed
+            except BaseException as caught:  # noqa: BLE001
+                landed = caught
+
+
+class _JobAbandoned(BaseException):
+    """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
+
+
+_CHILD_BOOT = """\
+import importlib, importlib.util, json, sys
+name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if name == "__main__":
+    spec = importlib.util.spec_from_file_location("jobqueue", path)
+    module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+else:
+    module = importlib.import_module(name)
+module._serve_isolated(level, int(sys.argv[5]))
+"""
+
+
+class _Child:
+    """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
+
+    The worker sends each task as a JSON line and reads the outcome back as
+    one; meanwhile its watchdog renews the lease. At the timeout the child
+    is killed (SIGKILL) and the next task starts a new one, as it does after a
+    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
+    the measurement that chose this over a fork per task.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.process: Any = None
+        self._buffer = b""
+
+    def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        try:
+            self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
+            self.process.stdin.flush()
+            line = self._read_line(deadline)
+        except BaseException:
+            self.close()
+            raise
+        if line is None:
+            self.close()
+            return None, f"Timed out after {timeout:g} s (job process killed)\n"
+        if not line:
+            return None, self._death()
+        outcome = json.loads(line)
+        return outcome.get("result"), outcome.get("error")
+
+    def _start(self) -> None:
+        import subprocess
+
+        module = sys.modules[__name__]
+        name = __name__ if __name__ != "__main__" else "__main__"
+        root = logging.getLogger()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
+             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        self._buffer = b""
+
+    def _read_line(self, deadline: float | None) -> bytes | None:
+        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
+        import select
+
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if self.worker._aborting:
+                raise _JobAbandoned
+            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
+            if not select.select([fd], [], [], wait)[0]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _death(self) -> str:
+        code = self.process.wait()
+        self.process = None
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return f"Job process died: killed by signal {name}\n"
+        return f"Job process died: exit status {code}\n"
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _die_with_parent(signum: int, parent: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before we asked
+        os.kill(os.getpid(), signum)
+    return True
+
+
+class _Slot:
+    """Where one runner executes its tasks: its own thread (guarded), or its own child process."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        main = threading.current_thread() is threading.main_thread()
+        self.guard = _Guard(worker.wake_signal if main else None)
+        self.child = _Child(worker) if worker.isolation == "process" else None
+        worker._guards[self.guard.thread] = self.guard
+
+    def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
+        """Run the job; return (result, None) or (None, the error text to record)."""
+        if self.child is not None:
+            return self.child.run(task, timeout)
+        try:
+            target = self.worker._target(task)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
+            return None, format_error(error)
+        value, error = self.guard.call(lambda: self.worker._execute(target, task))
+        if isinstance(error, JobTimeout):
+            return None, f"Timed out after {timeout:g} s\n"
+        if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
+            raise error
+        return value, None if error is None else format_error(error)
+
+    def close(self) -> None:
+        self.worker._guards.pop(self.guard.thread, None)
+        if self.child is not None:
+            self.child.close()
+
+
+def _serve_isolated(log_level: int, worker_pid: int) -> None:
+    """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
+
+    The job's own prints go to stderr. SIGINT is ignored: the worker decides
+    whether a task ends or is abandoned; if the worker dies, so does the child.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(signal.SIGKILL, worker_pid)
+    if log_level:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    targets: dict[str, Any] = {}
+    loop = None
+    for line in sys.stdin:
+        task = Task.from_json(json.loads(line))
+        try:
+            target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
+            if _is_coroutine_job(target):
+                loop = loop or _asyncio().new_event_loop()
+                ok, value = loop.run_until_complete(_outcome_of(_perform_async(target, task)))
+                if not ok:
+                    raise value
+            else:
+                value = _perform(target, task)
+            outcome = {"result": _encode_result(value)}
+        except BaseException as error:  # noqa: BLE001 - SystemExit too: every error fails the task
+            outcome = {"error": format_error(error)}
+        replies.write(json.dumps(outcome) + "\n")
+        replies.flush()
+
+
+@dataclass
+class _WatchedRun:
+    task: Task
+    guard: _Guard | None
+    deadline: float | None
+    renew_at: float
+
+
+class _Watchdog:
+    """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
+
+    It never blocks on the job: a job that holds the GIL in C code delays it
+    (that is what ``isolation="process"`` is for). A renewal that fails, for
+    any reason, is logged and tried again at the next third of the lease.
+    """
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._runs: dict[int, _WatchedRun] = {}
+
+    @contextlib.contextmanager
+    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+        now = time.monotonic()
+        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
+        with self._condition:
+            self._runs[id(run)] = run
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._runs.pop(id(run), None)
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _lease(self, task: Task) -> float:
+        return task.lease or self.worker.lease  # type: ignore[return-value]
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed:
+                    now = time.monotonic()
+                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
+                              default=math.inf)
+                    if now >= due:
+                        break
+                    self._condition.wait(None if due == math.inf else due - now)
+                if self._closed:
+                    return
+                renewals = []
+                for run in self._runs.values():
+                    if run.deadline is not None and now >= run.deadline:
+                        run.deadline = None
+                        if run.guard is not None:
+                            run.guard.fire(JobTimeout)
+                    if now >= run.renew_at:
+                        run.renew_at = now + self._lease(run.task) / 3
+                        renewals.append(run.task)
+            for task in renewals:
+                self._renew(task)
+
+    def _renew(self, task: Task) -> None:
+        try:
+            if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
+                self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
+                                           task.identifier, task.job_name)
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+            self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
 
 
 class Worker:
@@ -3034,440 +3498,6 @@ class Worker:
             loop.call_soon_threadsafe(loop.stop)
 
 
-_UNAVAILABLE = object()
-
-
-def _asyncio() -> Any:
-    import asyncio
-
-    return asyncio
-
-
-def _run_loop(loop: Any) -> None:
-    try:
-        loop.run_forever()
-    finally:
-        loop.close()
-
-
-def _simple_queue() -> Any:
-    import queue
-
-    return queue.SimpleQueue()
-
-
-def _is_coroutine_job(target: Any) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(target.perform if isinstance(target, type) else target)
-
-
-def _job_instance(target: type, task: Task) -> Job:
-    instance = target()
-    instance.logger = logging.getLogger(f"jobqueue.job.{task.job_name}")
-    return instance
-
-
-def _perform(target: Any, task: Task) -> Any:
-    if not isinstance(target, type):
-        return target(task)
-    instance = _job_instance(target, task)
-    instance.set_up(task)
-    try:
-        return instance.perform(task)
-    finally:
-        instance.tear_down(task)
-
-
-async def _perform_async(target: Any, task: Task) -> Any:
-    """A coroutine job: ``async def perform`` (set_up and tear_down may be either) or an async @job function."""
-    import inspect
-
-    if not isinstance(target, type):
-        return await target(task)
-    instance = _job_instance(target, task)
-    if inspect.isawaitable(prepared := instance.set_up(task)):
-        await prepared
-    try:
-        return await instance.perform(task)
-    finally:
-        if inspect.isawaitable(cleaned := instance.tear_down(task)):
-            await cleaned
-
-
-async def _outcome_of(coroutine: Any) -> tuple[bool, Any]:
-    """(True, value) or (False, error): a job's SystemExit must fail its task, not stop the event loop."""
-    try:
-        return True, await coroutine
-    except _asyncio().CancelledError:
-        raise
-    except BaseException as error:  # noqa: BLE001 - handed to the worker thread that waits for it
-        return False, error
-
-
-class _Quota:
-    """How many tasks the runners of one ``consume`` may still take, shared between them."""
-
-    def __init__(self, limit: int | None):
-        self.limit, self.taken, self.done = limit, 0, 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            if self.limit is not None and self.taken >= self.limit:
-                return False
-            self.taken += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.taken -= 1
-
-    def finish(self) -> None:
-        with self._lock:
-            self.done += 1
-
-
-class _Guard:
-    """Delivers an exception into one runner thread only while that thread runs job code.
-
-    The runner sets ``inside`` around the job. The watchdog raises (with
-    PyThreadState_SetAsyncExc) only while it is set, marking ``arming`` around
-    its check-and-raise; the runner, leaving, clears ``inside``, waits out
-    ``arming`` and cancels anything still pending, in a loop that absorbs an
-    exception landing meanwhile. So a timeout lands in the job or in these few
-    lines, never in a lock, a ``finally`` of the worker, or between tasks, and
-    at most once per task. In the main thread, when the CLI installed a
-    handler for ``wake_signal``, the watchdog sends that signal instead and the
-    handler (``wake``) raises, which also stops a sleep or a blocking call.
-    """
-
-    def __init__(self, wake_signal: int | None):
-        self.thread = threading.get_ident()
-        self.wake_signal = wake_signal
-        self.inside = self.arming = False
-        self.due: type | None = None
-        self.fired: type | None = None
-
-    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
-        value, error, late = None, None, None
-        self.due = self.fired = None
-        try:
-            try:
-                self.inside = True
-                value = function()
-            except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
-                error = caught
-            finally:
-                late = self._leave()
-        except BaseException as caught:  # noqa: BLE001 - an interruption that landed after the job
-            late = self._leave() or caught
-        if self.fired is not None:
-            return None, self.fired()
-        return value, late if isinstance(late, KeyboardInterrupt) else error
-
-    def fire(self, exception: type) -> None:
-        """From another thread: interrupt the job, if one runs, with ``exception``."""
-        if self.wake_signal is not None:
-            self.due = exception
-            signal.pthread_kill(self.thread, self.wake_signal)
-            return
-        self.arming = True
-        if self.inside and self.fired is None:
-            self.fired = exception
-            _async_raise(self.thread, exception)
-        self.arming = False
-
-    def wake(self) -> None:
-        """In the guarded thread (a signal handler): raise what ``fire`` asked for, if the job still runs."""
-        if self.inside and self.due is not None and self.fired is None:
-            self.fired = self.due
-            raise self.fired
-
-    def _leave(self) -> BaseException | None:
-        """Leave the job; return an interruption that landed here (a timeout is also recorded in ``fired``)."""
-        landed = None
-        while True:
-            try:
-                self.inside = False
-                while self.arming:
-                    time.sleep(0)
-                if self.wake_signal is None and self.fired is not None:
-                    _async_raise(self.thread, None)
-                return landed
-            except BaseException as caught:  # noqa: BLE001
-                landed = caught
-
-
-def _async_raise(thread_id: int, exception: type | None) -> None:
-    """Raise ``exception`` in another thread at its next Python instruction (None cancels)."""
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
-    )
-
-
-class _Slot:
-    """Where one runner executes its tasks: its own thread (guarded), or its own child process."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        main = threading.current_thread() is threading.main_thread()
-        self.guard = _Guard(worker.wake_signal if main else None)
-        self.child = _Child(worker) if worker.isolation == "process" else None
-        worker._guards[self.guard.thread] = self.guard
-
-    def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
-        """Run the job; return (result, None) or (None, the error text to record)."""
-        if self.child is not None:
-            return self.child.run(task, timeout)
-        try:
-            target = self.worker._target(task)
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
-            return None, format_error(error)
-        value, error = self.guard.call(lambda: self.worker._execute(target, task))
-        if isinstance(error, JobTimeout):
-            return None, f"Timed out after {timeout:g} s\n"
-        if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
-            raise error
-        return value, None if error is None else format_error(error)
-
-    def close(self) -> None:
-        self.worker._guards.pop(self.guard.thread, None)
-        if self.child is not None:
-            self.child.close()
-
-
-class _JobAbandoned(BaseException):
-    """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
-
-
-class _Child:
-    """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
-
-    The worker sends each task as a JSON line and reads the outcome back as
-    one; meanwhile its watchdog renews the lease. At the timeout the child
-    is killed (SIGKILL) and the next task starts a new one, as it does after a
-    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
-    the measurement that chose this over a fork per task.
-    """
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.process: Any = None
-        self._buffer = b""
-
-    def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.process is None or self.process.poll() is not None:
-            self._start()
-        try:
-            self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
-            self.process.stdin.flush()
-            line = self._read_line(deadline)
-        except BaseException:
-            self.close()
-            raise
-        if line is None:
-            self.close()
-            return None, f"Timed out after {timeout:g} s (job process killed)\n"
-        if not line:
-            return None, self._death()
-        outcome = json.loads(line)
-        return outcome.get("result"), outcome.get("error")
-
-    def _start(self) -> None:
-        import subprocess
-
-        module = sys.modules[__name__]
-        name = __name__ if __name__ != "__main__" else "__main__"
-        root = logging.getLogger()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
-             str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        self._buffer = b""
-
-    def _read_line(self, deadline: float | None) -> bytes | None:
-        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
-        import select
-
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self._buffer:
-            if self.worker._aborting:
-                raise _JobAbandoned
-            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
-            if not select.select([fd], [], [], wait)[0]:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return b""
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
-
-    def _death(self) -> str:
-        code = self.process.wait()
-        self.process = None
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            return f"Job process died: killed by signal {name}\n"
-        return f"Job process died: exit status {code}\n"
-
-    def close(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-        if process is not None:
-            process.wait()
-            for stream in (process.stdin, process.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
-_CHILD_BOOT = """\
-import importlib, importlib.util, json, sys
-name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-if name == "__main__":
-    spec = importlib.util.spec_from_file_location("jobqueue", path)
-    module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-else:
-    module = importlib.import_module(name)
-module._serve_isolated(level, int(sys.argv[5]))
-"""
-
-
-def _serve_isolated(log_level: int, worker_pid: int) -> None:
-    """The loop of an isolated child: a task per line on stdin, its outcome per line on the original stdout.
-
-    The job's own prints go to stderr. SIGINT is ignored: the worker decides
-    whether a task ends or is abandoned; if the worker dies, so does the child.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(signal.SIGKILL, worker_pid)
-    if log_level:
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    targets: dict[str, Any] = {}
-    loop = None
-    for line in sys.stdin:
-        task = Task.from_json(json.loads(line))
-        try:
-            target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
-            if _is_coroutine_job(target):
-                loop = loop or _asyncio().new_event_loop()
-                ok, value = loop.run_until_complete(_outcome_of(_perform_async(target, task)))
-                if not ok:
-                    raise value
-            else:
-                value = _perform(target, task)
-            outcome = {"result": _encode_result(value)}
-        except BaseException as error:  # noqa: BLE001 - SystemExit too: every error fails the task
-            outcome = {"error": format_error(error)}
-        replies.write(json.dumps(outcome) + "\n")
-        replies.flush()
-
-
-def _die_with_parent(signum: int, parent: int) -> bool:
-    """Ask Linux to send ``signum`` to this process when ``parent`` ends; False where that is not offered."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it ended before we asked
-        os.kill(os.getpid(), signum)
-    return True
-
-
-class _Watchdog:
-    """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
-
-    It never blocks on the job: a job that holds the GIL in C code delays it
-    (that is what ``isolation="process"`` is for). A renewal that fails, for
-    any reason, is logged and tried again at the next third of the lease.
-    """
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._runs: dict[int, _WatchedRun] = {}
-
-    @contextlib.contextmanager
-    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
-        now = time.monotonic()
-        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
-        with self._condition:
-            self._runs[id(run)] = run
-            if self._thread is None or not self._thread.is_alive():
-                self._closed = False
-                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
-                self._thread.start()
-            self._condition.notify()
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._runs.pop(id(run), None)
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
-
-    def _lease(self, task: Task) -> float:
-        return task.lease or self.worker.lease  # type: ignore[return-value]
-
-    def _loop(self) -> None:
-        while True:
-            with self._condition:
-                while not self._closed:
-                    now = time.monotonic()
-                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
-                              default=math.inf)
-                    if now >= due:
-                        break
-                    self._condition.wait(None if due == math.inf else due - now)
-                if self._closed:
-                    return
-                renewals = []
-                for run in self._runs.values():
-                    if run.deadline is not None and now >= run.deadline:
-                        run.deadline = None
-                        if run.guard is not None:
-                            run.guard.fire(JobTimeout)
-                    if now >= run.renew_at:
-                        run.renew_at = now + self._lease(run.task) / 3
-                        renewals.append(run.task)
-            for task in renewals:
-                self._renew(task)
-
-    def _renew(self, task: Task) -> None:
-        try:
-            if not self.worker.queue.renew(task, self.worker.lease):  # type: ignore[arg-type]
-                self.worker.logger.warning("%s %s: lease lost (recovered or changed elsewhere)",
-                                           task.identifier, task.job_name)
-        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
-            self.worker.logger.debug("%s: lease not renewed: %s", task.identifier, error)
-
-
-@dataclass
-class _WatchedRun:
-    task: Task
-    guard: _Guard | None
-    deadline: float | None
-    renew_at: float
-
-
 # == Configuration ===========================================================
 
 
@@ -3673,18 +3703,29 @@ class Response:
 
 @dataclass(frozen=True)
 class Route:
+    """A row of the routing table: what it matches, the WebService method that answers, and what
+    /openapi.json says of it (``reply``: media type -> schema; ``errors``: codes besides 401 and 503)."""
+
     method: str
     template: str
     handler: str
+    summary: str
     public: bool = False
+    ok: int = 200
+    reply: Mapping[str, dict] = field(default_factory=lambda: {"application/json": {"type": "object"}})
+    errors: tuple[int, ...] = ()
+    body: dict | None = None
+    query: tuple[tuple[str, dict, str], ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def pattern(self) -> re.Pattern:
         return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
 
 
-TASK_OPTIONS = ("retries", "retry_delay", "timeout", "lease", "delay")
-NEW_TASK_KEYS = ("profile", "job", "parameters", "tags", *TASK_OPTIONS)
+NEW_TASK_SCHEMAS = {**{column.name: column.metadata["new"] for column in TASK_FIELDS if column.metadata["new"]},
+                    "delay": SECONDS_SCHEMA}
+NEW_TASK_KEYS = tuple(NEW_TASK_SCHEMAS)
 
 
 def host_name(host: str) -> str:
@@ -3705,273 +3746,6 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-# The dashboard at GET /: one page, no data of its own (it reads the API with the
-# token it asks for), nothing loaded from elsewhere. Values reach the DOM through
-# textContent only, and the CSP admits no script but this one.
-DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>jobqueue</title>
-<link rel="icon" href="data:,">
-<style>
-:root { font-family: system-ui, sans-serif; color: #1d232a; background: #f6f7f9; }
-body { margin: 0; }
-[hidden] { display: none !important; }
-header { background: #1d232a; color: #fff; padding: .6rem 1rem; display: flex; gap: 1rem; align-items: baseline;
-         flex-wrap: wrap; }
-header h1 { font-size: 1.2rem; margin: 0; }
-main { max-width: 1700px; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem; }
-section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: .8rem 1rem; min-width: 0; }
-h2 { font-size: 1rem; margin: 0 0 .6rem; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: .9rem; }
-th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #eceff2; white-space: nowrap; }
-td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
-form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-end; }
-label { display: flex; flex-direction: column; font-size: .8rem; gap: .2rem; }
-input, select, textarea, button { font: inherit; padding: .3rem .4rem; }
-button { cursor: pointer; border: 1px solid #8a96a3; border-radius: 4px; background: #fff; }
-button.danger { border-color: #c0392b; color: #c0392b; }
-.mark { font-size: 1.1em; }
-.waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
-.identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
-pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
-dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
-#message { min-height: 1.2em; margin: 0; color: #c0392b; }
-.pager { display: flex; gap: .6rem; align-items: center; margin-top: .5rem; }
-@media (min-width: 1000px) {
-  main { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); align-items: start; }
-  #message, #token-form { grid-column: 1 / -1; }
-  #tasks-section { grid-column: 1; grid-row: span 3; }
-  main > section:not(#tasks-section) { grid-column: 2; }
-}
-</style>
-</head>
-<body>
-<header><h1>jobqueue</h1><span id="throughput" aria-live="polite"></span></header>
-<main>
-  <form id="token-form" hidden>
-    <label for="token">API token<input id="token" name="token" type="password" autocomplete="off" required></label>
-    <button type="submit">Use this token</button>
-  </form>
-  <p id="message" role="status"></p>
-  <section id="tasks-section" aria-labelledby="tasks-title">
-    <h2 id="tasks-title">Tasks</h2>
-    <form id="filters">
-      <label for="filter-profile">Profile<input id="filter-profile" name="profile" placeholder="any"></label>
-      <label for="filter-status">Status<select id="filter-status" name="status">
-        <option value="">any</option><option>waiting</option><option>running</option>
-        <option>finished</option><option>failed</option>
-      </select></label>
-      <label for="filter-tag">Tag<input id="filter-tag" name="tags" placeholder="any"></label>
-      <label for="filter-order">Order<select id="filter-order" name="order">
-        <option value="status">status</option><option value="date">date</option>
-        <option value="profile">profile</option>
-      </select></label>
-      <button type="submit">Filter</button>
-    </form>
-    <div class="scroll">
-      <table id="tasks">
-        <caption hidden>Tasks matching the filters</caption>
-        <thead><tr><th>Status</th><th>Job</th><th>Profile</th><th>Date</th><th>Tags</th>
-          <th class="number">Attempts</th><th>Identifier</th></tr></thead>
-        <tbody></tbody>
-      </table>
-    </div>
-    <div class="pager">
-      <button type="button" id="previous">Previous</button>
-      <span id="page" aria-live="polite"></span>
-      <button type="button" id="next">Next</button>
-    </div>
-  </section>
-  <section aria-labelledby="counts-title">
-    <h2 id="counts-title">Counts</h2>
-    <div class="scroll">
-      <table id="counts">
-        <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
-          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
-        <tbody></tbody>
-      </table>
-    </div>
-  </section>
-  <section id="detail" aria-labelledby="detail-title" hidden>
-    <h2 id="detail-title">Task</h2>
-    <dl id="detail-fields"></dl>
-    <div class="pager">
-      <button type="button" id="retry" hidden>Retry</button>
-      <button type="button" id="delete" class="danger">Delete</button>
-      <button type="button" id="close">Close</button>
-    </div>
-  </section>
-  <section aria-labelledby="add-title">
-    <h2 id="add-title">Add a task</h2>
-    <form id="add">
-      <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
-      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
-      <label for="add-parameters">Parameters (JSON)
-        <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
-      <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
-      <button type="submit">Add</button>
-    </form>
-  </section>
-</main>
-<script>
-"use strict";
-const TOKEN = "jobqueue-token";
-const state = { offset: 0, limit: 50, total: 0, selected: null, history: [], busy: false, locked: false };
-const $ = (id) => document.getElementById(id);
-
-function element(tag, attributes, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes || {})) {
-    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value);
-  }
-  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
-  return node;
-}
-
-async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
-  const token = sessionStorage.getItem(TOKEN);
-  if (token) headers.Authorization = "Bearer " + token;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (response.status === 401) {
-    state.locked = true;
-    $("token-form").hidden = false;
-    throw new Error("This server needs an API token.");
-  }
-  const data = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error((data && data.message) || response.statusText);
-  return { data, response };
-}
-
-function say(text) { $("message").textContent = text || ""; }
-
-function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
-
-async function refreshCounts() {
-  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
-  const body = $("counts").tBodies[0];
-  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
-    element("td", {}, profile),
-    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
-  let executed = 0, failed = 0;
-  for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
-  const now = Date.now();
-  state.history.push({ now, executed, failed });
-  state.history = state.history.filter((sample) => now - sample.now <= 61000);
-  const first = state.history[0];
-  $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
-    `${failed - first.failed} failed`;
-}
-
-function query() {
-  const form = new FormData($("filters"));
-  const params = new URLSearchParams();
-  for (const [name, value] of form) if (value) params.set(name, value);
-  params.set("limit", state.limit);
-  params.set("offset", state.offset);
-  return params.toString();
-}
-
-async function refreshTasks() {
-  const { data: tasks, response } = await api("GET", "/tasks?" + query());
-  state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
-  $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
-    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
-    element("td", {}, task.job_name),
-    element("td", {}, task.profile),
-    element("td", {}, when(task.created_at)),
-    element("td", {}, task.tags.join(", ")),
-    element("td", { class: "number" }, task.attempts),
-    element("td", {}, element("button", { type: "button", class: "identifier", onclick: () => show(task.identifier) },
-      task.identifier)))));
-  const last = Math.min(state.offset + state.limit, state.total);
-  $("page").textContent = state.total ? `${state.offset + 1} to ${last} of ${state.total}` : "no task";
-  $("previous").disabled = state.offset === 0;
-  $("next").disabled = last >= state.total;
-}
-
-async function show(identifier) {
-  try {
-    const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
-    state.selected = task;
-    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
-      ["Profile", task.profile],
-      ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
-      ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
-      ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
-      ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
-      ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];
-    $("detail-fields").replaceChildren(
-      ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
-    $("retry").hidden = task.status !== "failed";
-    $("detail").hidden = false;
-    $("detail-title").focus();
-  } catch (error) { say(error.message); }
-}
-
-async function act(confirmation, method, path, done) {
-  if (!window.confirm(confirmation)) return;
-  try { await api(method, path); say(""); done(); await refresh(); } catch (error) { say(error.message); }
-}
-
-async function refresh() {
-  if (state.busy || state.locked) return;
-  state.busy = true;
-  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
-  catch (error) { say(error.message); }
-  finally { state.busy = false; }
-}
-
-$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; refresh(); });
-for (const id of ["filter-status", "filter-order"]) {
-  $(id).addEventListener("change", () => { state.offset = 0; refresh(); });
-}
-$("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
-$("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
-$("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
-$("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
-  `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
-$("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
-  `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
-$("add").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const form = new FormData(event.target);
-  let parameters;
-  try { parameters = JSON.parse(form.get("parameters") || "{}"); }
-  catch { say("Parameters must be a JSON object"); return; }
-  const tags = String(form.get("tags") || "").split(",").map((tag) => tag.trim()).filter(Boolean);
-  if (!window.confirm(`Add a ${form.get("job")} task to ${form.get("profile")}?`)) return;
-  try {
-    const body = { profile: form.get("profile"), job: form.get("job"), parameters, tags };
-    const { data: task } = await api("POST", "/tasks", body);
-    say(""); await refresh(); show(task.identifier);
-  } catch (error) { say(error.message); }
-});
-$("token-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  sessionStorage.setItem(TOKEN, $("token").value);
-  $("token").value = "";
-  $("token-form").hidden = true;
-  state.locked = false;
-  refresh();
-});
-$("detail-title").tabIndex = -1;
-refresh();
-setInterval(refresh, 2000);
-</script>
-</body>
-</html>
-"""
-
-
 @functools.cache
 def _dashboard_headers() -> dict[str, str]:
     import base64
@@ -3986,20 +3760,97 @@ def _dashboard_headers() -> dict[str, str]:
         "Cache-Control": "no-store",
     }
 
+TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
+STATUS_COUNTS = {s.value: {"type": "integer"} for s in Status}
 ROUTES = (
-    Route("GET", "/", "dashboard", public=True),
-    Route("GET", "/tasks", "list_tasks"),
-    Route("POST", "/tasks", "create_task"),
-    Route("GET", "/task/{identifier}", "show_task"),
-    Route("PATCH", "/task/{identifier}", "patch_task"),
-    Route("DELETE", "/task/{identifier}", "delete_task"),
-    Route("POST", "/task/{identifier}/retry", "retry_task"),
-    Route("GET", "/stats", "stats"),
-    Route("GET", "/completed", "completed"),
-    Route("GET", "/health", "health", public=True),
-    Route("GET", "/metrics", "metrics"),
-    Route("GET", "/openapi.json", "openapi"),
+    Route("GET", "/", "dashboard", "The dashboard page (HTML; holds no data)", public=True,
+          reply={"text/html": {"type": "string"}}),
+    Route("GET", "/tasks", "list_tasks", "List tasks", errors=(400,), reply={"application/json": {
+        "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}, query=(
+        ("profile", {**PROFILE_SCHEMA, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
+        ("status", {"type": "string", "enum": [*STATUS_COUNTS, ""]}, "only this status (empty: any)"),
+        ("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
+        ("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
+        ("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
+        ("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip")),
+          headers={"X-Total-Count": "how many match"}),
+    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 411, 413),
+          body={"$ref": "#/components/schemas/NewTask"}),
+    Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
+    Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
+          body={"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
+              "status": {"type": "string", "enum": [s for s in STATUS_COUNTS if s != Status.RUNNING]}}}),
+    Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
+    Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
+          errors=(400, 404, 409)),
+    Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
+        "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
+    Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
+    Route("GET", "/health", "health", "Whether the backend answers", public=True),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics", reply={"text/plain": {"type": "string"}}),
+    Route("GET", "/openapi.json", "openapi", "This document (OpenAPI 3.1)"),
 )
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    """One route as an OpenAPI operation; errors answer the Error schema."""
+    answer: dict[str, Any] = {"description": route.summary}
+    if route.reply:
+        answer["content"] = {media: {"schema": schema} for media, schema in route.reply.items()}
+    if route.headers:
+        answer["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
+                             for name, text in route.headers.items()}
+    answers = {str(route.ok): answer}
+    for code in (*route.errors, *(() if route.public else (401,)), 503):
+        answers[str(code)] = {"$ref": "#/components/responses/Error"}
+    operation = {"summary": route.summary, "operationId": re.sub(r"_(\w)", lambda m: m[1].upper(), route.handler),
+                 "responses": answers}
+    if route.query:
+        operation["parameters"] = [{"name": name, "in": "query", "required": False, "schema": schema,
+                                    "description": description} for name, schema, description in route.query]
+    if route.body:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
+    if route.public:
+        operation["security"] = []
+    return operation
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ROUTES and of the task's fields (TASK_FIELDS)."""
+    task_properties: dict[str, Any] = {}
+    for column in TASK_JSON_ORDER:
+        task_properties[column.name] = column.metadata["schema"]
+        task_properties.update(column.metadata["then"])
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        item = paths.setdefault(route.template, {})
+        names = re.findall(r"\{(\w+)\}", route.template)
+        if names:
+            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                  for name in names]
+        item[route.method.lower()] = _operation(route)
+    error = {"description": "An error",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobqueue", "version": __version__,
+                 "description": "Tasks for workers: list, create, inspect and steer them."},
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required on every route but /health and / when JOBQUEUE_TOKEN is set"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["message", "code"],
+                          "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
+                "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
+                "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
+                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+            },
+            "responses": {"Error": error},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": paths,
+    }
 
 
 class WebService:
@@ -4106,9 +3957,8 @@ class WebService:
             raise ValidationError("Missing profile")
         if not isinstance(data["job"], str):
             raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
-        options = {name: data[name] for name in TASK_OPTIONS if data.get(name) is not None}
-        task = Task(data["profile"], self.config.check_job(data["job"]), data.get("parameters"), data.get("tags"),
-                    **options)
+        options = {name: value for name, value in data.items() if value is not None}
+        task = Task(**{**options, "job": self.config.check_job(data["job"])})
         self.queue.add(task)
         return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
 
@@ -4171,334 +4021,200 @@ class WebService:
         return Response(200, openapi_document())
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of ROUTES."""
-    error = {"description": "An error",
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    task = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}}}
-    identifier = {"name": "identifier", "in": "path", "required": True, "schema": {"type": "string"}}
-    statuses = [s.value for s in Status]
+class RequestHandler:
+    """Reads one request at a time off a keep-alive connection and hands it to the WebService.
 
-    def query(name: str, schema: dict, description: str) -> dict:
-        return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+    Server mixes it with http.server's BaseHTTPRequestHandler when it starts, so that importing
+    jobqueue (in a worker, say) never loads http.server, http.client, email and ssl.
+    """
 
-    def answers(**codes: Any) -> dict:
-        result = {code.lstrip("_"): value for code, value in codes.items()}
-        result.setdefault("401", {"$ref": "#/components/responses/Unauthorized"})
-        result.setdefault("503", {"$ref": "#/components/responses/Unavailable"})
-        return result
+    protocol_version = "HTTP/1.1"
+    server_version = f"jobqueue/{__version__}"
+    disable_nagle_algorithm = True
+    busy = False
+    server: Server
 
-    profile = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
-    job_pattern = f"^(?!__main__[.:]){JOB_PATH_PATTERN.pattern}$"
-    scalar = {"type": ["string", "number", "integer", "boolean", "null"]}
-    counts = {"type": "object", "additionalProperties": {
-        "type": "object", "properties": {s: {"type": "integer"} for s in statuses}}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "jobqueue", "version": __version__,
-                 "description": "Tasks for workers: list, create, inspect and steer them."},
-        "components": {
-            "securitySchemes": {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "Required on every route but /health and / when JOBQUEUE_TOKEN is set"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["message", "code"],
-                          "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
-                "Task": {"type": "object", "required": ["identifier", "status", "profile", "job", "date",
-                                                        "parameters", "tags"],
-                         "properties": {
-                             "identifier": {"type": "string", "format": "uuid"},
-                             "status": {"type": "string", "enum": statuses},
-                             "profile": {"type": "string", "pattern": "^[_a-z0-9-]+$", "maxLength": PROFILE_MAX_LENGTH},
-                             "job": {"type": "string"}, "date": {"type": "string", "description": "RFC 2822"},
-                             "parameters": {"type": "object", "additionalProperties": {
-                                 "type": ["string", "number", "integer", "boolean", "null"]}},
-                             "tags": {"type": "array", "items": {"type": "string"}},
-                             "job_name": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-                             "attempts": {"type": "integer"}, "worker": {"type": ["string", "null"]},
-                             "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]},
-                             "error": {"type": ["string", "null"]}, "result": {},
-                         }},
-                "NewTask": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
-                            "properties": {
-                    "profile": profile, "job": {"type": "string", "pattern": job_pattern},
-                    "parameters": {"type": ["object", "null"], "additionalProperties": scalar},
-                    "tags": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
-                    "retries": {"type": ["integer", "null"], "minimum": 0, "maximum": RETRIES_MAX},
-                    **{name: {"type": ["number", "null"], "minimum": 0, "maximum": DURATION_MAX}
-                       for name in ("retry_delay", "delay")},
-                    **{name: {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": DURATION_MAX}
-                       for name in ("timeout", "lease")}}},
-            },
-            "responses": {"Unauthorized": error, "Unavailable": error, "Error": error},
-        },
-        "security": [{"bearer": []}, {}],
-        "paths": {
-            "/tasks": {
-                "get": {"summary": "List tasks", "operationId": "listTasks", "parameters": [
-                    query("profile", {**profile, "pattern": "^[_a-z0-9-]*$"}, "only this profile (empty: any)"),
-                    query("status", {"type": "string", "enum": [*statuses, ""]}, "only this status (empty: any)"),
-                    query("tags", {"type": "string"}, "comma-separated; tasks with any of them"),
-                    query("order", {"type": "string", "enum": [*ORDERS, ""]}, "sort order, default status"),
-                    query("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
-                    query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip"),
-                ], "responses": answers(
-                    _200={"description": "Tasks", "headers": {"X-Total-Count": {
-                        "description": "how many match", "schema": {"type": "integer"}}},
-                        "content": {"application/json": {"schema": {
-                            "type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}},
-                    _400=error)},
-                "post": {"summary": "Create a task", "operationId": "createTask",
-                         "requestBody": {"required": True, "content": {"application/json": {
-                             "schema": {"$ref": "#/components/schemas/NewTask"}}}},
-                         "responses": answers(_201={"description": "Created", **task}, _400=error, _403=error,
-                                              _411=error, _413=error)},
-            },
-            "/task/{identifier}": {
-                "parameters": [identifier],
-                "get": {"summary": "Show a task", "operationId": "showTask",
-                        "responses": answers(_200={"description": "The task", **task}, _404=error)},
-                "patch": {"summary": "Set a task's status", "operationId": "patchTask",
-                          "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                              "type": "object", "required": ["status"],
-                              "additionalProperties": False, "properties": {"status": {
-                                  "type": "string", "enum": [s for s in statuses if s != Status.RUNNING]}}}}}},
-                          "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error)},
-                "delete": {"summary": "Delete a task", "operationId": "deleteTask",
-                           "responses": answers(_204={"description": "Deleted"}, _404=error)},
-            },
-            "/task/{identifier}/retry": {
-                "parameters": [identifier],
-                "post": {"summary": "Put a failed task back to waiting", "operationId": "retryTask",
-                         "responses": answers(_200={"description": "The task", **task}, _400=error, _404=error,
-                                              _409=error)},
-            },
-            "/": {"get": {"summary": "The dashboard page (HTML; holds no data)", "operationId": "dashboard",
-                          "security": [], "responses": {"200": {"description": "The page", "content": {
-                              "text/html": {"schema": {"type": "string"}}}}}}},
-            "/completed": {"get": {"summary": "Runs completed per profile, finished and failed (counters)",
-                                   "operationId": "completed",
-                                   "responses": answers(_200={"description": "Counters", "content": {
-                                       "application/json": {"schema": {"type": "object"}}}})}},
-            "/stats": {"get": {"summary": "Counts per profile and status", "operationId": "stats",
-                               "responses": answers(_200={"description": "Counts", "content": {
-                                   "application/json": {"schema": counts}}})}},
-            "/health": {"get": {"summary": "Whether the backend answers", "operationId": "health", "security": [],
-                                "responses": {"200": {"description": "Healthy", "content": {"application/json": {
-                                    "schema": {"type": "object"}}}},
-                                    "503": {"$ref": "#/components/responses/Unavailable"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
-                                 "responses": answers(_200={"description": "Prometheus text format", "content": {
-                                     "text/plain": {"schema": {"type": "string"}}}})}},
-            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
-                                      "responses": answers(_200={"description": "OpenAPI 3.1", "content": {
-                                          "application/json": {"schema": {"type": "object"}}}})}},
-        },
-    }
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
 
+    def handle(self) -> None:
+        self.server.track(self, True)
+        try:
+            super().handle()
+        finally:
+            self.server.track(self, False)
 
-@functools.cache
-def _http_classes() -> dict[str, type]:
-    """RequestHandler and Server, built on first use: http.server costs a worker 6 MiB it never needs."""
-    from http import HTTPStatus
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class RequestHandler(BaseHTTPRequestHandler):
-        """Reads one request at a time off a keep-alive connection and hands it to the WebService."""
-
-        protocol_version = "HTTP/1.1"
-        server_version = f"jobqueue/{__version__}"
-        disable_nagle_algorithm = True
-        busy = False
-        server: Server
-
-        def setup(self) -> None:
-            self.timeout = self.server.request_timeout
-            super().setup()
-
-        def handle(self) -> None:
-            self.server.track(self, True)
+    def _answer(self) -> None:
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return
+        self.busy, started = True, time.monotonic()
+        try:
+            parts = urlsplit(self.path)
+            body, body_error = self._read_body()
             try:
-                super().handle()
-            finally:
-                self.server.track(self, False)
+                path, query = unquote(parts.path, errors="strict"), parse_qs(
+                    parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
+            except (UnicodeDecodeError, ValueError):
+                path, query = unquote(parts.path), {}
+                body_error = body_error or HTTPError(
+                    400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
+            request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
+                              query=query, headers=self.headers, body=body, body_error=body_error)
+            if body_error is not None:
+                self.close_connection = True
+            response = self.server.service.handle(request)
+            self._send(response)
+            http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
+                          (time.monotonic() - started) * 1000)
+        finally:
+            self.busy = False
+            if self.server.stopping:
+                self.close_connection = True
 
-        def _answer(self) -> None:
-            if self.request_version == "HTTP/0.9":
-                self.send_error(400, "HTTP/0.9 requests are not supported")
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
+        if name.startswith("do_"):
+            return self._answer
+        raise AttributeError(name)
+
+    def _read_body(self) -> tuple:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not (length.isascii() and length.isdigit()):
+            return b"", HTTPError(400, "Content-Length must be a whole number")
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            return b"", HTTPError(413, "The body is over 1 MiB")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise ConnectionError("the client closed the connection mid-body")
+        return body, None
+
+    def _send(self, response: Response) -> None:
+        payload = response.payload()
+        self.send_response(response.status)
+        if response.status != 204:
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(payload)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
+        self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
+        self.flush_headers()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, huge headers…) answered in JSON too."""
+        self.close_connection = True
+        self.request_version = self.protocol_version
+        from http import HTTPStatus
+
+        self._send(Response(code, {"message": message or HTTPStatus(code).phrase, "code": code}))
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Access lines are written by _answer, with the time taken."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        http_log.debug("%s %s", self.address_string(), format % args)
+
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
+
+    A thread serves one connection at a time and then waits a while for
+    the next, so a stream of short connections reuses threads (and their
+    database connections) instead of starting one each; accepting never
+    waits for a new thread to be scheduled.
+    """
+
+    daemon_threads = False
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
+        import queue
+
+        self.service = service
+        self.request_timeout = request_timeout
+        self.stopping = False
+        self._handlers: set[RequestHandler] = set()
+        self._handlers_lock = threading.Lock()
+        self._accepted: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle, self._closed, self._threads_alive = 0, False, set()
+        from http.server import BaseHTTPRequestHandler
+
+        super().__init__(address, type("RequestHandler", (RequestHandler, BaseHTTPRequestHandler), {}))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._handlers_lock:
+            if self._idle:
+                self._idle -= 1
+                self._accepted.put((request, client_address))
                 return
-            self.busy, started = True, time.monotonic()
-            try:
-                parts = urlsplit(self.path)
-                body, body_error = self._read_body()
-                try:
-                    path, query = unquote(parts.path, errors="strict"), parse_qs(
-                        parts.query, keep_blank_values=True, errors="strict", max_num_fields=1000)
-                except (UnicodeDecodeError, ValueError):
-                    path, query = unquote(parts.path), {}
-                    body_error = body_error or HTTPError(
-                        400, "The path and query must be UTF-8, percent-encoded, with at most 1000 fields")
-                request = Request(method="GET" if self.command == "HEAD" else self.command, path=path,
-                                  query=query, headers=self.headers, body=body, body_error=body_error)
-                if body_error is not None:
-                    self.close_connection = True
-                response = self.server.service.handle(request)
-                self._send(response)
-                http_log.info('%s "%s" %d %.1fms', self.client_address[0], self.requestline, response.status,
-                              (time.monotonic() - started) * 1000)
-            finally:
-                self.busy = False
-                if self.server.stopping:
-                    self.close_connection = True
+            thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
+            self._threads_alive.add(thread)
+        thread.start()
 
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+    def _serve_connections(self, request: Any, client_address: Any) -> None:
+        import queue
 
-        def __getattr__(self, name: str) -> Any:
-            """Any other method (TRACE, CONNECT, FOO) reaches the routes too, for a 405 with Allow or a 404."""
-            if name.startswith("do_"):
-                return self._answer
-            raise AttributeError(name)
-
-        def _read_body(self) -> tuple:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                return b"", HTTPError(411, "A body must come with Content-Length (chunked bodies are not accepted)")
-            length = (self.headers.get("Content-Length") or "0").strip()
-            if not (length.isascii() and length.isdigit()):
-                return b"", HTTPError(400, "Content-Length must be a whole number")
-            size = int(length)
-            if size > MAX_BODY_BYTES:
-                return b"", HTTPError(413, "The body is over 1 MiB")
-            body = self.rfile.read(size)
-            if len(body) < size:
-                raise ConnectionError("the client closed the connection mid-body")
-            return body, None
-
-        def _send(self, response: Response) -> None:
-            payload = response.payload()
-            self.send_response(response.status)
-            if response.status != 204:
-                self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(payload)))
-            for name, value in response.headers.items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            elif self.request_version == "HTTP/1.0":
-                self.send_header("Connection", "keep-alive")
-            self._headers_buffer.append(b"\r\n" + (payload if self.command != "HEAD" else b""))
-            self.flush_headers()
-
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """Errors http.server finds itself (bad request line, huge headers…) answered in JSON too."""
-            self.close_connection = True
-            self.request_version = self.protocol_version
-            self._send(Response(code, {"message": message or HTTPStatus(code).phrase, "code": code}))
-
-        def log_request(self, code: Any = "-", size: Any = "-") -> None:
-            """Access lines are written by _answer, with the time taken."""
-
-        def log_message(self, format: str, *args: Any) -> None:
-            http_log.debug("%s %s", self.address_string(), format % args)
-
-
-    class Server(ThreadingHTTPServer):
-        """A threaded HTTP/1.1 server whose ``stop()`` lets in-flight requests finish.
-
-        A thread serves one connection at a time and then waits a while for
-        the next, so a stream of short connections reuses threads (and their
-        database connections) instead of starting one each; accepting never
-        waits for a new thread to be scheduled.
-        """
-
-        daemon_threads = False
-        allow_reuse_address = True
-        request_queue_size = LISTEN_BACKLOG
-
-        def __init__(self, address: tuple, service: WebService, request_timeout: float = REQUEST_TIMEOUT) -> None:
-            import queue
-
-            self.service = service
-            self.request_timeout = request_timeout
-            self.stopping = False
-            self._handlers: set[RequestHandler] = set()
-            self._handlers_lock = threading.Lock()
-            self._accepted: queue.SimpleQueue = queue.SimpleQueue()
-            self._idle, self._closed, self._threads_alive = 0, False, set()
-            super().__init__(address, RequestHandler)
-
-        def process_request(self, request: Any, client_address: Any) -> None:
-            with self._handlers_lock:
-                if self._idle:
-                    self._idle -= 1
-                    self._accepted.put((request, client_address))
-                    return
-                thread = threading.Thread(target=self._serve_connections, args=(request, client_address))
-                self._threads_alive.add(thread)
-            thread.start()
-
-        def _serve_connections(self, request: Any, client_address: Any) -> None:
-            import queue
-
-            try:
-                while request is not None:
-                    self.process_request_thread(request, client_address)
-                    with self._handlers_lock:
-                        if self._closed:
-                            return
-                        self._idle += 1
-                    try:
-                        request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
-                    except queue.Empty:
-                        with self._handlers_lock:
-                            try:
-                                request, client_address = self._accepted.get_nowait()
-                            except queue.Empty:
-                                self._idle -= 1
-                                return
-            finally:
+        try:
+            while request is not None:
+                self.process_request_thread(request, client_address)
                 with self._handlers_lock:
-                    self._threads_alive.discard(threading.current_thread())
-
-        def server_close(self) -> None:
-            """Close the socket; wake idle threads to end; wait for busy ones."""
+                    if self._closed:
+                        return
+                    self._idle += 1
+                try:
+                    request, client_address = self._accepted.get(timeout=IDLE_THREAD_SECONDS)
+                except queue.Empty:
+                    with self._handlers_lock:
+                        try:
+                            request, client_address = self._accepted.get_nowait()
+                        except queue.Empty:
+                            self._idle -= 1
+                            return
+        finally:
             with self._handlers_lock:
-                self._closed = True
-                for _ in range(self._idle):
-                    self._accepted.put((None, None))
-                self._idle = 0
-                threads = list(self._threads_alive)
-            super().server_close()
-            for thread in threads:
-                thread.join()
+                self._threads_alive.discard(threading.current_thread())
 
-        @property
-        def url(self) -> str:
-            host, port = self.server_address[:2]
-            return f"http://{host}:{port}"
+    def server_close(self) -> None:
+        """Close the socket; wake idle threads to end; wait for busy ones."""
+        with self._handlers_lock:
+            self._closed = True
+            for _ in range(self._idle):
+                self._accepted.put((None, None))
+            self._idle = 0
+            threads = list(self._threads_alive)
+        super().server_close()
+        for thread in threads:
+            thread.join()
 
-        def track(self, handler: RequestHandler, open_: bool) -> None:
-            with self._handlers_lock:
-                (self._handlers.add if open_ else self._handlers.discard)(handler)
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
-        def stop(self) -> None:
-            """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
-            self.stopping = True
-            self.shutdown()
-            with self._handlers_lock:
-                idle = [handler for handler in self._handlers if not handler.busy]
-            for handler in idle:
-                with contextlib.suppress(OSError):
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-            self.server_close()
+    def track(self, handler: RequestHandler, open_: bool) -> None:
+        with self._handlers_lock:
+            (self._handlers.add if open_ else self._handlers.discard)(handler)
 
-    return {"RequestHandler": RequestHandler, "Server": Server}
-
-
-def __getattr__(name: str) -> Any:
-    """``jobqueue.Server`` and ``jobqueue.RequestHandler``, imported lazily (PEP 562)."""
-    if name in ("Server", "RequestHandler"):
-        return _http_classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def stop(self) -> None:
+        """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
+        self.stopping = True
+        self.shutdown()
+        with self._handlers_lock:
+            idle = [handler for handler in self._handlers if not handler.busy]
+        for handler in idle:
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+        self.server_close()
 
 
 # == CLI =====================================================================
@@ -4539,47 +4255,14 @@ def _paint(text: str, status: Status, colour: bool) -> str:
     return f"\033[{STATUS_COLOURS[status]}m{text}\033[0m" if colour else text
 
 
-def _shown(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _when(value: datetime | None) -> str:
     return "-" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def format_task(task: Task) -> str:
-    """The task block that ``add``, ``show`` and ``edit`` print."""
-    lines = [
-        f"Identifier : {task.identifier}",
-        f"Date : {task.date}",
-        f"Job class : {task.job}",
-        f"Job name : {task.job_name}",
-        f"Profile : {task.profile}",
-        f"Status : {task.status.value}",
-        f"Tags : {', '.join(task.tags) if task.tags else '(none)'}",
-    ]
-    parameters = [f"{number}) {name}: {_shown(value)}"
-                  for number, (name, value) in enumerate(task.parameters.items(), 1)]  # type: ignore[union-attr]
-    lines.append("Parameters : " + (parameters[0] if parameters else "(none)"))
-    lines += [" " * len("Parameters : ") + line for line in parameters[1:]]
-    lines += [
-        f"Retries : {task.retries} (failed so far: {task.failures})",
-        f"Retry delay : {task.retry_delay or 0:g}s, doubled after each failure",
-        f"Timeout : {f'{task.timeout:g}s' if task.timeout else '(none; the worker --timeout applies)'}",
-        f"Lease : {f'{task.lease:g}s' if task.lease else '(the worker --lease, 30s by default)'}",
-        f"Run at : {_rfc2822(task.run_at) if task.run_at else '(as soon as a worker is free)'}",
-        f"Attempts : {task.attempts}",
-    ]
-    if task.lost:
-        lines.append(f"Lost : {task.lost}")
-    for label, value in (("Worker", task.worker), ("Started", task.started_at), ("Finished", task.finished_at)):
-        if value is not None:
-            lines.append(f"{label} : {value if isinstance(value, str) else _rfc2822(value)}")
-    if task.result is not None:
-        lines.append(f"Result : {json.dumps(task.result)}")
-    if task.error:
-        lines.append("Error : " + task.error.rstrip("\n").replace("\n", "\n        "))
-    return "\n".join(lines)
+    """The task block that ``add``, ``show`` and ``edit`` print: each field's ``show`` lines, by rank."""
+    lines = sorted(line for column in TASK_FIELDS for line in column.metadata["show"])
+    return "\n".join(f"{label} : {text}" for _, label, render in lines if (text := render(task)) is not None)
 
 
 def parse_parameter(text: str) -> tuple:
@@ -4867,31 +4550,6 @@ def _stop_with_supervisor(worker: Worker, supervisor: int) -> None:
     threading.Thread(target=watch, name=f"{worker.name}-parent-watch", daemon=True).start()
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    _configure_logging(args)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    services = ServiceContainer.get_instance()
-    validate_profile(args.profile)
-    _import_modules([*services.config.imports, *args.imports])
-    queue = services.queue
-    if args.concurrency > 1:
-        return supervise(args)
-    config = services.config
-    worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
-                    max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
-                    threads=args.threads)
-    _stop_on_signals(worker)
-    if args.supervisor is not None:
-        _die_with_parent(signal.SIGTERM, args.supervisor)
-        _stop_with_supervisor(worker, args.supervisor)
-    print(f'Worker {worker.name} handles "{worker.profile}" tasks...', flush=True)
-    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
-    worker.consume(args.quantity, burst=args.burst)
-    print(f"Worker {worker.name} is done.", flush=True)
-    return 0
-
-
 def _child_command(args: argparse.Namespace, name: str) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name,
                "--lease", repr(args.lease), "--isolation", args.isolation, "--threads", str(args.threads),
@@ -4983,6 +4641,32 @@ def supervise(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    services = ServiceContainer.get_instance()
+    validate_profile(args.profile)
+    _import_modules([*services.config.imports, *args.imports])
+    queue = services.queue
+    if args.concurrency > 1:
+        return supervise(args)
+    config = services.config
+    worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
+                    max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
+                    threads=args.threads)
+    _stop_on_signals(worker)
+    if args.supervisor is not None:
+        _die_with_parent(signal.SIGTERM, args.supervisor)
+        _stop_with_supervisor(worker, args.supervisor)
+    # One write per line: the workers of --concurrency share this pipe, and a separate "\n" could interleave.
+    print(f'Worker {worker.name} handles "{worker.profile}" tasks...\n', end="", flush=True)
+    print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
+    worker.consume(args.quantity, burst=args.burst)
+    print(f"Worker {worker.name} is done.\n", end="", flush=True)
+    return 0
+
+
 def _log_requests_off_thread() -> Any:
     """Access lines go through a queue to one writer thread: request threads never wait on the log's lock."""
     import logging.handlers
@@ -5005,7 +4689,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          " --insecure if something else guards this address")
     service = WebService(services.queue, services.config, insecure=args.insecure)
     try:
-        server = _http_classes()["Server"]((args.host.strip("[]"), args.port), service)
+        server = Server((args.host.strip("[]"), args.port), service)
     except OSError as error:
         raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     stop = threading.Event()
@@ -5304,6 +4988,275 @@ def _import_names() -> list[str]:
         if relative.endswith(".py") and all(part.isidentifier() for part in parts):
             names.append(".".join(parts))
     return names
+
+
+# == Assets ==================================================================
+
+# The dashboard at GET /: one page, no data of its own (it reads the API with the
+# token it asks for), nothing loaded from elsewhere. Values reach the DOM through
+# textContent only, and the CSP admits no script but this one.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>jobqueue</title>
+<link rel="icon" href="data:,">
+<style>
+:root { font-family: system-ui, sans-serif; color: #1d232a; background: #f6f7f9; }
+body { margin: 0; }
+[hidden] { display: none !important; }
+header { background: #1d232a; color: #fff; padding: .6rem 1rem; display: flex; gap: 1rem; align-items: baseline;
+         flex-wrap: wrap; }
+header h1 { font-size: 1.2rem; margin: 0; }
+main { max-width: 1700px; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem; }
+section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: .8rem 1rem; min-width: 0; }
+h2 { font-size: 1rem; margin: 0 0 .6rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #eceff2; white-space: nowrap; }
+td.number, th.number { text-align: right; font-variant-numeric: tabular-nums; }
+form { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-end; }
+label { display: flex; flex-direction: column; font-size: .8rem; gap: .2rem; }
+input, select, textarea, button { font: inherit; padding: .3rem .4rem; }
+button { cursor: pointer; border: 1px solid #8a96a3; border-radius: 4px; background: #fff; }
+button.danger { border-color: #c0392b; color: #c0392b; }
+.mark { font-size: 1.1em; }
+.waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
+.identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
+dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
+#message { min-height: 1.2em; margin: 0; color: #c0392b; }
+.pager { display: flex; gap: .6rem; align-items: center; margin-top: .5rem; }
+@media (min-width: 1000px) {
+  main { grid-template-columns: minmax(0, 2fr) minmax(0, 1fr); align-items: start; }
+  #message, #token-form { grid-column: 1 / -1; }
+  #tasks-section { grid-column: 1; grid-row: span 3; }
+  main > section:not(#tasks-section) { grid-column: 2; }
+}
+</style>
+</head>
+<body>
+<header><h1>jobqueue</h1><span id="throughput" aria-live="polite"></span></header>
+<main>
+  <form id="token-form" hidden>
+    <label for="token">API token<input id="token" name="token" type="password" autocomplete="off" required></label>
+    <button type="submit">Use this token</button>
+  </form>
+  <p id="message" role="status"></p>
+  <section id="tasks-section" aria-labelledby="tasks-title">
+    <h2 id="tasks-title">Tasks</h2>
+    <form id="filters">
+      <label for="filter-profile">Profile<input id="filter-profile" name="profile" placeholder="any"></label>
+      <label for="filter-status">Status<select id="filter-status" name="status">
+        <option value="">any</option><option>waiting</option><option>running</option>
+        <option>finished</option><option>failed</option>
+      </select></label>
+      <label for="filter-tag">Tag<input id="filter-tag" name="tags" placeholder="any"></label>
+      <label for="filter-order">Order<select id="filter-order" name="order">
+        <option value="status">status</option><option value="date">date</option>
+        <option value="profile">profile</option>
+      </select></label>
+      <button type="submit">Filter</button>
+    </form>
+    <div class="scroll">
+      <table id="tasks">
+        <caption hidden>Tasks matching the filters</caption>
+        <thead><tr><th>Status</th><th>Job</th><th>Profile</th><th>Date</th><th>Tags</th>
+          <th class="number">Attempts</th><th>Identifier</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+    <div class="pager">
+      <button type="button" id="previous">Previous</button>
+      <span id="page" aria-live="polite"></span>
+      <button type="button" id="next">Next</button>
+    </div>
+  </section>
+  <section aria-labelledby="counts-title">
+    <h2 id="counts-title">Counts</h2>
+    <div class="scroll">
+      <table id="counts">
+        <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
+          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+  </section>
+  <section id="detail" aria-labelledby="detail-title" hidden>
+    <h2 id="detail-title">Task</h2>
+    <dl id="detail-fields"></dl>
+    <div class="pager">
+      <button type="button" id="retry" hidden>Retry</button>
+      <button type="button" id="delete" class="danger">Delete</button>
+      <button type="button" id="close">Close</button>
+    </div>
+  </section>
+  <section aria-labelledby="add-title">
+    <h2 id="add-title">Add a task</h2>
+    <form id="add">
+      <label for="add-profile">Profile<input id="add-profile" name="profile" required></label>
+      <label for="add-job">Job<input id="add-job" name="job" required placeholder="myapp.jobs.SendMailJob"></label>
+      <label for="add-parameters">Parameters (JSON)
+        <textarea id="add-parameters" name="parameters" rows="2">{}</textarea></label>
+      <label for="add-tags">Tags (comma-separated)<input id="add-tags" name="tags"></label>
+      <button type="submit">Add</button>
+    </form>
+  </section>
+</main>
+<script>
+"use strict";
+const TOKEN = "jobqueue-token";
+const state = { offset: 0, limit: 50, total: 0, selected: null, history: [], busy: false, locked: false };
+const $ = (id) => document.getElementById(id);
+
+function element(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN);
+  if (token) headers.Authorization = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) {
+    state.locked = true;
+    $("token-form").hidden = false;
+    throw new Error("This server needs an API token.");
+  }
+  const data = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error((data && data.message) || response.statusText);
+  return { data, response };
+}
+
+function say(text) { $("message").textContent = text || ""; }
+
+function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
+
+async function refreshCounts() {
+  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const body = $("counts").tBodies[0];
+  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
+    element("td", {}, profile),
+    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
+  let executed = 0, failed = 0;
+  for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
+  const now = Date.now();
+  state.history.push({ now, executed, failed });
+  state.history = state.history.filter((sample) => now - sample.now <= 61000);
+  const first = state.history[0];
+  $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
+    `${failed - first.failed} failed`;
+}
+
+function query() {
+  const form = new FormData($("filters"));
+  const params = new URLSearchParams();
+  for (const [name, value] of form) if (value) params.set(name, value);
+  params.set("limit", state.limit);
+  params.set("offset", state.offset);
+  return params.toString();
+}
+
+async function refreshTasks() {
+  const { data: tasks, response } = await api("GET", "/tasks?" + query());
+  state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
+  $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
+    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
+    element("td", {}, task.job_name),
+    element("td", {}, task.profile),
+    element("td", {}, when(task.created_at)),
+    element("td", {}, task.tags.join(", ")),
+    element("td", { class: "number" }, task.attempts),
+    element("td", {}, element("button", { type: "button", class: "identifier", onclick: () => show(task.identifier) },
+      task.identifier)))));
+  const last = Math.min(state.offset + state.limit, state.total);
+  $("page").textContent = state.total ? `${state.offset + 1} to ${last} of ${state.total}` : "no task";
+  $("previous").disabled = state.offset === 0;
+  $("next").disabled = last >= state.total;
+}
+
+async function show(identifier) {
+  try {
+    const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
+    state.selected = task;
+    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
+      ["Profile", task.profile],
+      ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
+      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
+      ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
+      ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
+      ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];
+    $("detail-fields").replaceChildren(
+      ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
+    $("retry").hidden = task.status !== "failed";
+    $("detail").hidden = false;
+    $("detail-title").focus();
+  } catch (error) { say(error.message); }
+}
+
+async function act(confirmation, method, path, done) {
+  if (!window.confirm(confirmation)) return;
+  try { await api(method, path); say(""); done(); await refresh(); } catch (error) { say(error.message); }
+}
+
+async function refresh() {
+  if (state.busy || state.locked) return;
+  state.busy = true;
+  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
+  catch (error) { say(error.message); }
+  finally { state.busy = false; }
+}
+
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; refresh(); });
+for (const id of ["filter-status", "filter-order"]) {
+  $(id).addEventListener("change", () => { state.offset = 0; refresh(); });
+}
+$("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); });
+$("next").addEventListener("click", () => { state.offset += state.limit; refresh(); });
+$("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
+$("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
+  `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
+$("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
+  `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
+$("add").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  let parameters;
+  try { parameters = JSON.parse(form.get("parameters") || "{}"); }
+  catch { say("Parameters must be a JSON object"); return; }
+  const tags = String(form.get("tags") || "").split(",").map((tag) => tag.trim()).filter(Boolean);
+  if (!window.confirm(`Add a ${form.get("job")} task to ${form.get("profile")}?`)) return;
+  try {
+    const body = { profile: form.get("profile"), job: form.get("job"), parameters, tags };
+    const { data: task } = await api("POST", "/tasks", body);
+    say(""); await refresh(); show(task.identifier);
+  } catch (error) { say(error.message); }
+});
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN, $("token").value);
+  $("token").value = "";
+  $("token-form").hidden = true;
+  state.locked = false;
+  refresh();
+});
+$("detail-title").tabIndex = -1;
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
-# == Jobs the workers run ====================================================
+# -- Jobs the workers run ----------------------------------------------------
 
 
 def _record(task: Task, step: str) -> None:
@@ -243,7 +243,7 @@ class CrashJob(Job):
         return "fine"
 
 
-# == Fixtures ================================================================
+# -- Fixtures ----------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -490,6 +490,16 @@ def worker_process(dsn: str, profile: str, *extra: str) -> subprocess.Popen:
         [sys.executable, "-c", code, dsn, profile, *extra],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+# == Constants ===============================================================
+
+# Read by the sections below; they are tested where they are used.
+
+
+# == Errors ==================================================================
+
+# Each error is tested where it is raised: messages, HTTP codes (HTTP) and exit codes (CLI).
 
 
 # == Domain ==================================================================
@@ -829,7 +839,7 @@ def test_raising_listener_is_logged_and_others_still_run(caplog):
     assert "listener bug" in caplog.text
 
 
-# == Queue contract (both backends) ==========================================
+# == Queue ===================================================================
 
 
 @contract
@@ -1438,7 +1448,7 @@ def test_sqlite_search_uses_an_index(tmp_path, filters):
     assert table_scans == [], details
 
 
-# == Queue: Redis in production =============================================
+# == Queue: Redis ============================================================
 
 
 def profiles_on_each_master(cluster: RedisCluster, prefix: str) -> dict[int, str]:
@@ -1635,21 +1645,6 @@ def test_replicas_acknowledge_every_change_before_it_returns(tmp_path):
             assert promoted.find(claimed.identifier).status is Status.RUNNING
 
 
-# == DSN and configuration ===================================================
-
-
-def test_queue_from_dsn_picks_the_backend(tmp_path):
-    pytest.importorskip("redis")
-    assert isinstance(queue_from_dsn("redis://127.0.0.1:1/0"), RedisQueue)
-    assert isinstance(queue_from_dsn("tcp://127.0.0.1:6380"), RedisQueue)
-    assert isinstance(queue_from_dsn("unix:///tmp/redis.sock"), RedisQueue)
-    assert queue_from_dsn("redis://127.0.0.1:1/0?prefix=app").prefix == "app"
-    assert isinstance(queue_from_dsn(f"sqlite:///{tmp_path}/a.db"), SQLiteQueue)
-    assert queue_from_dsn(str(tmp_path / "b.db")).path == str(tmp_path / "b.db")
-    with pytest.raises(ConfigurationError, match="Unsupported DSN"):
-        queue_from_dsn("mysql://x")
-
-
 @pytest.mark.parametrize("dsn, expected", [
     ("redis://127.0.0.1:6380/3", dict(scheme="redis", hosts=(("127.0.0.1", 6380),), db=3)),
     ("tcp://h:7000", dict(scheme="tcp", hosts=(("h", 7000),), db=0)),
@@ -1786,6 +1781,9 @@ def test_unreachable_redis_names_the_backend_and_hides_the_password():
     assert jobqueue.redact(f"redis://:s3cret@127.0.0.1:{port}/0") == f"redis://:***@127.0.0.1:{port}/0"
 
 
+# == Queue: SQLite ===========================================================
+
+
 def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
     (tmp_path / "not-a-db").write_text("this is not a database" * 100)
     with pytest.raises(BackendUnavailable, match="not-a-db"):
@@ -1858,27 +1856,19 @@ def test_sqlite_works_without_redis_py_and_a_redis_dsn_says_what_to_install(tmp_
     assert "pip install redis" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_config_from_env_and_service_container(tmp_path):
-    config = jobqueue.Config.from_env({"JOBQUEUE_DB": str(tmp_path / "c.db"), "JOBQUEUE_ENV": "prod"})
-    assert config.env == "prod" and config.dsn == str(tmp_path / "c.db")
-    assert jobqueue.Config.from_env({}).dsn == "jobqueue.db"
-    assert jobqueue.Config.from_env({"JOBQUEUE_REDIS_DSN": "tcp://h:1", "JOBQUEUE_DB": "x"}).dsn == "tcp://h:1"
-    container = ServiceContainer(config)
-    assert isinstance(container.queue, SQLiteQueue) and container.queue is container.queue
-    assert container.queue.path == str(tmp_path / "c.db")
-    assert isinstance(container.dispatcher, EventDispatcher)
+# == DSN =====================================================================
 
 
-def test_service_container_is_one_shared_instance(monkeypatch, tmp_path):
-    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "shared.db"))
-    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
-    ServiceContainer.reset()
-    try:
-        first = ServiceContainer.get_instance()
-        assert ServiceContainer.get_instance() is first
-        assert first.queue.path == str(tmp_path / "shared.db")
-    finally:
-        ServiceContainer.reset()
+def test_queue_from_dsn_picks_the_backend(tmp_path):
+    pytest.importorskip("redis")
+    assert isinstance(queue_from_dsn("redis://127.0.0.1:1/0"), RedisQueue)
+    assert isinstance(queue_from_dsn("tcp://127.0.0.1:6380"), RedisQueue)
+    assert isinstance(queue_from_dsn("unix:///tmp/redis.sock"), RedisQueue)
+    assert queue_from_dsn("redis://127.0.0.1:1/0?prefix=app").prefix == "app"
+    assert isinstance(queue_from_dsn(f"sqlite:///{tmp_path}/a.db"), SQLiteQueue)
+    assert queue_from_dsn(str(tmp_path / "b.db")).path == str(tmp_path / "b.db")
+    with pytest.raises(ConfigurationError, match="Unsupported DSN"):
+        queue_from_dsn("mysql://x")
 
 
 # == Worker ==================================================================
@@ -2212,6 +2202,32 @@ def test_a_blocked_fetch_takes_a_task_within_a_second_of_its_due_time(queue, dsn
     assert at - due_at < 1.0
 
 
+# == Configuration ===========================================================
+
+
+def test_config_from_env_and_service_container(tmp_path):
+    config = jobqueue.Config.from_env({"JOBQUEUE_DB": str(tmp_path / "c.db"), "JOBQUEUE_ENV": "prod"})
+    assert config.env == "prod" and config.dsn == str(tmp_path / "c.db")
+    assert jobqueue.Config.from_env({}).dsn == "jobqueue.db"
+    assert jobqueue.Config.from_env({"JOBQUEUE_REDIS_DSN": "tcp://h:1", "JOBQUEUE_DB": "x"}).dsn == "tcp://h:1"
+    container = ServiceContainer(config)
+    assert isinstance(container.queue, SQLiteQueue) and container.queue is container.queue
+    assert container.queue.path == str(tmp_path / "c.db")
+    assert isinstance(container.dispatcher, EventDispatcher)
+
+
+def test_service_container_is_one_shared_instance(monkeypatch, tmp_path):
+    monkeypatch.setenv("JOBQUEUE_DB", str(tmp_path / "shared.db"))
+    monkeypatch.delenv("JOBQUEUE_REDIS_DSN", raising=False)
+    ServiceContainer.reset()
+    try:
+        first = ServiceContainer.get_instance()
+        assert ServiceContainer.get_instance() is first
+        assert first.queue.path == str(tmp_path / "shared.db")
+    finally:
+        ServiceContainer.reset()
+
+
 # == HTTP ====================================================================
 
 
@@ -2543,6 +2559,19 @@ def test_http_backend_outage_answers_503_and_recovers(tmp_path, redis_server, st
         assert call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).status == 201
     finally:
         own.stop()
+
+
+def test_http_openapi_document_names_every_route_and_every_field_of_a_task():
+    from openapi_spec_validator import validate
+
+    document = jobqueue.openapi_document()
+    validate(document)
+    assert {(r.method.lower(), r.template) for r in jobqueue.ROUTES} == {
+        (method, template) for template, item in document["paths"].items() for method in item if method != "parameters"}
+    schemas = document["components"]["schemas"]
+    task = Task("p", RecordingJob, {"a": 1}, ["t"], retries=1, timeout=2, lease=3, delay=4).to_json()
+    assert list(schemas["Task"]["properties"]) == list(task)
+    assert set(schemas["NewTask"]["properties"]) == set(jobqueue.NEW_TASK_KEYS)
 
 
 def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
@@ -2891,212 +2920,6 @@ def test_readme_curl_session_works_as_written(dsn, running):
         assert code.startswith("2"), (command, body, code)
         if identifier is None and body.startswith("{"):
             identifier = json.loads(body)["identifier"]
-
-
-# == Dashboard (headless Chromium) ===========================================
-
-
-def chromium_path() -> str | None:
-    return next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
-
-
-@pytest.fixture(scope="session")
-def browser():
-    reason, path = None, chromium_path()
-    if path is None:
-        reason = "Chromium is not installed (apt-get install chromium): the dashboard tests are skipped"
-    else:
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
-            reason = "playwright is not installed (pip install playwright): the dashboard tests are skipped"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; with CI=true they must run", pytrace=False)
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=path, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield chromium
-        chromium.close()
-
-
-class Dashboard:
-    """A browser page on a real server's dashboard, with what the console and dialogs said."""
-
-    def __init__(self, browser, server, queue, width: int = 1280):
-        self.queue, self.url = queue, server.url + "/"
-        self.context = browser.new_context(viewport={"width": width, "height": 900})
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
-        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
-        self.page.on("dialog", self._dialog)
-        self.page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url}"))
-
-    def _dialog(self, dialog) -> None:
-        self.dialogs.append(dialog.message)
-        dialog.accept()
-
-    def open(self) -> Dashboard:
-        self.page.goto(self.url)
-        return self
-
-    def rows(self) -> list[str]:
-        return self.page.locator("#tasks tbody tr").all_inner_texts()
-
-    def wait_for_rows(self, check, timeout: float = 5) -> list[str]:
-        return wait_until(lambda: check(self.rows()) and self.rows(), timeout=timeout)
-
-
-@pytest.fixture
-def dashboard(browser, start_server, tmp_path):
-    opened = []
-
-    def open_dashboard(config: jobqueue.Config | None = None, width: int = 1280) -> Dashboard:
-        queue = SQLiteQueue(tmp_path / "dashboard.db")
-        board = Dashboard(browser, start_server(queue, config), queue, width)
-        opened.append(board)
-        return board
-
-    yield open_dashboard
-    for board in opened:
-        board.context.close()
-
-
-def test_dashboard_loads_cleanly_and_shows_new_tasks_within_three_seconds(dashboard):
-    board = dashboard().open()
-    board.page.wait_for_selector("text=no task")
-    task = Task("mail", RecordingJob, {"to": "ada"}, ["signup"])
-    board.queue.add(task)
-    board.page.wait_for_selector(f"text={task.identifier}", timeout=3000)
-    row = board.rows()[0]
-    assert "waiting" in row and "recording" in row and "mail" in row and "signup" in row
-    assert board.page.locator("#counts tbody tr").all_inner_texts()[0].split() == ["mail", "1", "0", "0", "0"]
-    assert board.errors == [] and board.dialogs == []
-
-
-def test_dashboard_filters_by_profile_and_status(dashboard):
-    board = dashboard()
-    mail, sms, failed = Task("mail", RecordingJob), Task("sms", RecordingJob), Task("mail", RecordingJob)
-    board.queue.add(mail, sms, failed)
-    board.queue.update_status(failed, Status.FAILED)
-    board.open().wait_for_rows(lambda rows: len(rows) == 3)
-    board.page.fill("#filter-profile", "sms")
-    board.page.click("#filters button[type=submit]")
-    assert sms.identifier in board.wait_for_rows(lambda rows: len(rows) == 1)[0]
-    board.page.fill("#filter-profile", "")
-    board.page.select_option("#filter-status", "failed")
-    assert failed.identifier in board.wait_for_rows(lambda rows: len(rows) == 1 and "failed" in rows[0])[0]
-    assert board.errors == []
-
-
-def test_dashboard_pages_through_a_large_queue(dashboard):
-    board = dashboard()
-    board.queue.add(*[Task("bulk", RecordingJob) for _ in range(60)])
-    board.open().page.wait_for_selector("text=1 to 50 of 60")
-    assert len(board.rows()) == 50
-    board.page.click("#next")
-    board.page.wait_for_selector("text=51 to 60 of 60")
-    assert len(board.wait_for_rows(lambda rows: len(rows) == 10)) == 10
-
-
-def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboard):
-    board = dashboard()
-    task = Task("jobs", FailingJob)
-    board.queue.add(task)
-    Worker("w", board.queue, "jobs").consume(burst=True)
-    board.open().page.wait_for_selector(f"text={task.identifier}")
-    board.page.click(f"button:has-text('{task.identifier}')")
-    error = board.page.locator("#error")
-    error.wait_for()
-    assert error.inner_text().startswith("RuntimeError: boom") and "Traceback" in error.inner_text()
-    board.page.click("#retry")
-    wait_until(lambda: board.queue.find(task.identifier).status is Status.WAITING)
-    assert board.dialogs == [f"Retry task {task.identifier}?"]
-    board.page.click("#delete")
-    wait_until(lambda: board.queue.count() == 0)
-    wait_until(lambda: board.rows() == [] and board.page.locator("#detail").is_hidden())
-    assert board.errors == []
-
-
-def test_dashboard_adds_a_task(dashboard):
-    board = dashboard().open()
-    board.page.fill("#add-profile", "web")
-    board.page.fill("#add-job", "examples.hello.GreetJob")
-    board.page.fill("#add-parameters", '{"name": "Ada"}')
-    board.page.fill("#add-tags", "from-ui, test")
-    board.page.click("#add button[type=submit]")
-    added = wait_until(lambda: board.queue.search(profile="web"))[0]
-    assert added.parameters == {"name": "Ada"} and added.tags == ["from-ui", "test"]
-    board.page.wait_for_selector(f"text={added.identifier}")
-    assert board.errors == []
-
-
-def test_dashboard_shows_markup_as_text_and_runs_none_of_it(dashboard):
-    board = dashboard()
-    evil = "<img src=x onerror=alert(1)>"
-    task = Task("p", RecordingJob, {"note": evil}, [evil])
-    board.queue.add(task)
-    board.open().page.wait_for_selector(f"text={task.identifier}")
-    assert evil in board.rows()[0]
-    board.page.click(f"button:has-text('{task.identifier}')")
-    board.page.wait_for_selector("#detail", state="visible")
-    assert evil in board.page.locator("#detail").inner_text()
-    assert board.page.locator("img").count() == 0 and board.dialogs == [] and board.errors == []
-
-
-def test_dashboard_asks_for_the_token_once_per_tab(dashboard):
-    board = dashboard(jobqueue.Config(token="s3cret"))
-    task = Task("p", RecordingJob)
-    board.queue.add(task)
-    board.open().page.wait_for_selector("#token-form", state="visible")
-    assert board.rows() == []
-    board.page.fill("#token", "s3cret")
-    board.page.click("#token-form button")
-    board.page.wait_for_selector(f"text={task.identifier}")
-    assert board.page.locator("#token-form").is_hidden()
-    board.page.reload()
-    board.page.wait_for_selector(f"text={task.identifier}")
-    assert board.page.locator("#token-form").is_hidden()
-    assert all("401" in error for error in board.errors), board.errors
-
-
-def test_dashboard_throughput_of_the_last_minute(dashboard):
-    board = dashboard().open()
-    board.page.wait_for_selector("text=last minute: 0 executed, 0 failed")
-    board.queue.add(*[Task("w", add_numbers, {"a": 1, "b": 1}) for _ in range(3)], Task("w", FailingJob))
-    Worker("w", board.queue, "w").consume(burst=True)
-    board.page.wait_for_selector("text=last minute: 3 executed, 1 failed")
-
-
-def test_dashboard_is_keyboard_usable(dashboard):
-    board = dashboard()
-    task = Task("p", RecordingJob)
-    board.queue.add(task)
-    board.open().page.wait_for_selector(f"text={task.identifier}")
-    board.page.focus(f"button:has-text('{task.identifier}')")
-    board.page.keyboard.press("Enter")
-    board.page.wait_for_selector("#detail", state="visible")
-    assert board.page.locator("label[for=filter-profile]").count() == 1
-
-
-@pytest.mark.parametrize("width", [375, 1920])
-def test_dashboard_fits_phone_and_desktop_widths(dashboard, tmp_path, width):
-    board = dashboard(width=width)
-    board.queue.add(*[Task(profile, RecordingJob, {"n": n}, ["nightly"] if n % 2 else [])
-                      for n, profile in enumerate(["mail", "sms", "reports", "mail", "sms"])])
-    board.queue.fetch("mail", timeout=0)
-    board.queue.update_status(board.queue.search(profile="sms")[0], Status.FAILED)
-    board.open().wait_for_rows(lambda rows: len(rows) == 5)
-    overflow = board.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-    assert overflow <= 0
-    folder = Path(os.environ.get("JOBQUEUE_SCREENSHOTS", tmp_path))
-    shot = folder / f"dashboard-{width}.png"
-    board.page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000 and board.errors == []
 
 
 # == CLI =====================================================================
@@ -3795,7 +3618,7 @@ def test_installed_jobqueue_command(dsn):
     assert f"Identifier : {identifier}" in shown.stdout
 
 
-# == Crashes and outages (real processes) ====================================
+# -- Crashes and outages (real processes) ------------------------------------
 
 
 def performed(log: Path) -> list[list[str]]:
@@ -4220,7 +4043,8 @@ def test_chaos_workers_killed_at_random_lose_nothing(dsn, queue, tmp_path):
     assert len(killed) >= 4
 
 
-# == Benchmark ===============================================================
+# -- The project: benchmark, ruff, README ------------------------------------
+
 
 BENCH_FIGURES = [
     "enqueue, one add per task", "enqueue, batches of 1,000", "drain, 1 worker process", "drain, 2 worker processes",
@@ -4246,9 +4070,6 @@ def test_benchmark_quick_run_prints_every_figure(tmp_path, redis_server):
     assert all(row["values"] and all(value > 0 for value in row["values"]) for row in saved["rows"])
 
 
-# == Test set-up =============================================================
-
-
 def test_missing_redis_server_skips_locally_and_fails_under_ci(tmp_path):
     """Without a redis-server binary the Redis half skips with a reason, except with CI=true."""
     bin_dir = tmp_path / "bin"
@@ -4266,6 +4087,14 @@ def test_missing_redis_server_skips_locally_and_fails_under_ci(tmp_path):
                         timeout=120)
     assert ci.returncode == 1, ci.stdout
     assert "CI=true the Redis tests must run" in ci.stdout
+
+
+def test_the_module_docstring_and_the_tests_show_the_module_map():
+    source = Path(jobqueue.__file__).read_text()
+    banners = re.findall(r"^# == (.*?) =+$", source, re.M)
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in jobqueue.__doc__.split("map):")[1].strip().splitlines()]
+    assert listed == banners
+    assert re.findall(r"^# == (.*?) =+$", Path(__file__).read_text(), re.M) == banners
 
 
 def test_code_is_ruff_clean():
@@ -4293,3 +4122,210 @@ def test_readme_first_run_commands_work(tmp_path, running):
     assert worker.wait() == 0
     done = SQLiteQueue(tmp_path / "first.db").find(identifier)
     assert done.status is Status.FINISHED and done.result == "Hello, Ada!"
+# == Assets ==================================================================
+
+
+# -- The dashboard page (headless Chromium) ----------------------------------
+
+
+def chromium_path() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    reason, path = None, chromium_path()
+    if path is None:
+        reason = "Chromium is not installed (apt-get install chromium): the dashboard tests are skipped"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            reason = "playwright is not installed (pip install playwright): the dashboard tests are skipped"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; with CI=true they must run", pytrace=False)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+class Dashboard:
+    """A browser page on a real server's dashboard, with what the console and dialogs said."""
+
+    def __init__(self, browser, server, queue, width: int = 1280):
+        self.queue, self.url = queue, server.url + "/"
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("dialog", self._dialog)
+        self.page.on("requestfailed", lambda request: self.errors.append(f"request failed: {request.url}"))
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.accept()
+
+    def open(self) -> Dashboard:
+        self.page.goto(self.url)
+        return self
+
+    def rows(self) -> list[str]:
+        return self.page.locator("#tasks tbody tr").all_inner_texts()
+
+    def wait_for_rows(self, check, timeout: float = 5) -> list[str]:
+        return wait_until(lambda: check(self.rows()) and self.rows(), timeout=timeout)
+
+
+@pytest.fixture
+def dashboard(browser, start_server, tmp_path):
+    opened = []
+
+    def open_dashboard(config: jobqueue.Config | None = None, width: int = 1280) -> Dashboard:
+        queue = SQLiteQueue(tmp_path / "dashboard.db")
+        board = Dashboard(browser, start_server(queue, config), queue, width)
+        opened.append(board)
+        return board
+
+    yield open_dashboard
+    for board in opened:
+        board.context.close()
+
+
+def test_dashboard_loads_cleanly_and_shows_new_tasks_within_three_seconds(dashboard):
+    board = dashboard().open()
+    board.page.wait_for_selector("text=no task")
+    task = Task("mail", RecordingJob, {"to": "ada"}, ["signup"])
+    board.queue.add(task)
+    board.page.wait_for_selector(f"text={task.identifier}", timeout=3000)
+    row = board.rows()[0]
+    assert "waiting" in row and "recording" in row and "mail" in row and "signup" in row
+    assert board.page.locator("#counts tbody tr").all_inner_texts()[0].split() == ["mail", "1", "0", "0", "0"]
+    assert board.errors == [] and board.dialogs == []
+
+
+def test_dashboard_filters_by_profile_and_status(dashboard):
+    board = dashboard()
+    mail, sms, failed = Task("mail", RecordingJob), Task("sms", RecordingJob), Task("mail", RecordingJob)
+    board.queue.add(mail, sms, failed)
+    board.queue.update_status(failed, Status.FAILED)
+    board.open().wait_for_rows(lambda rows: len(rows) == 3)
+    board.page.fill("#filter-profile", "sms")
+    board.page.click("#filters button[type=submit]")
+    assert sms.identifier in board.wait_for_rows(lambda rows: len(rows) == 1)[0]
+    board.page.fill("#filter-profile", "")
+    board.page.select_option("#filter-status", "failed")
+    assert failed.identifier in board.wait_for_rows(lambda rows: len(rows) == 1 and "failed" in rows[0])[0]
+    assert board.errors == []
+
+
+def test_dashboard_pages_through_a_large_queue(dashboard):
+    board = dashboard()
+    board.queue.add(*[Task("bulk", RecordingJob) for _ in range(60)])
+    board.open().page.wait_for_selector("text=1 to 50 of 60")
+    assert len(board.rows()) == 50
+    board.page.click("#next")
+    board.page.wait_for_selector("text=51 to 60 of 60")
+    assert len(board.wait_for_rows(lambda rows: len(rows) == 10)) == 10
+
+
+def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboard):
+    board = dashboard()
+    task = Task("jobs", FailingJob)
+    board.queue.add(task)
+    Worker("w", board.queue, "jobs").consume(burst=True)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    board.page.click(f"button:has-text('{task.identifier}')")
+    error = board.page.locator("#error")
+    error.wait_for()
+    assert error.inner_text().startswith("RuntimeError: boom") and "Traceback" in error.inner_text()
+    board.page.click("#retry")
+    wait_until(lambda: board.queue.find(task.identifier).status is Status.WAITING)
+    assert board.dialogs == [f"Retry task {task.identifier}?"]
+    board.page.click("#delete")
+    wait_until(lambda: board.queue.count() == 0)
+    wait_until(lambda: board.rows() == [] and board.page.locator("#detail").is_hidden())
+    assert board.errors == []
+
+
+def test_dashboard_adds_a_task(dashboard):
+    board = dashboard().open()
+    board.page.fill("#add-profile", "web")
+    board.page.fill("#add-job", "examples.hello.GreetJob")
+    board.page.fill("#add-parameters", '{"name": "Ada"}')
+    board.page.fill("#add-tags", "from-ui, test")
+    board.page.click("#add button[type=submit]")
+    added = wait_until(lambda: board.queue.search(profile="web"))[0]
+    assert added.parameters == {"name": "Ada"} and added.tags == ["from-ui", "test"]
+    board.page.wait_for_selector(f"text={added.identifier}")
+    assert board.errors == []
+
+
+def test_dashboard_shows_markup_as_text_and_runs_none_of_it(dashboard):
+    board = dashboard()
+    evil = "<img src=x onerror=alert(1)>"
+    task = Task("p", RecordingJob, {"note": evil}, [evil])
+    board.queue.add(task)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    assert evil in board.rows()[0]
+    board.page.click(f"button:has-text('{task.identifier}')")
+    board.page.wait_for_selector("#detail", state="visible")
+    assert evil in board.page.locator("#detail").inner_text()
+    assert board.page.locator("img").count() == 0 and board.dialogs == [] and board.errors == []
+
+
+def test_dashboard_asks_for_the_token_once_per_tab(dashboard):
+    board = dashboard(jobqueue.Config(token="s3cret"))
+    task = Task("p", RecordingJob)
+    board.queue.add(task)
+    board.open().page.wait_for_selector("#token-form", state="visible")
+    assert board.rows() == []
+    board.page.fill("#token", "s3cret")
+    board.page.click("#token-form button")
+    board.page.wait_for_selector(f"text={task.identifier}")
+    assert board.page.locator("#token-form").is_hidden()
+    board.page.reload()
+    board.page.wait_for_selector(f"text={task.identifier}")
+    assert board.page.locator("#token-form").is_hidden()
+    assert all("401" in error for error in board.errors), board.errors
+
+
+def test_dashboard_throughput_of_the_last_minute(dashboard):
+    board = dashboard().open()
+    board.page.wait_for_selector("text=last minute: 0 executed, 0 failed")
+    board.queue.add(*[Task("w", add_numbers, {"a": 1, "b": 1}) for _ in range(3)], Task("w", FailingJob))
+    Worker("w", board.queue, "w").consume(burst=True)
+    board.page.wait_for_selector("text=last minute: 3 executed, 1 failed")
+
+
+def test_dashboard_is_keyboard_usable(dashboard):
+    board = dashboard()
+    task = Task("p", RecordingJob)
+    board.queue.add(task)
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    board.page.focus(f"button:has-text('{task.identifier}')")
+    board.page.keyboard.press("Enter")
+    board.page.wait_for_selector("#detail", state="visible")
+    assert board.page.locator("label[for=filter-profile]").count() == 1
+
+
+@pytest.mark.parametrize("width", [375, 1920])
+def test_dashboard_fits_phone_and_desktop_widths(dashboard, tmp_path, width):
+    board = dashboard(width=width)
+    board.queue.add(*[Task(profile, RecordingJob, {"n": n}, ["nightly"] if n % 2 else [])
+                      for n, profile in enumerate(["mail", "sms", "reports", "mail", "sms"])])
+    board.queue.fetch("mail", timeout=0)
+    board.queue.update_status(board.queue.search(profile="sms")[0], Status.FAILED)
+    board.open().wait_for_rows(lambda rows: len(rows) == 5)
+    overflow = board.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    folder = Path(os.environ.get("JOBQUEUE_SCREENSHOTS", tmp_path))
+    shot = folder / f"dashboard-{width}.png"
+    board.page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000 and board.errors == []
