@@ -2048,18 +2048,10 @@ class RedisQueue(Queue):
 
     def _locate(self, identifier: str) -> tuple:
         """(profile, stored fields) of a task: one pipeline over the profiles, one round trip per master."""
-        known = sorted(self._known_profiles)
-        for _ in range(2):
-            replies = self._read([("SMEMBERS", f"{{{self.prefix}}}:profiles")] +
-                                 [("HGETALL", f"{self._base(p)}:task:{identifier}") for p in known])
-            for profile, fields in zip(known, replies[1:]):
-                if fields:
-                    return profile, fields
-            profiles = {_text(name) for name in replies[0]}
-            self._known_profiles = frozenset(profiles)
-            known = sorted(profiles - set(known))
-            if not known:
-                break
+        profiles, replies = self._across(None, lambda p: [("HGETALL", f"{self._base(p)}:task:{identifier}")])
+        for profile, (fields,) in zip(profiles, replies):
+            if fields:
+                return profile, fields
         return None, None
 
     def _find(self, identifier: str) -> Task | None:
@@ -2151,22 +2143,28 @@ class RedisQueue(Queue):
         return self._tasks([entry[1:] for entry in merged[query.offset: stop + 1]])
 
     def _per_group(self, query: Filter, command: Callable[[str], tuple]) -> tuple:
-        """(groups, replies): ``command`` on the status set of each (profile, status) group the query names.
-
-        One pipeline: with no profile given, the profile names are read in it
-        too, for the profiles known already; one new since costs another.
-        """
+        """(groups, replies): ``command`` on the status set of each (profile, status) group the query names."""
         statuses = [query.status] if query.status else list(Status)
-        profiles = [query.profile] if query.profile else sorted(self._known_profiles)
+        profiles, replies = self._across(
+            query.profile, lambda p: [command(f"{self._base(p)}:status:{s.value}") for s in statuses])
+        groups = [(profile, status) for profile in profiles for status in statuses]
+        return groups, [reply for batch in replies for reply in batch]
+
+    def _across(self, profile: str | None, commands: Callable[[str], list]) -> tuple:
+        """(profiles, the replies of each): ``commands(profile)`` for ``profile``, or for every profile.
+
+        One pipeline: for every profile, the profile names are read in it too,
+        for the profiles known already; a profile new since costs one more.
+        """
+        profiles = [profile] if profile else sorted(self._known_profiles)
         while True:
-            groups = [(profile, status) for profile in profiles for status in statuses]
-            listed = [] if query.profile else [("SMEMBERS", f"{{{self.prefix}}}:profiles")]
-            replies = self._read(listed + [command(f"{self._base(p)}:status:{s.value}") for p, s in groups])
-            if query.profile:
-                return groups, replies
-            names = {_text(name) for name in replies[0]}
+            batches = [commands(name) for name in profiles]
+            listed = [] if profile else [("SMEMBERS", f"{{{self.prefix}}}:profiles")]
+            replies = self._read(listed + [command for batch in batches for command in batch])
+            names = set(profiles) if profile else {_text(name) for name in replies.pop(0)}
             if names <= set(profiles):
-                return groups, replies[1:]
+                grouped = iter(replies)
+                return profiles, [[next(grouped) for _ in batch] for batch in batches]
             self._known_profiles = frozenset(names)
             profiles = sorted(names)
 
@@ -2212,9 +2210,8 @@ class RedisQueue(Queue):
         return {(p, s.value): size for (p, s), size in zip(groups, sizes) if p in used}
 
     def _completed(self) -> dict[tuple, int]:
-        profiles = self._profiles()
-        replies = self._read([("HGETALL", f"{self._base(p)}:completed") for p in profiles])
-        return {(profile, _text(outcome)): int(number) for profile, counts in zip(profiles, replies)
+        profiles, replies = self._across(None, lambda p: [("HGETALL", f"{self._base(p)}:completed")])
+        return {(profile, _text(outcome)): int(number) for profile, (counts,) in zip(profiles, replies)
                 for outcome, number in counts.items()}
 
     def _ping(self) -> None:
