@@ -62,7 +62,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Status", "Task", "Job", "job", "validate_profile", "resolve_job",
-    "JobQueueError", "ValidationError", "TaskNotFound", "ParameterNotFound",
+    "JobQueueError", "ValidationError", "TaskNotFound", "TaskConflict", "ParameterNotFound",
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
@@ -133,6 +133,10 @@ class ParameterNotFound(JobQueueError, _MessageKeyError):
         self.name = name
 
 
+class TaskConflict(ValidationError):
+    """A change the task's state does not allow now, such as retrying a task that is not failed."""
+
+
 class JobError(JobQueueError):
     """A job path that cannot be run: not importable, or not a Job nor a @job function."""
 
@@ -169,6 +173,7 @@ ERROR_CODES: dict[type, tuple[int, int]] = {
     ParameterNotFound: (400, 2),
     JobError: (400, 2),
     JobNotAllowed: (403, 2),
+    TaskConflict: (409, 2),
     UsageError: (400, 2),
     ConfigurationError: (500, 2),
     BackendUnavailable: (503, 1),
@@ -1067,7 +1072,7 @@ class Queue:
         if updated is None:
             raise TaskNotFound(identifier)
         if only_failed and updated.status is not Status.WAITING:
-            raise ValidationError(f"Task {identifier} is {updated.status.value}: only failed tasks can be retried")
+            raise TaskConflict(f"Task {identifier} is {updated.status.value}: only failed tasks can be retried")
         if isinstance(task, Task):
             task.__dict__.update(updated.__dict__)
         return updated
@@ -1855,7 +1860,7 @@ class RedisQueue(Queue):
             return ValidationError(f"Task {str(error).split()[1]} already exists")
         if code == "NOTFAILED":
             _, identifier, status = str(error).split()[:3]
-            return ValidationError(f"Task {identifier} is {status}: only failed tasks can be retried")
+            return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
         if isinstance(error, exceptions.MovedError) and not self._cluster:
             return ConfigurationError(f"{self.describe()} is a node of a Redis Cluster: use redis+cluster://host:port")
         outages = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError, exceptions.AskError,
@@ -2568,7 +2573,7 @@ class SQLiteQueue(Queue):
             if row is None:
                 return None
             if only_failed and row["status"] != Status.FAILED.value:
-                raise ValidationError(f"Task {identifier} is {row['status']}: only failed tasks can be retried")
+                raise TaskConflict(f"Task {identifier} is {row['status']}: only failed tasks can be retried")
             if row["status"] != status.value:
                 if status is Status.WAITING:
                     connection.execute(_SQLITE_REQUEUE, (self._positions(connection, 1)[0], row["seq"]))
@@ -3060,7 +3065,7 @@ def _serve_isolated(log_level: int, worker_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(signal.SIGKILL, worker_pid)
     if log_level:
-        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=log_level, format=LOG_FORMAT)
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     targets: dict[str, Any] = {}
@@ -3929,7 +3934,7 @@ class WebService:
         token = self.config.token
         if not token:
             return
-        given = request.headers.get("Authorization") or ""
+        given = request.header("Authorization") or ""
         scheme, _, credentials = given.partition(" ")
         import hmac
 
@@ -3971,11 +3976,7 @@ class WebService:
         return Response(200, self.queue.update_status(request.params["identifier"], data["status"]).to_json())
 
     def retry_task(self, request: Request) -> Response:
-        """409 for a task that is not failed: the request is well formed, the task's state is the conflict."""
-        try:
-            return Response(200, self.queue.retry(request.params["identifier"]).to_json())
-        except ValidationError as error:
-            raise HTTPError(409, str(error)) from None
+        return Response(200, self.queue.retry(request.params["identifier"]).to_json())
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
