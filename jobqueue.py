@@ -2329,6 +2329,29 @@ def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return {column[0]: value for column, value in zip(cursor.description, row)}
 
 
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """Give a file made by an older version the columns of fields added since (their defaults).
+
+    Runs before the schema script, whose indexes may name the new columns.
+    """
+    present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)")}
+    if not present:
+        return
+    missing = [column for column in TASK_FIELDS if column.name not in present]
+    if not missing:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)")}
+        for column in missing:
+            if column.name not in present:
+                connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {column.metadata['sql']}")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 def _sqlite3() -> Any:
     """The sqlite3 module, if its library can run our statements (RETURNING needs 3.35)."""
     import sqlite3
@@ -2389,6 +2412,7 @@ class SQLiteQueue(Queue):
                 if not self._schema_ready:
                     if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
                         connection.execute("PRAGMA journal_mode = WAL")
+                    _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
                     self._schema_ready = True
                 return connection

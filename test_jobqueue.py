@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -1804,6 +1805,38 @@ def test_sqlite_older_than_3_35_is_refused_clearly(tmp_path, monkeypatch, capsys
         ServiceContainer.reset()
     assert "3.35.0 or newer" in capsys.readouterr().err
     assert not (tmp_path / "old.db").exists()
+
+
+def test_a_file_from_an_older_version_gains_the_new_fields_and_keeps_its_tasks(tmp_path):
+    """A field added to the table reaches files made before it, with its default, in any process."""
+    indexes = jobqueue._SQLITE_SCHEMA.split("CREATE INDEX", 1)[1]
+
+    def addable(column):
+        sql = column.metadata["sql"]
+        unindexed = not re.search(rf"\b{column.name}\b", indexes)
+        return unindexed and "UNIQUE" not in sql and ("NOT NULL" not in sql or "DEFAULT" in sql)
+
+    older = [column for column in jobqueue.TASK_FIELDS if addable(column)][-3:]
+    path = tmp_path / "old.db"
+    SQLiteQueue(path).add(Task("p", RecordingJob, {"n": 1}, identifier="kept"))
+    connection = sqlite3.connect(path)
+    for column in older:
+        try:
+            connection.execute(f"ALTER TABLE jobqueue_tasks DROP COLUMN {column.name}")
+        except sqlite3.OperationalError as error:
+            pytest.skip(f"this SQLite cannot drop {column.name} to fake an old file: {error}")
+    connection.commit()
+    connection.close()
+
+    queue = SQLiteQueue(path)
+    kept = queue.find("kept")
+    assert kept.parameters == {"n": 1}
+    for column in older:
+        default = column.default if column.default is not dataclasses.MISSING else column.default_factory()
+        if column.name != "identifier":
+            assert getattr(kept, column.name) == default, column.name
+    queue.add(Task("p", RecordingJob, identifier="new"))
+    assert [task.identifier for task in queue.search(order="date")] == ["kept", "new"]
 
 
 def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, monkeypatch):
