@@ -4087,9 +4087,9 @@ BENCH_FIGURES = [
 ]
 
 
-def test_benchmark_quick_run_prints_every_figure(tmp_path, redis_server):
-    """A smoke test of bench/bench.py --quick: it runs and prints every row; no timing is asserted."""
-    result = subprocess.run([sys.executable, str(HERE / "bench" / "bench.py"), "--quick", "--json",
+def test_benchmark_smoke_run_prints_every_figure(tmp_path, redis_server):
+    """A smoke test of bench/bench.py: it runs and prints every row; no timing is asserted."""
+    result = subprocess.run([sys.executable, str(HERE / "bench" / "bench.py"), "--smoke", "--json",
                              str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=600,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,6 +3,7 @@
 
     python bench/bench.py               # the full run, a few minutes
     python bench/bench.py --quick       # under a minute, smaller samples
+    python bench/bench.py --smoke       # seconds: only checks that every figure runs
     python bench/bench.py --json FILE   # also save every figure as JSON
 
 It starts its own redis-server on a free port (and uses temporary SQLite
@@ -53,6 +54,7 @@ class Sizes:
 
 FULL = Sizes(repeats=5, enqueue=5000, batches=20, drain=10000, drain_slow=400, latency=300, stored=100_000, posts=2000)
 QUICK = Sizes(repeats=2, enqueue=1000, batches=3, drain=1000, drain_slow=10, latency=25, stored=5_000, posts=200)
+SMOKE = Sizes(repeats=1, enqueue=100, batches=1, drain=100, drain_slow=4, latency=8, stored=1_000, posts=40)
 
 
 @dataclass
@@ -462,7 +464,7 @@ class Bench:
             process = subprocess.Popen(command, cwd=HERE, env=self.env(extra), stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             try:
-                time.sleep(1.0 if self.sizes is QUICK else 3.0)
+                time.sleep(3.0 if self.sizes is FULL else 1.0)
                 self.rows.append(Row(figure, name, "MiB", "lower", [rss_mib(process.pid)]))
             finally:
                 process.terminate()
@@ -471,7 +473,7 @@ class Bench:
         self.bytes_per_task()
 
     def bytes_per_task(self) -> None:
-        figure, count = "Redis bytes per task (3 parameters)", 2_000 if self.sizes is QUICK else 10_000
+        figure, count = "Redis bytes per task (3 parameters)", 10_000 if self.sizes is FULL else 2_000
         systems: list[tuple[str, Callable[[int], None]]] = []
         queue = jobqueue.queue_from_dsn(self.redis_dsn)
         systems.append(("jobqueue redis", lambda i: queue.add(
@@ -527,6 +529,7 @@ def render(rows: list[Row]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller samples, under a minute")
+    parser.add_argument("--smoke", action="store_true", help="tiny samples: checks that every figure runs")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--only", nargs="+", choices=["enqueue", "drain", "latency", "search", "posts", "memory"],
                         help="measure only these figures")
@@ -546,7 +549,7 @@ def main() -> int:
         except ImportError:
             peers[name] = False
             print(f"bench: {name} is not installed (pip install {name}): measuring without it", file=sys.stderr)
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="jobqueue-bench-") as tmp:
         redis = RedisServer(Path(tmp))
         os.environ["BENCH_REDIS_PORT"] = str(redis.port)
@@ -557,11 +560,12 @@ def main() -> int:
         finally:
             redis.stop()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    size = ", smoke" if args.smoke else ", quick" if args.quick else ""
     print(f"\njobqueue {jobqueue.__version__} benchmark, {stamp}, {os.cpu_count()} cores, Python "
-          f"{sys.version.split()[0]}{', quick' if args.quick else ''}; ratios above 1: jobqueue does better\n")
+          f"{sys.version.split()[0]}{size}; ratios above 1: jobqueue does better\n")
     print(render(bench.rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": stamp, "quick": args.quick, "sizes": asdict(sizes),
+        Path(args.json).write_text(json.dumps({"date": stamp, "quick": args.quick or args.smoke, "sizes": asdict(sizes),
                                                "rows": [asdict(row) for row in bench.rows]}, indent=2))
     return 0
 
