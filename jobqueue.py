@@ -27,6 +27,7 @@ prints this map):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -3644,7 +3645,49 @@ IDLE_THREAD_SECONDS = 10.0
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10000
 REQUEST_TIMEOUT = 30.0
+HANDLERS_AT_ONCE = 2
 http_log = logging.getLogger("jobqueue.http")
+
+
+class FairGate:
+    """Lets at most ``permits`` threads in at once, in the order they arrived.
+
+    Fifty request threads all running at once queue for the GIL in no
+    particular order (and SQLite releases it on every call), so a few
+    requests wait behind many others again and again: a long tail. Through
+    the gate each request waits its turn once and then runs nearly alone.
+    """
+
+    def __init__(self, permits: int) -> None:
+        self._lock = threading.Lock()
+        self._free = permits
+        self._waiting: collections.deque = collections.deque()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiting.append(turn)
+        turn.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._free += 1
+
+    @contextlib.contextmanager
+    def stepped_out(self) -> Iterator[None]:
+        """Leave the gate while blocking on something else (a long poll), then queue again."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
 
 
 class HTTPError(JobQueueError):
@@ -3887,6 +3930,7 @@ class WebService:
         self.config = config if config is not None else Config()
         self.insecure = insecure
         self.requests: dict[tuple, int] = {}
+        self.gate = FairGate(HANDLERS_AT_ONCE)
         self._lock = threading.Lock()
         self._routes = [(route, route.pattern) for route in ROUTES]
 
@@ -3904,7 +3948,8 @@ class WebService:
             if request.body and request.method in BODY_METHODS and media_type != "application/json":
                 raise HTTPError(415, "A body must be JSON, sent with Content-Type: application/json")
             request.params = params
-            response = getattr(self, route.handler)(request)
+            with self.gate:
+                response = getattr(self, route.handler)(request)
         except Exception as error:  # noqa: BLE001 - the one choke point: every error becomes JSON
             response = self.error_response(error)
         with self._lock:

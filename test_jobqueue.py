@@ -2264,6 +2264,52 @@ def test_service_container_is_one_shared_instance(monkeypatch, tmp_path):
 # == HTTP ====================================================================
 
 
+def test_the_request_gate_admits_in_arrival_order_and_at_most_its_permits():
+    """Requests that queue for the handlers get in first come, first served (no overtaking, no long tail)."""
+    gate, inside, entered, most = jobqueue.FairGate(2), [], [], [0]
+    lock = threading.Lock()
+
+    def request(number):
+        with gate:
+            with lock:
+                inside.append(number)
+                entered.append(number)
+                most[0] = max(most[0], len(inside))
+            time.sleep(0.002)
+            with lock:
+                inside.remove(number)
+
+    gate.__enter__()
+    gate.__enter__()
+    threads = []
+    for number in range(8):
+        threads.append(threading.Thread(target=request, args=(number,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while len(gate._waiting) < number + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert len(gate._waiting) == 8 and entered == []
+    gate.__exit__()
+    gate.__exit__()
+    for thread in threads:
+        thread.join(5)
+    assert entered == list(range(8)) and most[0] <= 2
+
+
+def test_a_request_stepping_out_of_the_gate_lets_the_others_in():
+    gate, order = jobqueue.FairGate(1), []
+    with gate:
+        waiter = threading.Thread(target=lambda: (gate.__enter__(), order.append("other"), gate.__exit__()))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not gate._waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with gate.stepped_out():
+            waiter.join(5)
+        order.append("back")
+    assert order == ["other", "back"]
+
+
 @pytest.fixture
 def start_server():
     """Start real servers on ephemeral ports over a given queue; stop them all afterwards."""
