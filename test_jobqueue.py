@@ -1487,6 +1487,51 @@ def test_profiles_spread_over_the_cluster_masters(redis_cluster):
     assert queue.count() == 0
 
 
+def test_a_call_cut_off_before_its_reply_leaves_no_stale_reply_for_the_next(redis_server):
+    """State changes keep a few connections between calls: one whose reply was never read is not reused."""
+    queue = queue_from_dsn(f"redis://127.0.0.1:{redis_server.port}?prefix=cutoff")
+    queue.add(Task("p", RecordingJob, identifier="warm"))
+    held = queue._held[1][-1]
+    real = held.read_response
+
+    def cut_off(*args, **kwargs):
+        held.read_response = real
+        raise KeyboardInterrupt
+
+    held.read_response = cut_off
+    with pytest.raises(KeyboardInterrupt):
+        queue.add(Task("p", RecordingJob, identifier="second"))
+    claimed = queue.fetch("p", timeout=0)
+    assert claimed is not None and claimed.identifier == "warm"
+    assert queue.find("second").status is Status.WAITING
+    queue.flush()
+
+
+def test_a_forked_child_uses_connections_of_its_own(redis_server):
+    queue = queue_from_dsn(f"redis://127.0.0.1:{redis_server.port}?prefix=forked")
+    def add_and_claim(profile):
+        for number in range(300):
+            queue.add(Task(profile, RecordingJob, identifier=f"{profile}-{number}"))
+            claimed = queue.fetch(profile, timeout=0)
+            if claimed is None or claimed.identifier != f"{profile}-{number}":
+                return False
+        return True
+
+    queue.add(Task("p", RecordingJob, identifier="warm"))
+    queue.fetch("p", timeout=0)
+    child = os.fork()
+    if child == 0:
+        try:
+            os._exit(0 if add_and_claim("c") else 1)
+        except BaseException:
+            os._exit(2)
+    parent_ok = add_and_claim("p")
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and parent_ok
+    assert queue.count(status="running") == 601
+    queue.flush()
+
+
 class EverythingTwice:
     """A redis-py client that sends every command and every pipeline twice, as a retry after a lost reply does."""
 
