@@ -2941,13 +2941,25 @@ class _Guard:
         self.due: type | None = None
         self.fired: type | None = None
 
-    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by)."""
-        value, error, late = None, None, None
+    def reset(self) -> None:
+        """A new run begins: forget what was fired at the last one."""
         self.due = self.fired = None
+
+    def call(self, function: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """Run ``function()``; return (value, None) or (None, the exception it raised or was interrupted by).
+
+        An exception fired since ``reset`` but before the job began (its import
+        took all its time) is delivered at once, without running the job.
+        """
+        value, error, late = None, None, None
         try:
             try:
                 self.inside = True
+                while self.arming:
+                    time.sleep(0)
+                if self.due is not None and self.fired is None:
+                    self.fired = self.due
+                    return None, self.fired()
                 value = function()
             except BaseException as caught:  # noqa: BLE001 - the caller decides what each means
                 error = caught
@@ -2966,6 +2978,7 @@ class _Guard:
             signal.pthread_kill(self.thread, self.wake_signal)
             return
         self.arming = True
+        self.due = exception
         if self.inside and self.fired is None:
             self.fired = exception
             _async_raise(self.thread, exception)
@@ -3195,6 +3208,8 @@ class _Watchdog:
 
     @contextlib.contextmanager
     def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+        if guard is not None:
+            guard.reset()
         now = time.monotonic()
         run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
         with self._condition:

@@ -185,12 +185,12 @@ class Bench:
         return rq.Queue(name, connection=redis.Redis(port=self.redis.port))
 
     def rq_worker(self, name: str, simple: bool = True) -> list[str]:
-        command = [shutil.which("rq") or "rq", "worker", name, "-u", f"redis://127.0.0.1:{self.redis.port}", "-q"]
+        command = [peer_command("rq"), "worker", name, "-u", f"redis://127.0.0.1:{self.redis.port}", "-q"]
         return command + (["-w", "rq.worker.SimpleWorker"] if simple else [])
 
     @staticmethod
     def huey_consumer(*options: str) -> list[str]:
-        return [shutil.which("huey_consumer") or "huey_consumer", "huey_app.huey", "-q", *options]
+        return [peer_command("huey_consumer"), "huey_app.huey", "-q", *options]
 
     # -- 1, 2: enqueue
 
@@ -526,6 +526,29 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def peer_command(name: str) -> str:
+    """A peer's console script from this Python's environment, even when it is not activated (not on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+def versions(peers: dict) -> str:
+    """What a reader needs to repeat the run: the clients' and peers' versions, and whether hiredis parsed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("redis", "hiredis", *(peer for peer, installed in peers.items() if installed)):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} not installed")
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        HIREDIS_AVAILABLE = False
+    return ", ".join(found) + f"; hiredis {'used' if HIREDIS_AVAILABLE else 'not used'} by redis-py"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller samples, under a minute")
@@ -562,7 +585,7 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     size = ", smoke" if args.smoke else ", quick" if args.quick else ""
     print(f"\njobqueue {jobqueue.__version__} benchmark, {stamp}, {os.cpu_count()} cores, Python "
-          f"{sys.version.split()[0]}{size}; ratios above 1: jobqueue does better\n")
+          f"{sys.version.split()[0]}{size}; ratios above 1: jobqueue does better\n{versions(peers)}\n")
     print(render(bench.rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": stamp, "quick": args.quick or args.smoke, "sizes": asdict(sizes),
