@@ -255,6 +255,24 @@ def validate_parameters(parameters: object) -> dict[str, Scalar]:
     return dict(parameters)
 
 
+def validate_dependencies(depends_on: object, identifier: str) -> list[str]:
+    """The identifiers a task waits for (a Task stands for its own), without repeats, never itself."""
+    if depends_on is None:
+        return []
+    if isinstance(depends_on, (str, Task)) or not isinstance(depends_on, (list, tuple)):
+        raise ValidationError("depends_on must be a list of task identifiers")
+    unique: list[str] = []
+    for item in depends_on:
+        item = item.identifier if isinstance(item, Task) else item
+        if not isinstance(item, str) or not item or not _is_text(item) or len(item) > 200:
+            raise ValidationError("depends_on must be a list of task identifiers")
+        if item == identifier:
+            raise ValidationError(f"Task {identifier} can not depend on itself")
+        if item not in unique:
+            unique.append(item)
+    return unique
+
+
 def validate_tags(tags: object) -> list[str]:
     if tags is None:
         return []
@@ -507,6 +525,7 @@ JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
 NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
 COUNT = Codec("INTEGER", str, int)
+LIST_OR_NOTHING = Codec("TEXT", lambda value: json.dumps(value) if value else "", json.loads)  # [] is stored as ''
 STATUS = Codec("TEXT", lambda value: value.value, Status, lambda value: value.value)
 NULLABLE = {"type": ["string", "null"]}
 PROFILE_SCHEMA = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
@@ -561,7 +580,8 @@ class Task:
     (seconds before the first retry, doubling after each failure, with jitter),
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
-    ``run_at`` (a datetime). The other fields are filled in by queues and workers.
+    ``run_at`` (a datetime), ``depends_on`` (identifiers of tasks that must finish first).
+    The other fields are filled in by queues and workers.
 
     The fields are the field table (``_column``): their order is the JSON form's, and their rows
     drive storage on both backends, the SQLite columns, ``manager show`` and the OpenAPI schema.
@@ -617,6 +637,10 @@ class Task:
     failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
     lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
                         show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
+    depends_on: list[str] | None = _column(
+        LIST_OR_NOTHING, None, schema={"type": "array", "items": {"type": "string"}},
+        new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+        show=((21, "Depends on", lambda task: ", ".join(task.depends_on) or None),))  # type: ignore[arg-type]
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -627,6 +651,7 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
+        self.depends_on = validate_dependencies(self.depends_on, self.identifier)
         if isinstance(self.retries, float) and self.retries.is_integer():
             self.retries = int(self.retries)
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
@@ -948,6 +973,27 @@ def _build_filter(profile, status, tags, order="status", limit=None, offset=0) -
     )
 
 
+def _check_no_cycle(tasks: Sequence[Task]) -> None:
+    """Tasks of one batch that depend on each other in a circle could never run: refuse them."""
+    batch = {task.identifier: task for task in tasks if isinstance(task, Task)}
+    done: set[str] = set()
+    for start in batch:
+        path, stack = set(), [(start, False)]
+        while stack:
+            identifier, leaving = stack.pop()
+            if leaving:
+                path.discard(identifier)
+                done.add(identifier)
+                continue
+            if identifier in path:
+                raise ValidationError(f"Task {identifier} depends on itself through other tasks of the batch")
+            if identifier in done or identifier not in batch:
+                continue
+            path.add(identifier)
+            stack.append((identifier, True))
+            stack.extend((dependency, False) for dependency in batch[identifier].depends_on)  # type: ignore[union-attr]
+
+
 def _default_worker_name() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
 
@@ -986,6 +1032,14 @@ class Queue:
       ``waiting``; with ``include_leased=False``, running tasks whose lease is
       still live are left to their workers.
     - ``stats()``: ``{profile: {status: count}}``, all four statuses present.
+    - Dependencies: a task with ``depends_on`` stays ``waiting``, out of its
+      profile's ready queue, until every task it names is ``finished``; it is
+      released in the step that records the last finish. A dependency that
+      fails for good or is deleted fails it (``Dependency <id> failed`` or
+      ``was deleted``), and so on down the line. An unknown identifier is a
+      ValidationError at ``add``; a batch may hold a task and its dependencies
+      in any order. A task put back to waiting by hand (``retry``,
+      ``restore``, ``update_status``) no longer waits for its dependencies.
     - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
       workers completed since the queue began (or was flushed); counters, so
       deleting tasks does not lower them.
@@ -1003,6 +1057,7 @@ class Queue:
                 raise ValidationError(f"Only Task objects can be added, not {type(task).__name__}")
         if len(set(task.identifier for task in tasks)) != len(tasks):
             raise ValidationError("The same task is added twice")
+        _check_no_cycle(tasks)
         for task in tasks:
             task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
             task.started_at = task.finished_at = task.error = task.result = None
@@ -1013,6 +1068,14 @@ class Queue:
                     if task.__dict__.get("_delay") is not None:
                         task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
                 self._add(tasks, now)
+
+    def chain(self, *tasks: Task) -> list[Task]:
+        """Add the tasks in one batch, each depending on the one before: they run in this order."""
+        for before, task in zip(tasks, tasks[1:]):
+            if isinstance(before, Task) and isinstance(task, Task) and before.identifier not in task.depends_on:
+                task.depends_on = [*task.depends_on, before.identifier]  # type: ignore[misc]
+        self.add(*tasks)
+        return list(tasks)
 
     def fetch(
         self, profile: str, timeout: float | None = None, worker: str | None = None, lease: float = DEFAULT_LEASE
@@ -2230,8 +2293,10 @@ class RedisQueue(Queue):
 # == Queue: SQLite ===========================================================
 
 # One row per task. A waiting task has a FIFO ``position``, or none while it
-# is delayed (until ``run_at``); a running one has ``lease_until``. Partial
-# indexes serve the FIFO, the delayed set, expired leases and ended tasks.
+# is delayed (until ``run_at``) or held by dependencies (``waits``: how many
+# are not finished yet); a running one has ``lease_until``. Partial indexes
+# serve the FIFO, the delayed set, expired leases and ended tasks. A row of
+# jobqueue_dependents says a task waits for another, until that one ends.
 _SQLITE_TYPES = {"TEXT": str, "REAL": float, "INTEGER": int}
 _SQLITE_ADDED = [column for column in TASK_FIELDS if not column.metadata["state"]]
 _SQLITE_COLUMNS = ",\n    ".join(f"{column.name} {column.metadata['sql']}" for column in TASK_FIELDS)
@@ -2241,7 +2306,8 @@ CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     {_SQLITE_COLUMNS},
     status_rank INTEGER NOT NULL,
     position INTEGER,
-    lease_until REAL
+    lease_until REAL,
+    waits INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
@@ -2261,6 +2327,11 @@ CREATE TABLE IF NOT EXISTS jobqueue_tags (
     PRIMARY KEY (tag, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobqueue_tags_by_task ON jobqueue_tags (seq);
+CREATE TABLE IF NOT EXISTS jobqueue_dependents (
+    dependency TEXT NOT NULL,
+    dependent TEXT NOT NULL,
+    PRIMARY KEY (dependency, dependent)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS jobqueue_counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -2278,7 +2349,8 @@ _SQLITE_READY = """
 SELECT EXISTS (SELECT 1 FROM jobqueue_tasks
                WHERE status = 'waiting' AND position IS NOT NULL AND profile = :profile)
     OR EXISTS (SELECT 1 FROM jobqueue_tasks
-               WHERE status = 'waiting' AND position IS NULL AND profile = :profile AND run_at <= :now) AS ready
+               WHERE status = 'waiting' AND position IS NULL AND profile = :profile AND run_at <= :now
+               AND waits IS NULL) AS ready
 """
 
 _SQLITE_CLAIM = """
@@ -2296,7 +2368,7 @@ RETURNING *
 _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
 SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
-    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL
+    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL, waits = NULL
 WHERE seq = ?
 """
 
@@ -2444,7 +2516,7 @@ class SQLiteQueue(Queue):
 
     def _add(self, tasks: Sequence[Task], now: float) -> None:
         rows = [_encode_task(task) for task in tasks]
-        delayed = [bool(r["run_at"]) and float(r["run_at"]) > now for r in rows]
+        delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
         with self._write() as connection:
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
@@ -2458,17 +2530,80 @@ class SQLiteQueue(Queue):
                 " SELECT ?, seq FROM jobqueue_tasks WHERE identifier = ?",
                 [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
             )
+            self._hold(connection, [task for task in tasks if task.depends_on], now)
 
     def _promote(self, connection: sqlite3.Connection, profile: str, now: float) -> None:
         """Due delayed tasks join the back of the FIFO, in run_at order."""
         due = connection.execute(
             "SELECT seq FROM jobqueue_tasks WHERE status = 'waiting' AND position IS NULL AND profile = ?"
-            " AND run_at <= ? ORDER BY run_at, seq LIMIT 100", (profile, now)
+            " AND run_at <= ? AND waits IS NULL ORDER BY run_at, seq LIMIT 100", (profile, now)
         ).fetchall()
         if due:
             positions = self._positions(connection, len(due))
             connection.executemany("UPDATE jobqueue_tasks SET position = ? WHERE seq = ?",
                                    [(p, row["seq"]) for p, row in zip(positions, due)])
+
+    # -- dependencies: held tasks have ``waits`` and no position; jobqueue_dependents links them
+
+    def _hold(self, connection: sqlite3.Connection, tasks: Sequence[Task], now: float) -> None:
+        """Link just-added tasks to what they depend on; release, fail or keep each (caller's transaction)."""
+        links = [(dependency, task.identifier) for task in tasks for dependency in task.depends_on]  # type: ignore[union-attr]
+        known = {}
+        for dependency in dict.fromkeys(dependency for dependency, _ in links):
+            row = connection.execute("SELECT status FROM jobqueue_tasks WHERE identifier = ?", (dependency,)).fetchone()
+            if row is None:
+                raise ValidationError(f"Unknown dependency {dependency}: no task has this identifier")
+            known[dependency] = row["status"]
+        connection.executemany("INSERT OR IGNORE INTO jobqueue_dependents (dependency, dependent) VALUES (?, ?)",
+                               [(dependency, dependent) for dependency, dependent in links
+                                if known[dependency] not in ("finished", "failed")])
+        connection.executemany("UPDATE jobqueue_tasks SET waits = ? WHERE identifier = ?", [
+            (sum(known[dependency] != "finished" for dependency in task.depends_on), task.identifier)  # type: ignore[union-attr]
+            for task in tasks])
+        for task in tasks:
+            failed = next((d for d in task.depends_on if known[d] == "failed"), None)  # type: ignore[union-attr]
+            if failed is not None:
+                self._fail_held(connection, [(task.identifier, failed, "failed")], now)
+            elif all(known[dependency] == "finished" for dependency in task.depends_on):  # type: ignore[union-attr]
+                self._release(connection, task.identifier, now)
+
+    def _release(self, connection: sqlite3.Connection, identifier: str, now: float) -> None:
+        """A held task whose dependencies all finished joins its profile's FIFO (or the delayed set)."""
+        row = connection.execute(
+            "UPDATE jobqueue_tasks SET waits = NULL WHERE identifier = ? AND status = 'waiting' AND waits IS NOT NULL"
+            " RETURNING seq, run_at", (identifier,)).fetchone()
+        if row is not None and (row["run_at"] is None or row["run_at"] <= now):
+            connection.execute("UPDATE jobqueue_tasks SET position = ? WHERE seq = ?",
+                               (self._positions(connection, 1)[0], row["seq"]))
+
+    def _dependents(self, connection: sqlite3.Connection, identifier: str) -> list[str]:
+        """The tasks waiting for ``identifier``, unlinked from it: it ended, they hear of it now."""
+        return [row["dependent"] for row in connection.execute(
+            "DELETE FROM jobqueue_dependents WHERE dependency = ? RETURNING dependent", (identifier,)).fetchall()]
+
+    def _settle(self, connection: sqlite3.Connection, identifier: str, status: Status | None, now: float) -> None:
+        """A task finished, failed or was deleted (None): release or fail the tasks that wait for it."""
+        if status is Status.FINISHED:
+            for dependent in self._dependents(connection, identifier):
+                left = connection.execute(
+                    "UPDATE jobqueue_tasks SET waits = waits - 1 WHERE identifier = ? AND status = 'waiting'"
+                    " AND waits > 0 RETURNING waits", (dependent,)).fetchone()
+                if left is not None and left["waits"] == 0:
+                    self._release(connection, dependent, now)
+        elif status is not Status.WAITING:
+            why = "failed" if status else "was deleted"
+            self._fail_held(connection, [(d, identifier, why) for d in self._dependents(connection, identifier)], now)
+
+    def _fail_held(self, connection: sqlite3.Connection, pending: list[tuple], now: float) -> None:
+        """Fail each held (dependent, dependency, why), then what waits for those, and so on down."""
+        while pending:
+            dependent, dependency, why = pending.pop()
+            failed = connection.execute(
+                "UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, error = ?, finished_at = ?, waits = NULL"
+                " WHERE identifier = ? AND status = 'waiting' AND waits IS NOT NULL RETURNING identifier",
+                (f"Dependency {dependency} {why}", now, dependent)).fetchone()
+            if failed is not None:
+                pending += [(d, dependent, "failed") for d in self._dependents(connection, dependent)]
 
     def _claim(self, profile: str, worker: str, lease: float) -> Task | None:
         """Claim without taking the write lock when a cheap read shows nothing is ready."""
@@ -2531,6 +2666,7 @@ class SQLiteQueue(Queue):
         }).fetchone()
         if row is not None and not retrying:
             connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:{task.status.value}",))
+            self._settle(connection, task.identifier, task.status, task.finished_at.timestamp())  # type: ignore[union-attr]
         return row is not None
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
@@ -2548,6 +2684,7 @@ class SQLiteQueue(Queue):
                         "UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, lost = ?, error = ?,"
                         " finished_at = ?, lease_until = NULL WHERE seq = ?", (lost, error, now, row["seq"]))
                     connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:failed",))
+                    self._settle(connection, row["identifier"], Status.FAILED, now)
                     row.update(status="failed", error=error, finished_at=now)
                 else:
                     connection.execute(
@@ -2582,6 +2719,7 @@ class SQLiteQueue(Queue):
                         "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ?, position = NULL,"
                         " lease_until = NULL WHERE seq = ?", (status.value, status.rank, now, row["seq"]),
                     )
+                    self._settle(connection, identifier, status, now)
             updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
         return _decode_task(updated)
 
@@ -2619,6 +2757,7 @@ class SQLiteQueue(Queue):
             ).fetchone()
             if row is None:
                 return False
+            self._settle(connection, identifier, None, self.clock())
             connection.execute("DELETE FROM jobqueue_tags WHERE seq = ?", (row["seq"],))
             connection.execute("DELETE FROM jobqueue_tasks WHERE seq = ?", (row["seq"],))
         return True
@@ -2637,6 +2776,7 @@ class SQLiteQueue(Queue):
     def _flush(self) -> int:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_tags")
+            connection.execute("DELETE FROM jobqueue_dependents")
             connection.execute("DELETE FROM jobqueue_counters WHERE name LIKE 'completed:%'")
             return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
