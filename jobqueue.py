@@ -1435,6 +1435,114 @@ local function claim_next(now, worker, lease)
   return {due = next_due[2]}
 end
 
+-- Dependencies. A held task (one waiting for others) has the field 'waits', JSON {dependency: its profile}
+-- of those not finished yet, and is in neither QUEUE nor DELAYED. A task others wait for has 'dependents',
+-- a JSON list of {profile, id}. Dependencies cross profiles, hence slots: news for a task of another profile
+-- is posted to this slot's outbox, a sorted set that the client delivers right after the call (and recover()
+-- again, if a client died first). Messages, each harmless to deliver twice:
+-- {'link', profile, dependency, dependent's profile, dependent}: note a dependent, or answer at once if ended;
+-- {'release', profile, dependent, dependency} and {'fail', profile, dependent, dependency, why}.
+local function outbox() return base .. ':outbox' end
+
+local function ready(id)
+  redis.call('LPUSH', QUEUE, id)
+  wake(1)
+end
+
+local function news(now)
+  return {work = {}, posted = 0, now = now, here = string.match(base, ':([^:]+)}$')}
+end
+
+-- Handle a message here if its task is in this slot, else post it.
+local function tell(ctx, message)
+  if message[2] == ctx.here then
+    ctx.work[#ctx.work + 1] = message
+  else
+    redis.call('ZADD', outbox(), ctx.now, cjson.encode(message))
+    ctx.posted = 1
+  end
+end
+
+-- What waits for id hears that it finished ('release') or failed or is gone ('fail', why).
+local function tell_dependents(ctx, id, what, why)
+  local list = redis.call('HGET', task_key(id), 'dependents')
+  if not list then return end
+  redis.call('HDEL', task_key(id), 'dependents')
+  for _, dependent in ipairs(cjson.decode(list)) do tell(ctx, {what, dependent[1], dependent[2], id, why}) end
+end
+
+local function handle(ctx, m)
+  local id, key = m[3], task_key(m[3])
+  if m[1] == 'link' then
+    local status = redis.call('HGET', key, 'status')
+    if status == 'finished' then
+      tell(ctx, {'release', m[4], m[5], id})
+    elseif status == 'failed' or not status then
+      tell(ctx, {'fail', m[4], m[5], id, status and 'failed' or 'was deleted'})
+    else
+      local list = cjson.decode(redis.call('HGET', key, 'dependents') or '[]')
+      for _, known in ipairs(list) do if known[1] == m[4] and known[2] == m[5] then return end end
+      list[#list + 1] = {m[4], m[5]}
+      redis.call('HSET', key, 'dependents', cjson.encode(list))
+    end
+    return
+  end
+  local f = redis.call('HMGET', key, 'status', 'waits', 'created_at', 'run_at')
+  if f[1] ~= 'waiting' or not f[2] then return end
+  local waits = cjson.decode(f[2])
+  if waits[m[4]] == nil then return end
+  if m[1] == 'release' then
+    waits[m[4]] = nil
+    if next(waits) then return redis.call('HSET', key, 'waits', cjson.encode(waits)) end
+    redis.call('HDEL', key, 'waits')
+    if f[4] and tonumber(f[4]) > tonumber(ctx.now) then
+      redis.call('ZADD', DELAYED, f[4], id)
+      wake(1)
+    else
+      ready(id)
+    end
+  else
+    move(id, f[3], 'waiting', 'failed', ctx.now)
+    redis.call('HDEL', key, 'waits')
+    redis.call('HSET', key, 'error', 'Dependency ' .. m[4] .. ' ' .. m[5])
+    tell_dependents(ctx, id, 'fail', 'failed')
+  end
+end
+
+-- Handle the messages for this slot, those they lead to too; 1 if some were posted to other slots.
+local function spread(ctx)
+  local i = 1
+  while ctx.work[i] do
+    handle(ctx, ctx.work[i])
+    i = i + 1
+  end
+  return ctx.posted
+end
+
+-- Tasks just added with 'waits' ask each of their dependencies to note them (or answer at once).
+local function hold(tasks, now)
+  local ctx = news(now)
+  for _, task in ipairs(tasks) do
+    for dependency, profile in pairs(task.waits and cjson.decode(task.waits) or {}) do
+      tell(ctx, {'link', profile, dependency, ctx.here, task.identifier})
+    end
+  end
+  return spread(ctx)
+end
+
+-- A task ended (finished, failed, or deleted: status nil) and what waits for it hears so now.
+-- Returns 1, or 2 if news was posted for other slots (the client then delivers it).
+local function settle(id, status, now)
+  if status == 'waiting' or status == 'running' or not redis.call('HEXISTS', task_key(id), 'dependents') then
+    return 1
+  end
+  local ctx = news(now)
+  if status == 'finished' then tell_dependents(ctx, id, 'release') else
+    tell_dependents(ctx, id, 'fail', status and 'failed' or 'was deleted')
+  end
+  return 1 + spread(ctx)
+end
+
 -- Record how a run ended (a.now is when), if the run (its attempt number) still holds the task.
 local function complete(a)
   local now, id, new, err, result = a.now, a.id, a.status, a.error, a.result
@@ -1452,7 +1560,7 @@ local function complete(a)
   else
     redis.call('HINCRBY', COMPLETED, new, 1)
   end
-  return 1
+  return settle(id, new, now)
 end
 
 local function remove(id)
@@ -1491,7 +1599,8 @@ H.add = change({'now', '...tasks'}, function(a)
       redis.call('ZADD', tag_key(tag), task.created_at, id)
       redis.call('SADD', TAGS, tag)
     end
-    if task.run_at ~= '' and tonumber(task.run_at) > now then
+    if task.waits then  -- held by its dependencies: see hold()
+    elseif task.run_at ~= '' and tonumber(task.run_at) > now then
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
     else
@@ -1501,6 +1610,7 @@ H.add = change({'now', '...tasks'}, function(a)
   end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready + delayed > 0 then wake(math.max(ready, 1)) end
+  hold(tasks, now)
   return #tasks
 end)
 
@@ -1544,6 +1654,7 @@ H.recover = change({'now', 'max_lost'}, function(a)
         move(id, f[2], 'running', 'failed', now)
         redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
         redis.call('HINCRBY', COMPLETED, 'failed', 1)
+        settle(id, 'failed', now)
       else
         move(id, f[2], 'running', 'waiting', now)
         redis.call('HDEL', key, 'started_at')
@@ -1567,11 +1678,24 @@ H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
   if old ~= new then
     if old == 'waiting' then unqueue(id) end
     if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
+    redis.call('HDEL', key, 'waits')
+    return {task = fields(key), posted = settle(id, new, now)}
   end
   return {task = fields(key)}
 end)
 
-H.delete = change({'now', 'id'}, function(a) return remove(a.id) end)
+H.delete = change({'now', 'id'}, function(a)
+  local posted = settle(a.id, nil, a.now)
+  return remove(a.id) * posted
+end)
+
+-- Messages from other slots' outboxes (see hold); returns how many this slot's outbox holds now.
+H.deliver = plain({'now', '...messages'}, function(a)
+  local ctx = news(a.now)
+  for _, text in ipairs(a.messages) do tell(ctx, cjson.decode(text)) end
+  spread(ctx)
+  return redis.call('ZCARD', outbox())
+end)
 
 -- Tasks of the statuses that ended before a.now, a page at a time. Returns {removed, scanned}.
 H.purge = change({'now', 'offset', 'limit', '...statuses'}, function(a)
@@ -1620,7 +1744,7 @@ H.flush = change({'now', 'batch'}, function(a)
     if removed >= budget then return {removed, 1} end
   end
   for _, tag in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(tag)) end
-  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
+  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED, outbox())
   return {removed, 0}
 end)
 """
@@ -2057,12 +2181,53 @@ class RedisQueue(Queue):
     # -- the contract ---------------------------------------------------------
 
     def _add(self, tasks: Sequence[Task], now: float) -> None:
+        where = self._dependencies(tasks)
         batches: dict[str, list[str]] = {}
         for task in tasks:
-            batches.setdefault(task.profile, []).append(json.dumps(_encode_task(task)))
+            encoded = _encode_task(task)
+            if task.depends_on:
+                encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
+            batches.setdefault(task.profile, []).append(json.dumps(encoded))
         for profile, encoded in batches.items():
             self._register(profile)
             self._call(profile, "add", now=repr(now), tasks=encoded)
+        if where:
+            self._deliver({task.profile for task in tasks if task.depends_on})
+
+    # -- dependencies: the library's outboxes carry news between slots --------------
+
+    def _dependencies(self, tasks: Sequence[Task]) -> dict[str, str]:
+        """The profile of each task the batch depends on: one round trip per master; ValidationError if none."""
+        where = {task.identifier: task.profile for task in tasks}
+        wanted = sorted({dependency for task in tasks for dependency in task.depends_on} - set(where))  # type: ignore[union-attr]
+        if wanted:
+            profiles, replies = self._across(None, lambda p: [("EXISTS", f"{self._base(p)}:task:{d}") for d in wanted])
+            for profile, found in zip(profiles, replies):
+                where.update((dependency, profile) for dependency, hit in zip(wanted, found) if hit)
+            for dependency in wanted:
+                if dependency not in where:
+                    raise ValidationError(f"Unknown dependency {dependency}: no task has this identifier")
+        return {dependency: where[dependency] for task in tasks for dependency in task.depends_on}  # type: ignore[union-attr]
+
+    def _deliver(self, profiles: Iterable[str]) -> None:
+        """Carry the news these profiles' outboxes hold to the profiles it is for, until none is left.
+
+        A message is taken off its outbox only once delivered, and delivering
+        one twice does nothing more: a client that dies midway loses nothing,
+        for ``recover`` (which workers call as they go) delivers what is left.
+        """
+        pending = set(profiles)
+        while pending:
+            outbox = f"{self._base(pending.pop())}:outbox"
+            messages = [_text(message) for message in self.client.zrange(outbox, 0, _REDIS_BATCH - 1)]
+            targets: dict[str, list[str]] = {}
+            for message in messages:
+                targets.setdefault(json.loads(message)[1], []).append(message)
+            for target, batch in targets.items():
+                if self._call(target, "deliver", now=repr(self.clock()), messages=batch):
+                    pending.add(target)
+            if messages:
+                self.client.zrem(outbox, *messages)
 
     def _claim_reply(self, reply: Any) -> Task | float | None:
         if "task" in reply:
@@ -2096,12 +2261,17 @@ class RedisQueue(Queue):
                 "result": "" if task.result is None else json.dumps(task.result), "run_at": _stamp(task.run_at)}
 
     def _complete(self, task: Task) -> bool:
-        return bool(self._call(task.profile, "complete", **self._outcome(task)))
+        recorded = self._call(task.profile, "complete", **self._outcome(task))
+        if recorded == 2:
+            self._deliver([task.profile])
+        return bool(recorded)
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
         recorded, following = self._call(
             task.profile, "complete_and_claim", **self._outcome(task), worker=worker, lease=repr(lease)
         )
+        if recorded == 2:
+            self._deliver([task.profile])
         claimed = self._claim_reply(following)
         return bool(recorded), claimed if isinstance(claimed, Task) else None
 
@@ -2112,6 +2282,8 @@ class RedisQueue(Queue):
                 task = self._task(entry["task"])
                 task.worker = entry["worker"]
                 recovered.append(task)
+        profiles, sizes = self._across(None, lambda p: [("ZCARD", f"{self._base(p)}:outbox")])
+        self._deliver([profile for profile, (size,) in zip(profiles, sizes) if size])
         return recovered
 
     def _locate(self, identifier: str) -> tuple:
@@ -2131,11 +2303,16 @@ class RedisQueue(Queue):
             return None
         reply = self._call(profile, "update", now=repr(now), id=identifier, status=status.value,
                            only_failed="1" if only_failed else "0")
+        if reply.get("posted") == 2:
+            self._deliver([profile])
         return self._task(reply.get("task"))
 
     def _delete(self, identifier: str) -> bool:
         profile = self._locate(identifier)[0]
-        return profile is not None and bool(self._call(profile, "delete", now=repr(self.clock()), id=identifier))
+        deleted = profile is not None and self._call(profile, "delete", now=repr(self.clock()), id=identifier)
+        if deleted == 2:
+            self._deliver([profile])
+        return bool(deleted)
 
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
