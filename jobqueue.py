@@ -1531,7 +1531,7 @@ local function hold(tasks, now)
 end
 
 -- A task ended (finished, failed, or deleted: status nil) and what waits for it hears so now.
--- Returns 1, or 2 if news was posted for other slots (the client then delivers it).
+-- Returns 1, or 2 if the outbox holds news (this call's, or some a client left behind) to deliver.
 local function settle(id, status, now)
   if status == 'waiting' or status == 'running' or not redis.call('HEXISTS', task_key(id), 'dependents') then
     return 1
@@ -1540,7 +1540,8 @@ local function settle(id, status, now)
   if status == 'finished' then tell_dependents(ctx, id, 'release') else
     tell_dependents(ctx, id, 'fail', status and 'failed' or 'was deleted')
   end
-  return 1 + spread(ctx)
+  if spread(ctx) == 1 or redis.call('ZCARD', outbox()) > 0 then return 2 end
+  return 1
 end
 
 -- Record how a run ended (a.now is when), if the run (its attempt number) still holds the task.

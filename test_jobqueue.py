@@ -1448,6 +1448,97 @@ def test_sqlite_search_uses_an_index(tmp_path, filters):
     assert table_scans == [], details
 
 
+# -- Dependencies and chains (SPEC 12) ------------------------------------------
+
+
+def run_next(queue, profile: str, status: Status = Status.FINISHED) -> Task:
+    """Claim the next task of ``profile`` and end its run as ``status``, as a worker would."""
+    task = queue.fetch(profile, timeout=0)
+    assert task is not None, f"nothing ready in {profile}"
+    return end_run(queue, task, status)
+
+
+def end_run(queue, task: Task, status: Status = Status.FINISHED) -> Task:
+    task.status, task.error = status, "RuntimeError: boom" if status is Status.FAILED else None
+    assert queue.complete(task)
+    return task
+
+
+@contract
+def test_dependencies_hold_a_task_back_until_they_finish(queue):
+    first = Task("deps", RecordingJob)
+    second = Task("deps", RecordingJob, depends_on=[first.identifier])
+    third = Task("deps", RecordingJob, depends_on=[first.identifier, second])
+    queue.add(third, second, first)  # a batch in any order
+    assert queue.find(third.identifier).depends_on == [first.identifier, second.identifier]
+    assert queue.count(status="waiting") == 3 and queue.stats()["deps"]["waiting"] == 3
+    assert run_next(queue, "deps").identifier == first.identifier
+    claimed = queue.fetch("deps", timeout=0)
+    assert claimed.identifier == second.identifier, "released by the finish of its one dependency"
+    assert queue.fetch("deps", timeout=0) is None, "third still waits for second"
+    assert [t.identifier for t in queue.search(status="waiting")] == [third.identifier]
+    end_run(queue, claimed)
+    assert queue.fetch("deps", timeout=0).identifier == third.identifier
+    late = Task("deps", RecordingJob, depends_on=[first.identifier])
+    queue.add(late)
+    assert queue.fetch("deps", timeout=0).identifier == late.identifier, "a finished dependency holds nothing back"
+
+
+@contract
+def test_a_failed_or_deleted_dependency_fails_what_waits_for_it_all_the_way_down(queue):
+    root = Task("deps", RecordingJob)
+    child = Task("deps", RecordingJob, depends_on=[root.identifier])
+    grandchild = Task("other", RecordingJob, depends_on=[child.identifier])
+    queue.add(root, child, grandchild)
+    run_next(queue, "deps", Status.FAILED)
+    assert queue.find(child.identifier).status is Status.FAILED
+    assert queue.find(child.identifier).error == f"Dependency {root.identifier} failed"
+    assert queue.find(grandchild.identifier).error == f"Dependency {child.identifier} failed", "names its direct one"
+    assert queue.fetch("deps", timeout=0) is None and queue.fetch("other", timeout=0) is None
+
+    gone = Task("deps", RecordingJob)
+    orphan = Task("other", RecordingJob, depends_on=[gone.identifier])
+    queue.add(gone, orphan)
+    queue.delete(gone.identifier)
+    assert (queue.find(orphan.identifier).status, queue.find(orphan.identifier).error) == (
+        Status.FAILED, f"Dependency {gone.identifier} was deleted")
+
+    late = Task("other", RecordingJob, depends_on=[root.identifier])
+    queue.add(late)
+    assert queue.find(late.identifier).error == f"Dependency {root.identifier} failed", "fails at once"
+
+    # Retrying the failed dependency leaves its dependents failed; retrying a dependent runs it.
+    queue.retry(root.identifier)
+    assert queue.find(child.identifier).status is Status.FAILED
+    queue.retry(child.identifier)
+    claimed = {queue.fetch("deps", timeout=0).identifier for _ in range(2)}
+    assert claimed == {root.identifier, child.identifier}, "a retried dependent no longer waits"
+
+
+@contract
+def test_dependencies_must_exist_and_not_loop(queue):
+    with pytest.raises(ValidationError, match="Unknown dependency nope"):
+        queue.add(Task("deps", RecordingJob), Task("deps", RecordingJob, depends_on=["nope"]))
+    assert queue.count() == 0, "nothing of the batch is stored"
+    one, two = Task("deps", RecordingJob), Task("deps", RecordingJob)
+    one.depends_on, two.depends_on = [two.identifier], [one.identifier]
+    with pytest.raises(ValidationError, match="depends on itself"):
+        queue.add(one, two)
+    with pytest.raises(ValidationError, match="depends_on must be a list"):
+        Task("deps", RecordingJob, depends_on="abc")
+
+
+@contract
+def test_chain_runs_tasks_in_order_across_profiles(queue):
+    tasks = queue.chain(Task("left", RecordingJob), Task("right", RecordingJob), Task("left", RecordingJob))
+    assert [t.depends_on for t in tasks] == [[], [tasks[0].identifier], [tasks[1].identifier]]
+    assert queue.fetch("right", timeout=0) is None
+    assert run_next(queue, "left").identifier == tasks[0].identifier
+    assert queue.fetch("left", timeout=0) is None
+    assert run_next(queue, "right").identifier == tasks[1].identifier
+    assert run_next(queue, "left").identifier == tasks[2].identifier
+
+
 # == Queue: Redis ============================================================
 
 
@@ -1779,6 +1870,49 @@ def test_unreachable_redis_names_the_backend_and_hides_the_password():
         queue.add(Task("p", RecordingJob))
     assert f"127.0.0.1:{port}" in str(caught.value) and "s3cret" not in str(caught.value)
     assert jobqueue.redact(f"redis://:s3cret@127.0.0.1:{port}/0") == f"redis://:***@127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("topology", ["redis", "cluster"])
+def test_news_between_slots_survives_a_client_dying_midway(request, topology):
+    """A finish in one slot releases a task in another (profiles on different masters of a cluster):
+    the finishing script leaves the news in its slot's outbox; if the client dies before delivering
+    it, recover() delivers it, and delivering it twice changes nothing."""
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        here, there = list(profiles_on_each_master(cluster, "slots").values())[:2]
+        queue = queue_from_dsn(f"{cluster.dsn}?prefix=slots")
+    else:
+        here, there = "here", "there"
+        queue = queue_from_dsn(f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0?prefix=slots")
+    queue.flush()
+    first = Task(here, RecordingJob)
+    then, doomed = Task(there, RecordingJob, depends_on=[first]), Task(there, RecordingJob)
+    also, last = Task(here, RecordingJob, depends_on=[doomed]), Task(here, RecordingJob, depends_on=[then])
+    queue.add(first, then, doomed, also, last)
+    deliver = queue._deliver
+    queue._deliver = lambda profiles: None  # the client dies right after the finishing script
+    run_next(queue, here)
+    assert queue.fetch(there, timeout=0).identifier == doomed.identifier, "then is still held"
+    assert queue.fetch(there, timeout=0) is None
+    assert queue.client.zcard(f"{{slots:{here}}}:outbox") == 1
+    queue._deliver = deliver
+    queue.recover()
+    assert queue.client.zcard(f"{{slots:{here}}}:outbox") == 0
+    claimed = queue.fetch(there, timeout=0)
+    assert claimed.identifier == then.identifier
+    queue._call(there, "deliver", now=repr(queue.clock()),
+                messages=[json.dumps(["release", there, then.identifier, first.identifier])])
+    assert queue.fetch(there, timeout=0) is None, "delivered twice, released once"
+
+    queue._deliver = lambda profiles: None
+    queue.delete(doomed.identifier)
+    assert queue.find(also.identifier).status is Status.WAITING
+    queue._deliver = deliver
+    end_run(queue, claimed)  # the next finish in that slot that has news to send delivers what was left too
+    assert queue.find(also.identifier).error == f"Dependency {doomed.identifier} was deleted"
+    assert queue.fetch(here, timeout=0).identifier == last.identifier
+    queue.flush()
+    assert not [key for key in queue.client.scan_iter("{slots:*") if ":call:" not in str(key)], "no outbox left"
 
 
 # == Queue: SQLite ===========================================================
