@@ -4636,8 +4636,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
     parameters = dict(parse_parameter(text) for text in words)
     tags = [tag for tag in args.tags if ":" not in tag]
-    options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
-               if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay",
+                                                      "depends_on") if getattr(args, name) is not None}
     task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
     _queue().add(task)
     print(format_task(task))
@@ -5169,6 +5169,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
     add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
                      help="how long a worker holds it without a heartbeat")
+    add.add_argument("--depends-on", nargs="+", action="extend", metavar="ID",
+                     help="run only once these tasks have finished (fails if one of them fails)")
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")

@@ -2502,6 +2502,18 @@ def test_http_create_rejects_bad_bodies_and_stores_nothing(serve, queue, body, m
     assert queue.count() == 0
 
 
+def test_http_create_with_dependencies(serve, queue):
+    server = serve()
+    first = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).json
+    created = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "depends_on": [first["identifier"]]})
+    assert created.status == 201 and created.json["depends_on"] == [first["identifier"]]
+    assert call(server, "GET", f"/task/{first['identifier']}").json["depends_on"] == []
+    for bad, message in ((["nope"], "Unknown dependency nope"), ("x", "depends_on must be a list")):
+        answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "depends_on": bad})
+        assert answer.status == 400 and answer.json["message"].startswith(message)
+    assert queue.count() == 2
+
+
 def test_http_filters_orders_and_paging(serve, queue):
     server = serve()
     tasks = _ordered_tasks(queue)
@@ -3386,6 +3398,34 @@ def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
     assert queue.fetch("p", timeout=0) is None
     bad = cli(dsn, "manager", "add", "p", "a.B", "--delay", "soon")
     assert bad.returncode == 2 and 'Duration "soon" must be a number of seconds' in bad.stderr
+
+
+def test_cli_add_depends_on(dsn, queue):
+    first, second = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(first, second)
+    added = cli(dsn, "manager", "add", "p", "a.B", "--depends-on", first.identifier, "--depends-on",
+                second.identifier, first.identifier)
+    identifier = added_identifier(added)
+    assert f"Depends on : {first.identifier}, {second.identifier}\n" in added.stdout
+    assert queue.find(identifier).depends_on == [first.identifier, second.identifier]
+    shown = cli(dsn, "manager", "show", identifier, "--json")
+    assert json.loads(shown.stdout)["depends_on"] == [first.identifier, second.identifier]
+    unknown = cli(dsn, "manager", "add", "p", "a.B", "--depends-on", "nope")
+    assert unknown.returncode == 2 and unknown.stderr.strip().endswith("Unknown dependency nope: no task has this identifier")
+    assert queue.count() == 3
+
+
+def test_a_chain_runs_in_order_through_worker_processes(dsn, queue, tmp_path, running):
+    log = tmp_path / "log"
+    chain = queue.chain(*[Task(profile, RecordingJob, {"log": str(log)}) for profile in ("one", "two", "two", "one")])
+    later = running(dsn, "worker", "two", "--quantity", "2")
+    later.wait_for("handles")
+    first = cli(dsn, "worker", "one", "--quantity", "2")  # its second task waits for the other worker's two
+    assert first.returncode == 0, first.stderr
+    assert later.wait() == 0
+    performed = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("perform")]
+    assert performed == [task.identifier for task in chain]
+    assert queue.count(status="finished") == 4
 
 
 def test_cli_recover_returns_tasks_of_lost_workers(dsn, queue):
