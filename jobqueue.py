@@ -5511,6 +5511,8 @@ async function show(identifier) {
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
       ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
+      ["Depends on", task.depends_on.length ? element("span", { class: "dependencies" }, ...task.depends_on.map(
+        (id) => element("button", { type: "button", title: id, onclick: () => show(id) }, id.slice(0, 8)))) : "(none)"],
       ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
       ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
       ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];

@@ -3411,7 +3411,8 @@ def test_cli_add_depends_on(dsn, queue):
     shown = cli(dsn, "manager", "show", identifier, "--json")
     assert json.loads(shown.stdout)["depends_on"] == [first.identifier, second.identifier]
     unknown = cli(dsn, "manager", "add", "p", "a.B", "--depends-on", "nope")
-    assert unknown.returncode == 2 and unknown.stderr.strip().endswith("Unknown dependency nope: no task has this identifier")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("Unknown dependency nope: no task has this identifier")
     assert queue.count() == 3
 
 
@@ -4425,6 +4426,22 @@ def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboar
     board.page.click("#delete")
     wait_until(lambda: board.queue.count() == 0)
     wait_until(lambda: board.rows() == [] and board.page.locator("#detail").is_hidden())
+    assert board.errors == []
+
+
+def test_dashboard_detail_shows_dependencies(dashboard):
+    board = dashboard()
+    first = Task("jobs", RecordingJob)
+    second = Task("jobs", RecordingJob, depends_on=[first])
+    board.queue.add(first, second)
+    board.open().page.wait_for_selector(f"text={second.identifier}")
+    board.page.click(f"button:has-text('{second.identifier}')")
+    link = board.page.locator("#detail-fields dd button", has_text=first.identifier[:8])
+    link.wait_for()
+    assert "Depends on" in board.page.locator("#detail-fields").inner_text()
+    link.click()
+    board.page.locator("#detail-fields dd", has_text=first.identifier).wait_for()
+    assert re.search(r"Depends on\s+\(none\)", board.page.locator("#detail-fields").inner_text())
     assert board.errors == []
 
 
