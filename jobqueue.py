@@ -134,7 +134,7 @@ class ParameterNotFound(JobQueueError, _MessageKeyError):
 
 
 class TaskConflict(ValidationError):
-    """A change the task's state does not allow now, such as retrying a task that is not failed."""
+    """A change the queue's state does not allow now: retrying a task not failed, depending on an unknown one."""
 
 
 class JobError(JobQueueError):
@@ -2207,7 +2207,7 @@ class RedisQueue(Queue):
                 where.update((dependency, profile) for dependency, hit in zip(wanted, found) if hit)
             for dependency in wanted:
                 if dependency not in where:
-                    raise ValidationError(f"Unknown dependency {dependency}: no task has this identifier")
+                    raise TaskConflict(f"Unknown dependency {dependency}: no task has this identifier")
         return {dependency: where[dependency] for task in tasks for dependency in task.depends_on}  # type: ignore[union-attr]
 
     def _deliver(self, profiles: Iterable[str]) -> None:
@@ -2216,8 +2216,16 @@ class RedisQueue(Queue):
         A message is taken off its outbox only once delivered, and delivering
         one twice does nothing more: a client that dies midway loses nothing,
         for ``recover`` (which workers call as they go) delivers what is left.
+        So an outage here is logged, not raised: the change itself is made.
         """
-        pending = set(profiles)
+        try:
+            self._deliver_now(set(profiles))
+        except Exception as error:
+            if not isinstance(error, BackendUnavailable) and not isinstance(self._translate(error), BackendUnavailable):
+                raise
+            logger.warning("News for other profiles waits in an outbox until recover() delivers it: %s", error)
+
+    def _deliver_now(self, pending: set[str]) -> None:
         while pending:
             outbox = f"{self._base(pending.pop())}:outbox"
             messages = [_text(message) for message in self.client.zrange(outbox, 0, _REDIS_BATCH - 1)]
@@ -2730,7 +2738,7 @@ class SQLiteQueue(Queue):
         for dependency in dict.fromkeys(dependency for dependency, _ in links):
             row = connection.execute("SELECT status FROM jobqueue_tasks WHERE identifier = ?", (dependency,)).fetchone()
             if row is None:
-                raise ValidationError(f"Unknown dependency {dependency}: no task has this identifier")
+                raise TaskConflict(f"Unknown dependency {dependency}: no task has this identifier")
             known[dependency] = row["status"]
         connection.executemany("INSERT OR IGNORE INTO jobqueue_dependents (dependency, dependent) VALUES (?, ?)",
                                [(dependency, dependent) for dependency, dependent in links
@@ -4094,7 +4102,7 @@ ROUTES = (
         ("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
         ("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip")),
           headers={"X-Total-Count": "how many match"}),
-    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 411, 413),
+    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 409, 411, 413),
           body={"$ref": "#/components/schemas/NewTask"}),
     Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
     Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
