@@ -1289,7 +1289,8 @@ def _remaining(deadline: float | None) -> float | None:
 # set per status scored by creation time, a FIFO list of ready ids ("queue"),
 # a sorted set of delayed ids by run_at, running ids by lease expiry
 # ("leases"), ended ids by end time, a sorted set per tag, a "wake" list that
-# idle workers block on, and the finished/failed counters. The only key
+# idle workers block on, the finished/failed counters, and an "outbox" of news
+# for tasks of other profiles that depend on this one's. The only key
 # outside a profile is "{prefix}:profiles", the set of profile names that
 # cross-profile reads visit.
 #
