@@ -1516,6 +1516,26 @@ def test_a_failed_or_deleted_dependency_fails_what_waits_for_it_all_the_way_down
 
 
 @contract
+def test_dependencies_follow_changes_by_hand_and_lost_workers(queue):
+    done, lost, held = Task("deps", RecordingJob), Task("deps", RecordingJob), Task("deps", RecordingJob)
+    after_done = Task("other", RecordingJob, depends_on=[done])
+    after_lost = Task("other", RecordingJob, depends_on=[lost])
+    after_held = Task("other", RecordingJob, depends_on=[held])
+    last = Task("deps", RecordingJob, depends_on=[after_held])
+    queue.add(done, lost, held, after_done, after_lost, after_held, last)
+    queue.update_status(done, Status.FINISHED)
+    assert queue.fetch("other", timeout=0).identifier == after_done.identifier
+    queue.update_status(after_held, Status.FAILED)  # a held task failed by hand
+    assert queue.find(last.identifier).error == f"Dependency {after_held.identifier} failed"
+    assert queue.fetch("deps", timeout=0, lease=0.05).identifier == lost.identifier
+    wait_until(lambda: queue.recover(max_lost=1), timeout=5)
+    assert queue.find(after_lost.identifier).error == f"Dependency {lost.identifier} failed"
+    run_next(queue, "deps")
+    assert queue.find(after_held.identifier).status is Status.FAILED, "no release for a task that left waiting"
+    assert queue.fetch("other", timeout=0) is None and queue.fetch("deps", timeout=0) is None
+
+
+@contract
 def test_dependencies_must_exist_and_not_loop(queue):
     with pytest.raises(ValidationError, match="Unknown dependency nope"):
         queue.add(Task("deps", RecordingJob), Task("deps", RecordingJob, depends_on=["nope"]))
