@@ -2526,6 +2526,9 @@ CREATE TABLE IF NOT EXISTS jobqueue_counters (
 INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
 """
 
+_SQLITE_NULLABLE_COLUMNS = [*((column.name, column.metadata["sql"]) for column in TASK_FIELDS
+                             if "NOT NULL" not in column.metadata["sql"]), ("waits", "INTEGER")]
+
 _SQLITE_ORDERS = {
     "date": "created_at, seq",
     "status": "status_rank, created_at, seq",
@@ -2649,6 +2652,7 @@ class SQLiteQueue(Queue):
                     if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
                         connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(_SQLITE_SCHEMA)
+                    self._upgrade(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -2659,6 +2663,15 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
+
+    @staticmethod
+    def _upgrade(connection: sqlite3.Connection) -> None:
+        """Add the nullable columns that a file made by an older version lacks (``depends_on``, ``waits``)."""
+        have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+        for name, sql in _SQLITE_NULLABLE_COLUMNS:
+            if name not in have:
+                with contextlib.suppress(_sqlite3().OperationalError):  # another process added it first
+                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {name} {sql}")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

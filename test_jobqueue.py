@@ -1938,6 +1938,18 @@ def test_news_between_slots_survives_a_client_dying_midway(request, topology):
 # == Queue: SQLite ===========================================================
 
 
+def test_a_file_of_an_older_version_gains_the_new_columns(tmp_path):
+    SQLiteQueue(tmp_path / "old.db").add(Task("p", RecordingJob))
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as connection:
+        for column in ("depends_on", "waits"):
+            connection.execute(f"ALTER TABLE jobqueue_tasks DROP COLUMN {column}")
+    queue = SQLiteQueue(tmp_path / "old.db")
+    first = queue.search()[0]
+    queue.add(Task("p", RecordingJob, depends_on=[first]))
+    assert run_next(queue, "p").identifier == first.identifier
+    assert queue.fetch("p", timeout=0).depends_on == [first.identifier]
+
+
 def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
     (tmp_path / "not-a-db").write_text("this is not a database" * 100)
     with pytest.raises(BackendUnavailable, match="not-a-db"):
