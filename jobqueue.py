@@ -975,7 +975,7 @@ def _build_filter(profile, status, tags, order="status", limit=None, offset=0) -
 
 def _check_no_cycle(tasks: Sequence[Task]) -> None:
     """Tasks of one batch that depend on each other in a circle could never run: refuse them."""
-    batch = {task.identifier: task for task in tasks if isinstance(task, Task)}
+    batch = {task.identifier: task for task in tasks if task.depends_on}
     done: set[str] = set()
     for start in batch:
         path, stack = set(), [(start, False)]
@@ -2200,6 +2200,8 @@ class RedisQueue(Queue):
 
     def _dependencies(self, tasks: Sequence[Task]) -> dict[str, str]:
         """The profile of each task the batch depends on: one round trip per master; ValidationError if none."""
+        if not any(task.depends_on for task in tasks):
+            return {}
         where = {task.identifier: task.profile for task in tasks}
         wanted = sorted({dependency for task in tasks for dependency in task.depends_on} - set(where))  # type: ignore[union-attr]
         if wanted:
@@ -2228,7 +2230,8 @@ class RedisQueue(Queue):
 
     def _deliver_now(self, pending: set[str]) -> None:
         while pending:
-            outbox = f"{self._base(pending.pop())}:outbox"
+            profile = pending.pop()
+            outbox = f"{self._base(profile)}:outbox"
             messages = [_text(message) for message in self.client.zrange(outbox, 0, _REDIS_BATCH - 1)]
             targets: dict[str, list[str]] = {}
             for message in messages:
@@ -2238,6 +2241,8 @@ class RedisQueue(Queue):
                     pending.add(target)
             if messages:
                 self.client.zrem(outbox, *messages)
+            if len(messages) == _REDIS_BATCH:
+                pending.add(profile)
 
     def _claim_reply(self, reply: Any) -> Task | float | None:
         if "task" in reply:
@@ -2747,6 +2752,8 @@ class SQLiteQueue(Queue):
 
     def _hold(self, connection: sqlite3.Connection, tasks: Sequence[Task], now: float) -> None:
         """Link just-added tasks to what they depend on; release, fail or keep each (caller's transaction)."""
+        if not tasks:
+            return
         links = [(dependency, task.identifier) for task in tasks for dependency in task.depends_on]  # type: ignore[union-attr]
         known = {}
         for dependency in dict.fromkeys(dependency for dependency, _ in links):
