@@ -135,7 +135,7 @@ class ParameterNotFound(JobQueueError, _MessageKeyError):
 
 
 class TaskConflict(ValidationError):
-    """A change the task's state does not allow now, such as retrying a task that is not failed."""
+    """A change the queue's state does not allow now: retrying a task not failed, depending on an unknown one."""
 
 
 class JobError(JobQueueError):
@@ -254,6 +254,24 @@ def validate_parameters(parameters: object) -> dict[str, Scalar]:
         if not _is_scalar(value):
             raise ValidationError(f'The "{key}" value must be a scalar or null')
     return dict(parameters)
+
+
+def validate_dependencies(depends_on: object, identifier: str) -> list[str]:
+    """The identifiers a task waits for (a Task stands for its own), without repeats, never itself."""
+    if depends_on is None:
+        return []
+    if isinstance(depends_on, (str, Task)) or not isinstance(depends_on, (list, tuple)):
+        raise ValidationError("depends_on must be a list of task identifiers")
+    unique: list[str] = []
+    for item in depends_on:
+        item = item.identifier if isinstance(item, Task) else item
+        if not isinstance(item, str) or not item or not _is_text(item) or len(item) > 200:
+            raise ValidationError("depends_on must be a list of task identifiers")
+        if item == identifier:
+            raise ValidationError(f"Task {identifier} can not depend on itself")
+        if item not in unique:
+            unique.append(item)
+    return unique
 
 
 def validate_tags(tags: object) -> list[str]:
@@ -508,6 +526,7 @@ JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
 NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
 COUNT = Codec("INTEGER", str, int)
+LIST_OR_NOTHING = Codec("TEXT", lambda value: json.dumps(value) if value else "", json.loads)  # [] is stored as ''
 STATUS = Codec("TEXT", lambda value: value.value, Status, lambda value: value.value)
 NULLABLE = {"type": ["string", "null"]}
 PROFILE_SCHEMA = {"type": "string", "pattern": f"^{PROFILE_PATTERN.pattern}$", "maxLength": PROFILE_MAX_LENGTH}
@@ -562,7 +581,8 @@ class Task:
     (seconds before the first retry, doubling after each failure, with jitter),
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
-    ``run_at`` (a datetime). The other fields are filled in by queues and workers.
+    ``run_at`` (a datetime), ``depends_on`` (identifiers of tasks that must finish first).
+    The other fields are filled in by queues and workers.
 
     The fields are the field table (``_column``): their order is the JSON form's, and their rows
     drive storage on both backends, the SQLite columns, ``manager show`` and the OpenAPI schema.
@@ -618,6 +638,10 @@ class Task:
     failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
     lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
                         show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
+    depends_on: list[str] | None = _column(
+        LIST_OR_NOTHING, None, schema={"type": "array", "items": {"type": "string"}},
+        new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
+        show=((21, "Depends on", lambda task: ", ".join(task.depends_on) or None),))  # type: ignore[arg-type]
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -628,6 +652,7 @@ class Task:
         self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
+        self.depends_on = validate_dependencies(self.depends_on, self.identifier)
         if isinstance(self.retries, float) and self.retries.is_integer():
             self.retries = int(self.retries)
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
@@ -949,6 +974,27 @@ def _build_filter(profile, status, tags, order="status", limit=None, offset=0) -
     )
 
 
+def _check_no_cycle(tasks: Sequence[Task]) -> None:
+    """Tasks of one batch that depend on each other in a circle could never run: refuse them."""
+    batch = {task.identifier: task for task in tasks if task.depends_on}
+    done: set[str] = set()
+    for start in batch:
+        path, stack = set(), [(start, False)]
+        while stack:
+            identifier, leaving = stack.pop()
+            if leaving:
+                path.discard(identifier)
+                done.add(identifier)
+                continue
+            if identifier in path:
+                raise ValidationError(f"Task {identifier} depends on itself through other tasks of the batch")
+            if identifier in done or identifier not in batch:
+                continue
+            path.add(identifier)
+            stack.append((identifier, True))
+            stack.extend((dependency, False) for dependency in batch[identifier].depends_on)  # type: ignore[union-attr]
+
+
 def _default_worker_name() -> str:
     return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
 
@@ -987,6 +1033,14 @@ class Queue:
       ``waiting``; with ``include_leased=False``, running tasks whose lease is
       still live are left to their workers.
     - ``stats()``: ``{profile: {status: count}}``, all four statuses present.
+    - Dependencies: a task with ``depends_on`` stays ``waiting``, out of its
+      profile's ready queue, until every task it names is ``finished``; it is
+      released in the step that records the last finish. A dependency that
+      fails for good or is deleted fails it (``Dependency <id> failed`` or
+      ``was deleted``), and so on down the line. An unknown identifier is a
+      ValidationError at ``add``; a batch may hold a task and its dependencies
+      in any order. A task put back to waiting by hand (``retry``,
+      ``restore``, ``update_status``) no longer waits for its dependencies.
     - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
       workers completed since the queue began (or was flushed); counters, so
       deleting tasks does not lower them.
@@ -1004,6 +1058,7 @@ class Queue:
                 raise ValidationError(f"Only Task objects can be added, not {type(task).__name__}")
         if len(set(task.identifier for task in tasks)) != len(tasks):
             raise ValidationError("The same task is added twice")
+        _check_no_cycle(tasks)
         for task in tasks:
             task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
             task.started_at = task.finished_at = task.error = task.result = None
@@ -1014,6 +1069,14 @@ class Queue:
                     if task.__dict__.get("_delay") is not None:
                         task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
                 self._add(tasks, now)
+
+    def chain(self, *tasks: Task) -> list[Task]:
+        """Add the tasks in one batch, each depending on the one before: they run in this order."""
+        for before, task in zip(tasks, tasks[1:]):
+            if isinstance(before, Task) and isinstance(task, Task) and before.identifier not in task.depends_on:
+                task.depends_on = [*task.depends_on, before.identifier]  # type: ignore[misc]
+        self.add(*tasks)
+        return list(tasks)
 
     def fetch(
         self, profile: str, timeout: float | None = None, worker: str | None = None, lease: float = DEFAULT_LEASE
@@ -1227,7 +1290,8 @@ def _remaining(deadline: float | None) -> float | None:
 # set per status scored by creation time, a FIFO list of ready ids ("queue"),
 # a sorted set of delayed ids by run_at, running ids by lease expiry
 # ("leases"), ended ids by end time, a sorted set per tag, a "wake" list that
-# idle workers block on, and the finished/failed counters. The only key
+# idle workers block on, the finished/failed counters, and an "outbox" of news
+# for tasks of other profiles that depend on this one's. The only key
 # outside a profile is "{prefix}:profiles", the set of profile names that
 # cross-profile reads visit.
 #
@@ -1374,6 +1438,115 @@ local function claim_next(now, worker, lease)
   return {due = next_due[2]}
 end
 
+-- Dependencies. A held task (one waiting for others) has the field 'waits', JSON {dependency: its profile}
+-- of those not finished yet, and is in neither QUEUE nor DELAYED. A task others wait for has 'dependents',
+-- a JSON list of {profile, id}. Dependencies cross profiles, hence slots: news for a task of another profile
+-- is posted to this slot's outbox, a sorted set that the client delivers right after the call (and recover()
+-- again, if a client died first). Messages, each harmless to deliver twice:
+-- {'link', profile, dependency, dependent's profile, dependent}: note a dependent, or answer at once if ended;
+-- {'release', profile, dependent, dependency} and {'fail', profile, dependent, dependency, why}.
+local function outbox() return base .. ':outbox' end
+
+local function ready(id)
+  redis.call('LPUSH', QUEUE, id)
+  wake(1)
+end
+
+local function news(now)
+  return {work = {}, posted = 0, now = now, here = string.match(base, ':([^:]+)}$')}
+end
+
+-- Handle a message here if its task is in this slot, else post it.
+local function tell(ctx, message)
+  if message[2] == ctx.here then
+    ctx.work[#ctx.work + 1] = message
+  else
+    redis.call('ZADD', outbox(), ctx.now, cjson.encode(message))
+    ctx.posted = 1
+  end
+end
+
+-- What waits for id hears that it finished ('release') or failed or is gone ('fail', why).
+local function tell_dependents(ctx, id, what, why)
+  local list = redis.call('HGET', task_key(id), 'dependents')
+  if not list then return end
+  redis.call('HDEL', task_key(id), 'dependents')
+  for _, dependent in ipairs(cjson.decode(list)) do tell(ctx, {what, dependent[1], dependent[2], id, why}) end
+end
+
+local function handle(ctx, m)
+  local id, key = m[3], task_key(m[3])
+  if m[1] == 'link' then
+    local status = redis.call('HGET', key, 'status')
+    if status == 'finished' then
+      tell(ctx, {'release', m[4], m[5], id})
+    elseif status == 'failed' or not status then
+      tell(ctx, {'fail', m[4], m[5], id, status and 'failed' or 'was deleted'})
+    else
+      local list = cjson.decode(redis.call('HGET', key, 'dependents') or '[]')
+      for _, known in ipairs(list) do if known[1] == m[4] and known[2] == m[5] then return end end
+      list[#list + 1] = {m[4], m[5]}
+      redis.call('HSET', key, 'dependents', cjson.encode(list))
+    end
+    return
+  end
+  local f = redis.call('HMGET', key, 'status', 'waits', 'created_at', 'run_at')
+  if f[1] ~= 'waiting' or not f[2] then return end
+  local waits = cjson.decode(f[2])
+  if waits[m[4]] == nil then return end
+  if m[1] == 'release' then
+    waits[m[4]] = nil
+    if next(waits) then return redis.call('HSET', key, 'waits', cjson.encode(waits)) end
+    redis.call('HDEL', key, 'waits')
+    if f[4] and tonumber(f[4]) > tonumber(ctx.now) then
+      redis.call('ZADD', DELAYED, f[4], id)
+      wake(1)
+    else
+      ready(id)
+    end
+  else
+    move(id, f[3], 'waiting', 'failed', ctx.now)
+    redis.call('HDEL', key, 'waits')
+    redis.call('HSET', key, 'error', 'Dependency ' .. m[4] .. ' ' .. m[5])
+    tell_dependents(ctx, id, 'fail', 'failed')
+  end
+end
+
+-- Handle the messages for this slot, those they lead to too; 1 if some were posted to other slots.
+local function spread(ctx)
+  local i = 1
+  while ctx.work[i] do
+    handle(ctx, ctx.work[i])
+    i = i + 1
+  end
+  return ctx.posted
+end
+
+-- Tasks just added with 'waits' ask each of their dependencies to note them (or answer at once).
+local function hold(tasks, now)
+  local ctx = news(now)
+  for _, task in ipairs(tasks) do
+    for dependency, profile in pairs(task.waits and cjson.decode(task.waits) or {}) do
+      tell(ctx, {'link', profile, dependency, ctx.here, task.identifier})
+    end
+  end
+  return spread(ctx)
+end
+
+-- A task ended (finished, failed, or deleted: status nil) and what waits for it hears so now.
+-- Returns 1, or 2 if the outbox holds news (this call's, or some a client left behind) to deliver.
+local function settle(id, status, now)
+  if status == 'waiting' or status == 'running' or not redis.call('HEXISTS', task_key(id), 'dependents') then
+    return 1
+  end
+  local ctx = news(now)
+  if status == 'finished' then tell_dependents(ctx, id, 'release') else
+    tell_dependents(ctx, id, 'fail', status and 'failed' or 'was deleted')
+  end
+  if spread(ctx) == 1 or redis.call('ZCARD', outbox()) > 0 then return 2 end
+  return 1
+end
+
 -- Record how a run ended (a.now is when), if the run (its attempt number) still holds the task.
 local function complete(a)
   local now, id, new, err, result = a.now, a.id, a.status, a.error, a.result
@@ -1391,7 +1564,7 @@ local function complete(a)
   else
     redis.call('HINCRBY', COMPLETED, new, 1)
   end
-  return 1
+  return settle(id, new, now)
 end
 
 local function remove(id)
@@ -1430,7 +1603,8 @@ H.add = change({'now', '...tasks'}, function(a)
       redis.call('ZADD', tag_key(tag), task.created_at, id)
       redis.call('SADD', TAGS, tag)
     end
-    if task.run_at ~= '' and tonumber(task.run_at) > now then
+    if task.waits then  -- held by its dependencies: see hold()
+    elseif task.run_at ~= '' and tonumber(task.run_at) > now then
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
     else
@@ -1440,6 +1614,7 @@ H.add = change({'now', '...tasks'}, function(a)
   end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready + delayed > 0 then wake(math.max(ready, 1)) end
+  hold(tasks, now)
   return #tasks
 end)
 
@@ -1483,6 +1658,7 @@ H.recover = change({'now', 'max_lost'}, function(a)
         move(id, f[2], 'running', 'failed', now)
         redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
         redis.call('HINCRBY', COMPLETED, 'failed', 1)
+        settle(id, 'failed', now)
       else
         move(id, f[2], 'running', 'waiting', now)
         redis.call('HDEL', key, 'started_at')
@@ -1506,11 +1682,24 @@ H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
   if old ~= new then
     if old == 'waiting' then unqueue(id) end
     if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
+    redis.call('HDEL', key, 'waits')
+    return {task = fields(key), posted = settle(id, new, now)}
   end
   return {task = fields(key)}
 end)
 
-H.delete = change({'now', 'id'}, function(a) return remove(a.id) end)
+H.delete = change({'now', 'id'}, function(a)
+  local posted = settle(a.id, nil, a.now)
+  return remove(a.id) * posted
+end)
+
+-- Messages from other slots' outboxes (see hold); returns how many this slot's outbox holds now.
+H.deliver = plain({'now', '...messages'}, function(a)
+  local ctx = news(a.now)
+  for _, text in ipairs(a.messages) do tell(ctx, cjson.decode(text)) end
+  spread(ctx)
+  return redis.call('ZCARD', outbox())
+end)
 
 -- Tasks of the statuses that ended before a.now, a page at a time. Returns {removed, scanned}.
 H.purge = change({'now', 'offset', 'limit', '...statuses'}, function(a)
@@ -1559,7 +1748,7 @@ H.flush = change({'now', 'batch'}, function(a)
     if removed >= budget then return {removed, 1} end
   end
   for _, tag in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(tag)) end
-  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
+  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED, outbox())
   return {removed, 0}
 end)
 """
@@ -2052,12 +2241,66 @@ class RedisQueue(Queue):
     # -- the contract ---------------------------------------------------------
 
     def _add(self, tasks: Sequence[Task], now: float) -> None:
+        where = self._dependencies(tasks)
         batches: dict[str, list[str]] = {}
         for task in tasks:
-            batches.setdefault(task.profile, []).append(json.dumps(_encode_task(task)))
+            encoded = _encode_task(task)
+            if task.depends_on:
+                encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
+            batches.setdefault(task.profile, []).append(json.dumps(encoded))
         for profile, encoded in batches.items():
             self._register(profile)
             self._call(profile, "add", now=repr(now), tasks=encoded)
+        if where:
+            self._deliver({task.profile for task in tasks if task.depends_on})
+
+    # -- dependencies: the library's outboxes carry news between slots --------------
+
+    def _dependencies(self, tasks: Sequence[Task]) -> dict[str, str]:
+        """The profile of each task the batch depends on: one round trip per master; ValidationError if none."""
+        if not any(task.depends_on for task in tasks):
+            return {}
+        where = {task.identifier: task.profile for task in tasks}
+        wanted = sorted({dependency for task in tasks for dependency in task.depends_on} - set(where))  # type: ignore[union-attr]
+        if wanted:
+            profiles, replies = self._across(None, lambda p: [("EXISTS", f"{self._base(p)}:task:{d}") for d in wanted])
+            for profile, found in zip(profiles, replies):
+                where.update((dependency, profile) for dependency, hit in zip(wanted, found) if hit)
+            for dependency in wanted:
+                if dependency not in where:
+                    raise TaskConflict(f"Unknown dependency {dependency}: no task has this identifier")
+        return {dependency: where[dependency] for task in tasks for dependency in task.depends_on}  # type: ignore[union-attr]
+
+    def _deliver(self, profiles: Iterable[str]) -> None:
+        """Carry the news these profiles' outboxes hold to the profiles it is for, until none is left.
+
+        A message is taken off its outbox only once delivered, and delivering
+        one twice does nothing more: a client that dies midway loses nothing,
+        for ``recover`` (which workers call as they go) delivers what is left.
+        So an outage here is logged, not raised: the change itself is made.
+        """
+        try:
+            self._deliver_now(set(profiles))
+        except Exception as error:
+            if not isinstance(error, BackendUnavailable) and not isinstance(self._translate(error), BackendUnavailable):
+                raise
+            logger.warning("News for other profiles waits in an outbox until recover() delivers it: %s", error)
+
+    def _deliver_now(self, pending: set[str]) -> None:
+        while pending:
+            profile = pending.pop()
+            outbox = f"{self._base(profile)}:outbox"
+            messages = [_text(message) for message in self.client.zrange(outbox, 0, _REDIS_BATCH - 1)]
+            targets: dict[str, list[str]] = {}
+            for message in messages:
+                targets.setdefault(json.loads(message)[1], []).append(message)
+            for target, batch in targets.items():
+                if self._call(target, "deliver", now=repr(self.clock()), messages=batch):
+                    pending.add(target)
+            if messages:
+                self.client.zrem(outbox, *messages)
+            if len(messages) == _REDIS_BATCH:
+                pending.add(profile)
 
     def _claim_reply(self, reply: Any) -> Task | float | None:
         if "task" in reply:
@@ -2091,12 +2334,17 @@ class RedisQueue(Queue):
                 "result": "" if task.result is None else json.dumps(task.result), "run_at": _stamp(task.run_at)}
 
     def _complete(self, task: Task) -> bool:
-        return bool(self._call(task.profile, "complete", **self._outcome(task)))
+        recorded = self._call(task.profile, "complete", **self._outcome(task))
+        if recorded == 2:
+            self._deliver([task.profile])
+        return bool(recorded)
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
         recorded, following = self._call(
             task.profile, "complete_and_claim", **self._outcome(task), worker=worker, lease=repr(lease)
         )
+        if recorded == 2:
+            self._deliver([task.profile])
         claimed = self._claim_reply(following)
         return bool(recorded), claimed if isinstance(claimed, Task) else None
 
@@ -2107,6 +2355,8 @@ class RedisQueue(Queue):
                 task = self._task(entry["task"])
                 task.worker = entry["worker"]
                 recovered.append(task)
+        profiles, sizes = self._across(None, lambda p: [("ZCARD", f"{self._base(p)}:outbox")])
+        self._deliver([profile for profile, (size,) in zip(profiles, sizes) if size])
         return recovered
 
     def _locate(self, identifier: str) -> tuple:
@@ -2126,11 +2376,16 @@ class RedisQueue(Queue):
             return None
         reply = self._call(profile, "update", now=repr(now), id=identifier, status=status.value,
                            only_failed="1" if only_failed else "0")
+        if reply.get("posted") == 2:
+            self._deliver([profile])
         return self._task(reply.get("task"))
 
     def _delete(self, identifier: str) -> bool:
         profile = self._locate(identifier)[0]
-        return profile is not None and bool(self._call(profile, "delete", now=repr(self.clock()), id=identifier))
+        deleted = profile is not None and self._call(profile, "delete", now=repr(self.clock()), id=identifier)
+        if deleted == 2:
+            self._deliver([profile])
+        return bool(deleted)
 
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
@@ -2288,8 +2543,10 @@ class RedisQueue(Queue):
 # == Queue: SQLite ===========================================================
 
 # One row per task. A waiting task has a FIFO ``position``, or none while it
-# is delayed (until ``run_at``); a running one has ``lease_until``. Partial
-# indexes serve the FIFO, the delayed set, expired leases and ended tasks.
+# is delayed (until ``run_at``) or held by dependencies (``waits``: how many
+# are not finished yet); a running one has ``lease_until``. Partial indexes
+# serve the FIFO, the delayed set, expired leases and ended tasks. A row of
+# jobqueue_dependents says a task waits for another, until that one ends.
 _SQLITE_TYPES = {"TEXT": str, "REAL": float, "INTEGER": int}
 _SQLITE_ADDED = [column for column in TASK_FIELDS if not column.metadata["state"]]
 _SQLITE_COLUMNS = ",\n    ".join(f"{column.name} {column.metadata['sql']}" for column in TASK_FIELDS)
@@ -2299,7 +2556,8 @@ CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     {_SQLITE_COLUMNS},
     status_rank INTEGER NOT NULL,
     position INTEGER,
-    lease_until REAL
+    lease_until REAL,
+    waits INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
@@ -2319,12 +2577,20 @@ CREATE TABLE IF NOT EXISTS jobqueue_tags (
     PRIMARY KEY (tag, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobqueue_tags_by_task ON jobqueue_tags (seq);
+CREATE TABLE IF NOT EXISTS jobqueue_dependents (
+    dependency TEXT NOT NULL,
+    dependent TEXT NOT NULL,
+    PRIMARY KEY (dependency, dependent)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS jobqueue_counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
 """
+
+_SQLITE_NULLABLE_COLUMNS = [*((column.name, column.metadata["sql"]) for column in TASK_FIELDS
+                             if "NOT NULL" not in column.metadata["sql"]), ("waits", "INTEGER")]
 
 _SQLITE_ORDERS = {
     "date": "created_at, seq",
@@ -2336,7 +2602,8 @@ _SQLITE_READY = """
 SELECT EXISTS (SELECT 1 FROM jobqueue_tasks
                WHERE status = 'waiting' AND position IS NOT NULL AND profile = :profile)
     OR EXISTS (SELECT 1 FROM jobqueue_tasks
-               WHERE status = 'waiting' AND position IS NULL AND profile = :profile AND run_at <= :now) AS ready
+               WHERE status = 'waiting' AND position IS NULL AND profile = :profile AND run_at <= :now
+               AND waits IS NULL) AS ready
 """
 
 _SQLITE_CLAIM = """
@@ -2354,7 +2621,7 @@ RETURNING *
 _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
 SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
-    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL
+    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL, waits = NULL
 WHERE seq = ?
 """
 
@@ -2472,6 +2739,7 @@ class SQLiteQueue(Queue):
                         connection.execute("PRAGMA journal_mode = WAL")
                     _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
+                    self._upgrade(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -2482,6 +2750,15 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
+
+    @staticmethod
+    def _upgrade(connection: sqlite3.Connection) -> None:
+        """Add the nullable columns that a file made by an older version lacks (``depends_on``, ``waits``)."""
+        have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+        for name, sql in _SQLITE_NULLABLE_COLUMNS:
+            if name not in have:
+                with contextlib.suppress(_sqlite3().OperationalError):  # another process added it first
+                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {name} {sql}")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -2526,7 +2803,7 @@ class SQLiteQueue(Queue):
 
     def _add(self, tasks: Sequence[Task], now: float) -> None:
         rows = [_encode_task(task) for task in tasks]
-        delayed = [bool(r["run_at"]) and float(r["run_at"]) > now for r in rows]
+        delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
         with self._write() as connection:
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
@@ -2540,17 +2817,82 @@ class SQLiteQueue(Queue):
                 " SELECT ?, seq FROM jobqueue_tasks WHERE identifier = ?",
                 [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
             )
+            self._hold(connection, [task for task in tasks if task.depends_on], now)
 
     def _promote(self, connection: sqlite3.Connection, profile: str, now: float) -> None:
         """Due delayed tasks join the back of the FIFO, in run_at order."""
         due = connection.execute(
             "SELECT seq FROM jobqueue_tasks WHERE status = 'waiting' AND position IS NULL AND profile = ?"
-            " AND run_at <= ? ORDER BY run_at, seq LIMIT 100", (profile, now)
+            " AND run_at <= ? AND waits IS NULL ORDER BY run_at, seq LIMIT 100", (profile, now)
         ).fetchall()
         if due:
             positions = self._positions(connection, len(due))
             connection.executemany("UPDATE jobqueue_tasks SET position = ? WHERE seq = ?",
                                    [(p, row["seq"]) for p, row in zip(positions, due)])
+
+    # -- dependencies: held tasks have ``waits`` and no position; jobqueue_dependents links them
+
+    def _hold(self, connection: sqlite3.Connection, tasks: Sequence[Task], now: float) -> None:
+        """Link just-added tasks to what they depend on; release, fail or keep each (caller's transaction)."""
+        if not tasks:
+            return
+        links = [(dependency, task.identifier) for task in tasks for dependency in task.depends_on]  # type: ignore[union-attr]
+        known = {}
+        for dependency in dict.fromkeys(dependency for dependency, _ in links):
+            row = connection.execute("SELECT status FROM jobqueue_tasks WHERE identifier = ?", (dependency,)).fetchone()
+            if row is None:
+                raise TaskConflict(f"Unknown dependency {dependency}: no task has this identifier")
+            known[dependency] = row["status"]
+        connection.executemany("INSERT OR IGNORE INTO jobqueue_dependents (dependency, dependent) VALUES (?, ?)",
+                               [(dependency, dependent) for dependency, dependent in links
+                                if known[dependency] not in ("finished", "failed")])
+        connection.executemany("UPDATE jobqueue_tasks SET waits = ? WHERE identifier = ?", [
+            (sum(known[dependency] != "finished" for dependency in task.depends_on), task.identifier)  # type: ignore[union-attr]
+            for task in tasks])
+        for task in tasks:
+            failed = next((d for d in task.depends_on if known[d] == "failed"), None)  # type: ignore[union-attr]
+            if failed is not None:
+                self._fail_held(connection, [(task.identifier, failed, "failed")], now)
+            elif all(known[dependency] == "finished" for dependency in task.depends_on):  # type: ignore[union-attr]
+                self._release(connection, task.identifier, now)
+
+    def _release(self, connection: sqlite3.Connection, identifier: str, now: float) -> None:
+        """A held task whose dependencies all finished joins its profile's FIFO (or the delayed set)."""
+        row = connection.execute(
+            "UPDATE jobqueue_tasks SET waits = NULL WHERE identifier = ? AND status = 'waiting' AND waits IS NOT NULL"
+            " RETURNING seq, run_at", (identifier,)).fetchone()
+        if row is not None and (row["run_at"] is None or row["run_at"] <= now):
+            connection.execute("UPDATE jobqueue_tasks SET position = ? WHERE seq = ?",
+                               (self._positions(connection, 1)[0], row["seq"]))
+
+    def _dependents(self, connection: sqlite3.Connection, identifier: str) -> list[str]:
+        """The tasks waiting for ``identifier``, unlinked from it: it ended, they hear of it now."""
+        return [row["dependent"] for row in connection.execute(
+            "DELETE FROM jobqueue_dependents WHERE dependency = ? RETURNING dependent", (identifier,)).fetchall()]
+
+    def _settle(self, connection: sqlite3.Connection, identifier: str, status: Status | None, now: float) -> None:
+        """A task finished, failed or was deleted (None): release or fail the tasks that wait for it."""
+        if status is Status.FINISHED:
+            for dependent in self._dependents(connection, identifier):
+                left = connection.execute(
+                    "UPDATE jobqueue_tasks SET waits = waits - 1 WHERE identifier = ? AND status = 'waiting'"
+                    " AND waits > 0 RETURNING waits", (dependent,)).fetchone()
+                if left is not None and left["waits"] == 0:
+                    self._release(connection, dependent, now)
+        elif status is not Status.WAITING:
+            why = "failed" if status else "was deleted"
+            self._fail_held(connection, [(d, identifier, why) for d in self._dependents(connection, identifier)], now)
+
+    def _fail_held(self, connection: sqlite3.Connection, pending: list[tuple], now: float) -> None:
+        """Fail each held (dependent, dependency, why), then what waits for those, and so on down."""
+        while pending:
+            dependent, dependency, why = pending.pop()
+            failed = connection.execute(
+                "UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, error = ?, finished_at = ?, waits = NULL"
+                " WHERE identifier = ? AND status = 'waiting' AND waits IS NOT NULL RETURNING identifier",
+                (f"Dependency {dependency} {why}", now, dependent)).fetchone()
+            if failed is not None:
+                pending += [(d, dependent, "failed") for d in self._dependents(connection, dependent)]
 
     def _claim(self, profile: str, worker: str, lease: float) -> Task | None:
         """Claim without taking the write lock when a cheap read shows nothing is ready."""
@@ -2613,6 +2955,7 @@ class SQLiteQueue(Queue):
         }).fetchone()
         if row is not None and not retrying:
             connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:{task.status.value}",))
+            self._settle(connection, task.identifier, task.status, task.finished_at.timestamp())  # type: ignore[union-attr]
         return row is not None
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
@@ -2630,6 +2973,7 @@ class SQLiteQueue(Queue):
                         "UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, lost = ?, error = ?,"
                         " finished_at = ?, lease_until = NULL WHERE seq = ?", (lost, error, now, row["seq"]))
                     connection.execute(_SQLITE_COUNT_COMPLETED, (f"completed:{row['profile']}:failed",))
+                    self._settle(connection, row["identifier"], Status.FAILED, now)
                     row.update(status="failed", error=error, finished_at=now)
                 else:
                     connection.execute(
@@ -2664,6 +3008,7 @@ class SQLiteQueue(Queue):
                         "UPDATE jobqueue_tasks SET status = ?, status_rank = ?, finished_at = ?, position = NULL,"
                         " lease_until = NULL WHERE seq = ?", (status.value, status.rank, now, row["seq"]),
                     )
+                    self._settle(connection, identifier, status, now)
             updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
         return _decode_task(updated)
 
@@ -2701,6 +3046,7 @@ class SQLiteQueue(Queue):
             ).fetchone()
             if row is None:
                 return False
+            self._settle(connection, identifier, None, self.clock())
             connection.execute("DELETE FROM jobqueue_tags WHERE seq = ?", (row["seq"],))
             connection.execute("DELETE FROM jobqueue_tasks WHERE seq = ?", (row["seq"],))
         return True
@@ -2719,6 +3065,7 @@ class SQLiteQueue(Queue):
     def _flush(self) -> int:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_tags")
+            connection.execute("DELETE FROM jobqueue_dependents")
             connection.execute("DELETE FROM jobqueue_counters WHERE name LIKE 'completed:%'")
             return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
@@ -3915,7 +4262,7 @@ ROUTES = (
         ("limit", {"type": "integer", "minimum": 0, "maximum": MAX_PAGE}, f"default {DEFAULT_PAGE}"),
         ("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip")),
           headers={"X-Total-Count": "how many match"}),
-    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 411, 413),
+    Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 409, 411, 413),
           body={"$ref": "#/components/schemas/NewTask"}),
     Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
     Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
@@ -4459,8 +4806,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
     parameters = dict(parse_parameter(text) for text in words)
     tags = [tag for tag in args.tags if ":" not in tag]
-    options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
-               if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay",
+                                                      "depends_on") if getattr(args, name) is not None}
     task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
     _queue().add(task)
     print(format_task(task))
@@ -4992,6 +5339,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
     add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
                      help="how long a worker holds it without a heartbeat")
+    add.add_argument("--depends-on", nargs="+", action="extend", metavar="ID",
+                     help="run only once these tasks have finished (fails if one of them fails)")
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
@@ -5332,6 +5681,8 @@ async function show(identifier) {
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
       ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
+      ["Depends on", task.depends_on.length ? element("span", { class: "dependencies" }, ...task.depends_on.map(
+        (id) => element("button", { type: "button", title: id, onclick: () => show(id) }, id.slice(0, 8)))) : "(none)"],
       ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
       ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
       ["Error", task.error ? element("pre", { id: "error" }, task.error) : "-"]];

@@ -1449,6 +1449,117 @@ def test_sqlite_search_uses_an_index(tmp_path, filters):
     assert table_scans == [], details
 
 
+# -- Dependencies and chains (SPEC 12) ------------------------------------------
+
+
+def run_next(queue, profile: str, status: Status = Status.FINISHED) -> Task:
+    """Claim the next task of ``profile`` and end its run as ``status``, as a worker would."""
+    task = queue.fetch(profile, timeout=0)
+    assert task is not None, f"nothing ready in {profile}"
+    return end_run(queue, task, status)
+
+
+def end_run(queue, task: Task, status: Status = Status.FINISHED) -> Task:
+    task.status, task.error = status, "RuntimeError: boom" if status is Status.FAILED else None
+    assert queue.complete(task)
+    return task
+
+
+@contract
+def test_dependencies_hold_a_task_back_until_they_finish(queue):
+    first = Task("deps", RecordingJob)
+    second = Task("deps", RecordingJob, depends_on=[first.identifier])
+    third = Task("deps", RecordingJob, depends_on=[first.identifier, second])
+    queue.add(third, second, first)  # a batch in any order
+    assert queue.find(third.identifier).depends_on == [first.identifier, second.identifier]
+    assert queue.count(status="waiting") == 3 and queue.stats()["deps"]["waiting"] == 3
+    assert run_next(queue, "deps").identifier == first.identifier
+    claimed = queue.fetch("deps", timeout=0)
+    assert claimed.identifier == second.identifier, "released by the finish of its one dependency"
+    assert queue.fetch("deps", timeout=0) is None, "third still waits for second"
+    assert [t.identifier for t in queue.search(status="waiting")] == [third.identifier]
+    end_run(queue, claimed)
+    assert queue.fetch("deps", timeout=0).identifier == third.identifier
+    late = Task("deps", RecordingJob, depends_on=[first.identifier])
+    queue.add(late)
+    assert queue.fetch("deps", timeout=0).identifier == late.identifier, "a finished dependency holds nothing back"
+
+
+@contract
+def test_a_failed_or_deleted_dependency_fails_what_waits_for_it_all_the_way_down(queue):
+    root = Task("deps", RecordingJob)
+    child = Task("deps", RecordingJob, depends_on=[root.identifier])
+    grandchild = Task("other", RecordingJob, depends_on=[child.identifier])
+    queue.add(root, child, grandchild)
+    run_next(queue, "deps", Status.FAILED)
+    assert queue.find(child.identifier).status is Status.FAILED
+    assert queue.find(child.identifier).error == f"Dependency {root.identifier} failed"
+    assert queue.find(grandchild.identifier).error == f"Dependency {child.identifier} failed", "names its direct one"
+    assert queue.fetch("deps", timeout=0) is None and queue.fetch("other", timeout=0) is None
+
+    gone = Task("deps", RecordingJob)
+    orphan = Task("other", RecordingJob, depends_on=[gone.identifier])
+    queue.add(gone, orphan)
+    queue.delete(gone.identifier)
+    assert (queue.find(orphan.identifier).status, queue.find(orphan.identifier).error) == (
+        Status.FAILED, f"Dependency {gone.identifier} was deleted")
+
+    late = Task("other", RecordingJob, depends_on=[root.identifier])
+    queue.add(late)
+    assert queue.find(late.identifier).error == f"Dependency {root.identifier} failed", "fails at once"
+
+    # Retrying the failed dependency leaves its dependents failed; retrying a dependent runs it.
+    queue.retry(root.identifier)
+    assert queue.find(child.identifier).status is Status.FAILED
+    queue.retry(child.identifier)
+    claimed = {queue.fetch("deps", timeout=0).identifier for _ in range(2)}
+    assert claimed == {root.identifier, child.identifier}, "a retried dependent no longer waits"
+
+
+@contract
+def test_dependencies_follow_changes_by_hand_and_lost_workers(queue):
+    done, lost, held = Task("deps", RecordingJob), Task("deps", RecordingJob), Task("deps", RecordingJob)
+    after_done = Task("other", RecordingJob, depends_on=[done])
+    after_lost = Task("other", RecordingJob, depends_on=[lost])
+    after_held = Task("other", RecordingJob, depends_on=[held])
+    last = Task("deps", RecordingJob, depends_on=[after_held])
+    queue.add(done, lost, held, after_done, after_lost, after_held, last)
+    queue.update_status(done, Status.FINISHED)
+    assert queue.fetch("other", timeout=0).identifier == after_done.identifier
+    queue.update_status(after_held, Status.FAILED)  # a held task failed by hand
+    assert queue.find(last.identifier).error == f"Dependency {after_held.identifier} failed"
+    assert queue.fetch("deps", timeout=0, lease=0.05).identifier == lost.identifier
+    wait_until(lambda: queue.recover(max_lost=1), timeout=5)
+    assert queue.find(after_lost.identifier).error == f"Dependency {lost.identifier} failed"
+    run_next(queue, "deps")
+    assert queue.find(after_held.identifier).status is Status.FAILED, "no release for a task that left waiting"
+    assert queue.fetch("other", timeout=0) is None and queue.fetch("deps", timeout=0) is None
+
+
+@contract
+def test_dependencies_must_exist_and_not_loop(queue):
+    with pytest.raises(ValidationError, match="Unknown dependency nope"):
+        queue.add(Task("deps", RecordingJob), Task("deps", RecordingJob, depends_on=["nope"]))
+    assert queue.count() == 0, "nothing of the batch is stored"
+    one, two = Task("deps", RecordingJob), Task("deps", RecordingJob)
+    one.depends_on, two.depends_on = [two.identifier], [one.identifier]
+    with pytest.raises(ValidationError, match="depends on itself"):
+        queue.add(one, two)
+    with pytest.raises(ValidationError, match="depends_on must be a list"):
+        Task("deps", RecordingJob, depends_on="abc")
+
+
+@contract
+def test_chain_runs_tasks_in_order_across_profiles(queue):
+    tasks = queue.chain(Task("left", RecordingJob), Task("right", RecordingJob), Task("left", RecordingJob))
+    assert [t.depends_on for t in tasks] == [[], [tasks[0].identifier], [tasks[1].identifier]]
+    assert queue.fetch("right", timeout=0) is None
+    assert run_next(queue, "left").identifier == tasks[0].identifier
+    assert queue.fetch("left", timeout=0) is None
+    assert run_next(queue, "right").identifier == tasks[1].identifier
+    assert run_next(queue, "left").identifier == tasks[2].identifier
+
+
 # == Queue: Redis ============================================================
 
 
@@ -1827,7 +1938,62 @@ def test_unreachable_redis_names_the_backend_and_hides_the_password():
     assert jobqueue.redact(f"redis://:s3cret@127.0.0.1:{port}/0") == f"redis://:***@127.0.0.1:{port}/0"
 
 
+@pytest.mark.parametrize("topology", ["redis", "cluster"])
+def test_news_between_slots_survives_a_client_dying_midway(request, topology):
+    """A finish in one slot releases a task in another (profiles on different masters of a cluster):
+    the finishing script leaves the news in its slot's outbox; if the client dies before delivering
+    it, recover() delivers it, and delivering it twice changes nothing."""
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        here, there = list(profiles_on_each_master(cluster, "slots").values())[:2]
+        queue = queue_from_dsn(f"{cluster.dsn}?prefix=slots")
+    else:
+        here, there = "here", "there"
+        queue = queue_from_dsn(f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0?prefix=slots")
+    queue.flush()
+    first = Task(here, RecordingJob)
+    then, doomed = Task(there, RecordingJob, depends_on=[first]), Task(there, RecordingJob)
+    also, last = Task(here, RecordingJob, depends_on=[doomed]), Task(here, RecordingJob, depends_on=[then])
+    queue.add(first, then, doomed, also, last)
+    deliver = queue._deliver
+    queue._deliver = lambda profiles: None  # the client dies right after the finishing script
+    run_next(queue, here)
+    assert queue.fetch(there, timeout=0).identifier == doomed.identifier, "then is still held"
+    assert queue.fetch(there, timeout=0) is None
+    assert queue.client.zcard(f"{{slots:{here}}}:outbox") == 1
+    queue._deliver = deliver
+    queue.recover()
+    assert queue.client.zcard(f"{{slots:{here}}}:outbox") == 0
+    claimed = queue.fetch(there, timeout=0)
+    assert claimed.identifier == then.identifier
+    queue._call(there, "deliver", now=repr(queue.clock()),
+                messages=[json.dumps(["release", there, then.identifier, first.identifier])])
+    assert queue.fetch(there, timeout=0) is None, "delivered twice, released once"
+
+    queue._deliver = lambda profiles: None
+    queue.delete(doomed.identifier)
+    assert queue.find(also.identifier).status is Status.WAITING
+    queue._deliver = deliver
+    end_run(queue, claimed)  # the next finish in that slot that has news to send delivers what was left too
+    assert queue.find(also.identifier).error == f"Dependency {doomed.identifier} was deleted"
+    assert queue.fetch(here, timeout=0).identifier == last.identifier
+    queue.flush()
+    assert not [key for key in queue.client.scan_iter("{slots:*") if ":call:" not in str(key)], "no outbox left"
+
+
 # == Queue: SQLite ===========================================================
+
+
+def test_a_file_of_an_older_version_gains_the_new_columns(tmp_path):
+    SQLiteQueue(tmp_path / "old.db").add(Task("p", RecordingJob))
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as connection:
+        for column in ("depends_on", "waits"):
+            connection.execute(f"ALTER TABLE jobqueue_tasks DROP COLUMN {column}")
+    queue = SQLiteQueue(tmp_path / "old.db")
+    first = queue.search()[0]
+    queue.add(Task("p", RecordingJob, depends_on=[first]))
+    assert run_next(queue, "p").identifier == first.identifier
+    assert queue.fetch("p", timeout=0).depends_on == [first.identifier]
 
 
 def test_unusable_sqlite_file_is_a_backend_error(tmp_path):
@@ -2520,6 +2686,18 @@ def test_http_create_rejects_bad_bodies_and_stores_nothing(serve, queue, body, m
     answer = call(serve(), "POST", "/tasks", body)
     assert answer.status == 400 and answer.json == {"message": message, "code": 400}
     assert queue.count() == 0
+
+
+def test_http_create_with_dependencies(serve, queue):
+    server = serve()
+    first = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B"}).json
+    created = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "depends_on": [first["identifier"]]})
+    assert created.status == 201 and created.json["depends_on"] == [first["identifier"]]
+    assert call(server, "GET", f"/task/{first['identifier']}").json["depends_on"] == []
+    for bad, status, message in ((["nope"], 409, "Unknown dependency nope"), ("x", 400, "depends_on must be a list")):
+        answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "depends_on": bad})
+        assert answer.status == status and answer.json["message"].startswith(message)
+    assert queue.count() == 2
 
 
 def test_http_filters_orders_and_paging(serve, queue):
@@ -3406,6 +3584,35 @@ def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
     assert queue.fetch("p", timeout=0) is None
     bad = cli(dsn, "manager", "add", "p", "a.B", "--delay", "soon")
     assert bad.returncode == 2 and 'Duration "soon" must be a number of seconds' in bad.stderr
+
+
+def test_cli_add_depends_on(dsn, queue):
+    first, second = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(first, second)
+    added = cli(dsn, "manager", "add", "p", "a.B", "--depends-on", first.identifier, "--depends-on",
+                second.identifier, first.identifier)
+    identifier = added_identifier(added)
+    assert f"Depends on : {first.identifier}, {second.identifier}\n" in added.stdout
+    assert queue.find(identifier).depends_on == [first.identifier, second.identifier]
+    shown = cli(dsn, "manager", "show", identifier, "--json")
+    assert json.loads(shown.stdout)["depends_on"] == [first.identifier, second.identifier]
+    unknown = cli(dsn, "manager", "add", "p", "a.B", "--depends-on", "nope")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("Unknown dependency nope: no task has this identifier")
+    assert queue.count() == 3
+
+
+def test_a_chain_runs_in_order_through_worker_processes(dsn, queue, tmp_path, running):
+    log = tmp_path / "log"
+    chain = queue.chain(*[Task(profile, RecordingJob, {"log": str(log)}) for profile in ("one", "two", "two", "one")])
+    later = running(dsn, "worker", "two", "--quantity", "2")
+    later.wait_for("handles")
+    first = cli(dsn, "worker", "one", "--quantity", "2")  # its second task waits for the other worker's two
+    assert first.returncode == 0, first.stderr
+    assert later.wait() == 0
+    performed = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("perform")]
+    assert performed == [task.identifier for task in chain]
+    assert queue.count(status="finished") == 4
 
 
 def test_cli_recover_returns_tasks_of_lost_workers(dsn, queue):
@@ -4415,6 +4622,22 @@ def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboar
     board.page.click("#delete")
     wait_until(lambda: board.queue.count() == 0)
     wait_until(lambda: board.rows() == [] and board.page.locator("#detail").is_hidden())
+    assert board.errors == []
+
+
+def test_dashboard_detail_shows_dependencies(dashboard):
+    board = dashboard()
+    first = Task("jobs", RecordingJob)
+    second = Task("jobs", RecordingJob, depends_on=[first])
+    board.queue.add(first, second)
+    board.open().page.wait_for_selector(f"text={second.identifier}")
+    board.page.click(f"button:has-text('{second.identifier}')")
+    link = board.page.locator("#detail-fields dd button", has_text=first.identifier[:8])
+    link.wait_for()
+    assert "Depends on" in board.page.locator("#detail-fields").inner_text()
+    link.click()
+    board.page.locator("#detail-fields dd", has_text=first.identifier).wait_for()
+    assert re.search(r"Depends on\s+\(none\)", board.page.locator("#detail-fields").inner_text())
     assert board.errors == []
 
 
