@@ -2589,8 +2589,8 @@ CREATE TABLE IF NOT EXISTS jobqueue_counters (
 INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
 """
 
-_SQLITE_NULLABLE_COLUMNS = [*((column.name, column.metadata["sql"]) for column in TASK_FIELDS
-                             if "NOT NULL" not in column.metadata["sql"]), ("waits", "INTEGER")]
+# Columns a file made by an older version may lack: every field's, and the dependency count.
+_SQLITE_LATER_COLUMNS = [*((column.name, column.metadata["sql"]) for column in TASK_FIELDS), ("waits", "INTEGER")]
 
 _SQLITE_ORDERS = {
     "date": "created_at, seq",
@@ -2662,15 +2662,15 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
     present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)")}
     if not present:
         return
-    missing = [column for column in TASK_FIELDS if column.name not in present]
+    missing = [(name, sql) for name, sql in _SQLITE_LATER_COLUMNS if name not in present]
     if not missing:
         return
     connection.execute("BEGIN IMMEDIATE")
     try:
         present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)")}
-        for column in missing:
-            if column.name not in present:
-                connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {column.metadata['sql']}")
+        for name, sql in missing:
+            if name not in present:
+                connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {name} {sql}")
     except BaseException:
         connection.execute("ROLLBACK")
         raise
@@ -2739,7 +2739,6 @@ class SQLiteQueue(Queue):
                         connection.execute("PRAGMA journal_mode = WAL")
                     _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
-                    self._upgrade(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -2750,15 +2749,6 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
-
-    @staticmethod
-    def _upgrade(connection: sqlite3.Connection) -> None:
-        """Add the nullable columns that a file made by an older version lacks (``depends_on``, ``waits``)."""
-        have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
-        for name, sql in _SQLITE_NULLABLE_COLUMNS:
-            if name not in have:
-                with contextlib.suppress(_sqlite3().OperationalError):  # another process added it first
-                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {name} {sql}")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
