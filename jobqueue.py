@@ -719,10 +719,14 @@ TASK_FIELDS = dataclasses.fields(Task)
 TASK_JSON_ORDER = sorted(TASK_FIELDS, key=lambda column: not column.metadata["first"])
 
 
+_STORED_FIELDS = tuple((column.name, column.default, column.metadata["codec"].store)
+                       for column in TASK_FIELDS if not column.metadata["state"])
+
+
 def _encode_task(task: Task) -> dict[str, str]:
     """The storage form both backends share: text (JSON, epoch seconds), '' for a default; never pickle."""
-    return {column.name: "" if (value := getattr(task, column.name)) is None or value == column.default
-            else column.metadata["codec"].store(value) for column in TASK_FIELDS if not column.metadata["state"]}
+    return {name: "" if (value := getattr(task, name)) is None or value == default else store(value)
+            for name, default, store in _STORED_FIELDS}
 
 
 def _decode_task(stored: Mapping[str, Any]) -> Task:
@@ -1754,9 +1758,16 @@ end)
 """
 
 # Each handler's argument names, read from its declaration in the library: the one source of the order.
+def _handler_arguments(kind: str, declared: str) -> tuple:
+    """(remembered, names, rest): how ``_call`` lays out a handler's arguments, from its declaration."""
+    names = re.findall(r"'([.\w]+)'", declared)
+    rest = names.pop()[3:] if names and names[-1].startswith("...") else None
+    return kind == "change", tuple(names), rest
+
+
 _REDIS_HANDLERS = {
-    name: (kind == "change", tuple(re.findall(r"'([.\w]+)'", names)))
-    for name, kind, names in re.findall(r"^H\.(\w+) = (change|plain)\(\{([^}]*)\}", _REDIS_LIBRARY, re.M)
+    name: _handler_arguments(kind, declared)
+    for name, kind, declared in re.findall(r"^H\.(\w+) = (change|plain)\(\{([^}]*)\}", _REDIS_LIBRARY, re.M)
 }
 
 # How the library is installed: as Redis Functions (loaded once, then FCALL
@@ -2088,7 +2099,7 @@ class RedisQueue(Queue):
         if getattr(calls, "pid", None) != os.getpid():
             calls.pid, calls.caller = os.getpid(), uuid.uuid4().hex[:16]
             calls.numbers, calls.pending = itertools.count(), {}
-        key = (handler, *call)
+        key = call
         if key not in calls.pending:
             if len(calls.pending) >= 64:
                 calls.pending.clear()
@@ -2109,13 +2120,13 @@ class RedisQueue(Queue):
         from this thread with the same values (``now`` aside), it reuses its
         token, so the server answers with the first run's reply.
         """
-        remembered, names = _REDIS_HANDLERS[handler]
-        ordered: list[Any] = []
-        for name in names:
-            ordered += values[name[3:]] if name.startswith("...") else [values[name]]
+        remembered, names, rest = _REDIS_HANDLERS[handler]
+        ordered = [values[name] for name in names]
+        if rest is not None:
+            ordered += values[rest]
         arguments = [handler, *ordered]
         if remembered:
-            call = (profile, *(value for name, value in zip(names, ordered) if name != "now"), *ordered[len(names):])
+            call = (handler, profile, *ordered[1:])  # the same call but for ``now``, every change's first argument
             caller, token, pending = self._token(handler, call)
             arguments = [handler, caller, token, *ordered]
         base = self._base(profile)
@@ -2128,7 +2139,7 @@ class RedisQueue(Queue):
                 else:
                     reply = self.client.execute_command(*self._command(base, arguments))
                 if remembered:
-                    pending.pop((handler, *call), None)
+                    pending.pop(call, None)
                 return self._decoded(reply)
             except self._exceptions.ResponseError as error:
                 if not self._repair(error, base):

@@ -1597,6 +1597,13 @@ def test_profiles_spread_over_the_cluster_masters(redis_cluster):
     assert queue.count() == 0
 
 
+def test_every_remembered_handler_takes_now_first():
+    """A call sent again is known by its arguments but ``now``, which _call leaves out of the key as the first."""
+    changes = {name: names for name, (remembered, names, _) in jobqueue._REDIS_HANDLERS.items() if remembered}
+    assert {"add", "claim", "complete", "complete_and_claim", "update", "delete"} <= set(changes)
+    assert all(names[0] == "now" for names in changes.values()), changes
+
+
 def test_a_call_cut_off_before_its_reply_leaves_no_stale_reply_for_the_next(redis_server):
     """State changes keep a few connections between calls: one whose reply was never read is not reused."""
     queue = queue_from_dsn(f"redis://127.0.0.1:{redis_server.port}?prefix=cutoff")
