@@ -62,7 +62,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Status", "Task", "Job", "job", "validate_profile", "resolve_job",
-    "JobQueueError", "ValidationError", "TaskNotFound", "TaskConflict", "ParameterNotFound",
+    "JobQueueError", "ValidationError", "TaskNotFound", "TaskConflict", "ParameterNotFound", "ScheduleNotFound",
+    "Schedule", "CronExpression",
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
@@ -133,6 +134,14 @@ class ParameterNotFound(JobQueueError, _MessageKeyError):
         self.name = name
 
 
+class ScheduleNotFound(JobQueueError, _MessageKeyError):
+    """No schedule has this name in the queue."""
+
+    def __init__(self, name: str):
+        super().__init__(f'Schedule "{name}" does not exist')
+        self.name = name
+
+
 class TaskConflict(ValidationError):
     """A change the task's state does not allow now, such as retrying a task that is not failed."""
 
@@ -170,6 +179,7 @@ class UsageError(JobQueueError):
 ERROR_CODES: dict[type, tuple[int, int]] = {
     ValidationError: (400, 2),
     TaskNotFound: (404, 2),
+    ScheduleNotFound: (404, 2),
     ParameterNotFound: (400, 2),
     JobError: (400, 2),
     JobNotAllowed: (403, 2),
@@ -617,6 +627,7 @@ class Task:
     failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
     lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
                         show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
+    schedule: str | None = _column(TEXT, None, schema=NULLABLE, show=((13.5, "Schedule", _if_set("schedule")),))
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -858,6 +869,133 @@ class CronExpression:
         raise ValidationError(f'Cron expression "{self.text}" never matches after {moment.isoformat()}')
 
 
+# -- Schedules: periodic tasks -------------------------------------------------
+
+SCHEDULE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+SCHEDULE_NAME_MESSAGE = 'A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":"'
+# Task arguments that are not a schedule's options: what it states anyway, what a queue fills in, and when a
+# task runs (the schedule says that).
+_NOT_SCHEDULE_OPTIONS = frozenset({"profile", "job", "parameters", "tags", "identifier", "created_at", "schedule",
+                                   "delay", "run_at"})
+
+
+@functools.cache
+def schedule_options() -> tuple[str, ...]:
+    """The Task keyword arguments a Schedule passes on to each of its tasks (retries, timeout, lease...)."""
+    import inspect
+
+    state = {column.name for column in TASK_FIELDS if column.metadata["state"]}
+    return tuple(name for name in inspect.signature(Task).parameters if name not in _NOT_SCHEDULE_OPTIONS | state)
+
+
+class Schedule:
+    """A task added again and again: at each minute a ``cron`` expression matches on the clocks of
+    ``timezone``, or ``every`` so many seconds (at least 1); exactly one of the two.
+
+    The other arguments are Task's, task options included (``retries``, ``timeout``, ``lease``...): each
+    task the schedule adds is built from them and carries the schedule's name in its ``schedule`` field.
+    A queue keeps schedules (``queue.add_schedule``); those it returns have ``next_run_at`` and
+    ``last_run_at`` set, and ``revision``, which changes each time the schedule is added again.
+    """
+
+    def __init__(self, name: str, profile: str, job: Any, parameters: Mapping[str, Scalar] | None = None,
+                 tags: Sequence[str] | None = None, *, cron: str | None = None, every: float | None = None,
+                 timezone: str = "UTC", **options: Any):
+        if not isinstance(name, str) or not SCHEDULE_NAME_PATTERN.fullmatch(name):
+            raise ValidationError(SCHEDULE_NAME_MESSAGE)
+        if (cron is None) == (every is None):
+            raise ValidationError("A schedule needs either cron or every, not both")
+        unknown = sorted(set(options) - set(schedule_options()))
+        if unknown:
+            raise ValidationError(f'Unknown task option "{unknown[0]}": a schedule takes '
+                                  f'{", ".join(schedule_options())}')
+        probe = Task(profile, job, parameters, tags, **options)
+        try:
+            json.dumps(options, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValidationError("A schedule's task options must be JSON values (numbers, text, null)") from None
+        self.name = name
+        self.profile, self.job, self.parameters, self.tags = probe.profile, probe.job, probe.parameters, probe.tags
+        self.cron: str | None = None
+        self.every: float | None = None
+        if cron is not None:
+            try:
+                self._expression = CronExpression(cron)
+            except ValidationError as error:
+                raise ValidationError(f"cron: {error}") from None
+            self.cron = cron.strip()
+        else:
+            if (isinstance(every, bool) or not isinstance(every, (int, float)) or not math.isfinite(every)
+                    or not 1 <= every <= DURATION_MAX):
+                raise ValidationError(f"every must be a number of seconds from 1 to {DURATION_MAX:.0f}")
+            self.every = int(every) if float(every).is_integer() else float(every)
+        if not isinstance(timezone, str):
+            raise ValidationError('timezone must be a time zone name such as "Europe/Paris"')
+        schedule_zone(timezone)
+        self.timezone = timezone
+        self.options = dict(options)
+        self.next_run_at: datetime | None = None
+        self.last_run_at: datetime | None = None
+        self.revision = ""
+
+    def __repr__(self) -> str:
+        when = f"cron={self.cron!r}" if self.cron is not None else f"every={self.every!r}"
+        return f"<Schedule {self.name!r} {self.profile} {self.job} {when} {self.timezone}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and self.to_json() == other.to_json()
+
+    def first_run(self, now: float) -> float:
+        """When a schedule added at ``now`` (epoch seconds) runs first: a period later, or the next matching minute."""
+        if self.every is not None:
+            return now + self.every
+        return self._expression.next_after(_from_timestamp(now), self.timezone).timestamp()  # type: ignore[arg-type]
+
+    def run_after(self, due: float, now: float) -> float:
+        """The run after the one due at ``due``, later than ``now``: runs missed meanwhile are skipped."""
+        if self.cron is not None:
+            return self._expression.next_after(_from_timestamp(max(due, now)), self.timezone).timestamp()  # type: ignore[arg-type]
+        following = due + self.every * (math.floor((now - due) / self.every) + 1)  # type: ignore[operator]
+        return following if following > now else following + self.every  # type: ignore[operator]
+
+    def task(self, due: float) -> Task:
+        """The task of the run due at ``due``; its identifier is the same whoever builds it, so the queue
+        refuses a second copy of one run."""
+        digest = hashlib.sha256(f"jobqueue:schedule:{self.revision}:{due!r}".encode()).digest()
+        identifier = str(uuid.UUID(bytes=digest[:16], version=4))
+        return Task(self.profile, self.job, self.parameters, self.tags, identifier=identifier, schedule=self.name,
+                    **self.options)
+
+    def to_json(self) -> dict[str, Any]:
+        """The schedule as the API and ``--json`` show it; times are ISO 8601 or null."""
+        data: dict[str, Any] = {"name": self.name, "profile": self.profile, "job": self.job,
+                                "parameters": dict(self.parameters or {}), "tags": list(self.tags or ())}
+        data.update({"cron": self.cron} if self.cron is not None else {"every": self.every})
+        data.update(timezone=self.timezone, **self.options)
+        data.update(next_run_at=_iso(self.next_run_at), last_run_at=_iso(self.last_run_at))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Schedule:
+        """A schedule from its JSON form (``to_json``), validated; ``next_run_at`` and ``last_run_at`` are read."""
+        if not isinstance(data, Mapping):
+            raise ValidationError("A schedule must be a JSON object")
+        values = {key: value for key, value in data.items()
+                  if value is not None and key not in ("next_run_at", "last_run_at", "revision")}
+        for key in ("name", "profile", "job"):
+            if values.get(key) in (None, ""):
+                raise ValidationError(f"Missing {key}")
+        schedule = cls(**values)
+        schedule.next_run_at = _parse_datetime(data.get("next_run_at"))
+        schedule.last_run_at = _parse_datetime(data.get("last_run_at"))
+        schedule.revision = str(data.get("revision") or "")
+        return schedule
+
+    def stored(self) -> str:
+        """The definition both backends keep (JSON, with the revision; the times are kept beside it)."""
+        return json.dumps({**self.to_json(), "next_run_at": None, "last_run_at": None, "revision": self.revision})
+
+
 # == Events ==================================================================
 
 WORKER_START = "worker.start"
@@ -989,6 +1127,11 @@ class Queue:
     - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
       workers completed since the queue began (or was flushed); counters, so
       deleting tasks does not lower them.
+    - ``add_schedule(schedule)``, ``schedules()``, ``remove_schedule(name)``: keep
+      periodic tasks by name (adding one of a name replaces it); ``flush`` leaves them.
+    - ``run_schedules(now=None)``: add the task of each schedule that is due and
+      move its next run on, the two together: callers at once add each run once,
+      and runs missed meanwhile (nothing ran) give one task. Returns the tasks added.
 
     Every state change is one atomic step in the backend. Driver errors come
     out as BackendUnavailable, with the driver's exception as the cause.
@@ -1142,6 +1285,42 @@ class Queue:
             table.setdefault(profile, {"finished": 0, "failed": 0})[outcome] = number
         return table
 
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        """Keep ``schedule`` (replacing one of its name); it runs first one period from now, or at its
+        next matching minute. Returns it with ``next_run_at`` set."""
+        if not isinstance(schedule, Schedule):
+            raise ValidationError(f"Only Schedule objects can be added, not {type(schedule).__name__}")
+        with self._errors():
+            now = self.clock()
+            schedule.revision, schedule.last_run_at = uuid.uuid4().hex, None
+            first = schedule.first_run(now)
+            schedule.next_run_at = _from_timestamp(first)
+            self._put_schedule(schedule, first, now)
+        return schedule
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, by name, with its ``next_run_at`` and ``last_run_at``."""
+        with self._errors():
+            return sorted(self._schedules(), key=lambda schedule: schedule.name)
+
+    def remove_schedule(self, name: str) -> None:
+        with self._errors():
+            removed = isinstance(name, str) and self._remove_schedule(name)
+        if not removed:
+            raise ScheduleNotFound(name)
+
+    def run_schedules(self, now: datetime | float | None = None) -> list[Task]:
+        """Add the task of every schedule due at ``now`` (default: the queue's clock); return them."""
+        with self._errors():
+            moment = self.clock() if now is None else _parse_datetime(now).timestamp() if isinstance(
+                now, datetime) else float(now)
+            return self._run_schedules(moment)
+
+    def _stored_schedule(self, definition: Any, next_run_at: Any, last_run_at: Any) -> Schedule:
+        schedule = Schedule.from_json(json.loads(definition))
+        schedule.next_run_at, schedule.last_run_at = _from_timestamp(next_run_at), _from_timestamp(last_run_at)
+        return schedule
+
     def ping(self) -> None:
         """Raise BackendUnavailable unless the backend answers."""
         with self._errors():
@@ -1212,6 +1391,18 @@ class Queue:
 
     def _ping(self) -> None:
         raise NotImplementedError
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        raise NotImplementedError
+
+    def _schedules(self) -> list[Schedule]:
+        raise NotImplementedError
+
+    def _remove_schedule(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        return []  # a backend that keeps no schedules has none due
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -1560,6 +1751,55 @@ H.flush = change({'now', 'batch'}, function(a)
   redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED)
   return {removed, 0}
 end)
+
+-- Schedules live on the queue's own slot, "{prefix}" (KEYS[1] of these handlers): the definitions (name ->
+-- JSON with its revision), the next run times (a sorted set), the last run times, and the runs claimed whose
+-- task may not be stored yet ("pending": name -> due time). A run's task goes to its profile's slot in a
+-- second call, with an identifier made from the run; so the next run_schedules adds a pending run again,
+-- and the add that comes second is refused (EXISTS): each run is stored once.
+local function schedule_keys()
+  local defs = base .. ':schedules'
+  return defs, defs .. ':next', defs .. ':last', defs .. ':pending'
+end
+
+H.schedule_put = change({'now', 'name', 'definition', 'next'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  redis.call('HSET', defs, a.name, a.definition)
+  redis.call('ZADD', nexts, a.next, a.name)
+  redis.call('HDEL', last, a.name)
+  redis.call('HDEL', pending, a.name)
+  return 1
+end)
+
+H.schedule_remove = change({'now', 'name'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  redis.call('ZREM', nexts, a.name)
+  redis.call('HDEL', last, a.name)
+  redis.call('HDEL', pending, a.name)
+  return redis.call('HDEL', defs, a.name)
+end)
+
+-- Claim the run of a.name (at a.revision) due at a.due, unless another caller did: 1 and its next run is
+-- a.next, or 0.
+H.schedule_claim = change({'now', 'name', 'revision', 'due', 'next'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  local due, definition = redis.call('ZSCORE', nexts, a.name), redis.call('HGET', defs, a.name)
+  if not due or not definition or tonumber(due) ~= tonumber(a.due)
+      or cjson.decode(definition).revision ~= a.revision then
+    return 0
+  end
+  redis.call('ZADD', nexts, a.next, a.name)
+  redis.call('HSET', last, a.name, a.now)
+  redis.call('HSET', pending, a.name, a.due)
+  return 1
+end)
+
+-- The task of the run due at a.due is stored: the claim is settled (unless a later one replaced it).
+H.schedule_settle = plain({'name', 'due'}, function(a)
+  local _, _, _, pending = schedule_keys()
+  if redis.call('HGET', pending, a.name) == a.due then redis.call('HDEL', pending, a.name) end
+  return 1
+end)
 """
 
 # Each handler's argument names, read from its declaration in the library: the one source of the order.
@@ -1889,8 +2129,9 @@ class RedisQueue(Queue):
             calls.pending[key] = next(calls.numbers)
         return f"{calls.caller}:{handler}", calls.pending[key], calls.pending
 
-    def _base(self, profile: str) -> str:
-        return f"{{{self.prefix}:{profile}}}"
+    def _base(self, profile: str | None) -> str:
+        """The hash tag of a profile's keys; None: the queue's own (profile names, schedules)."""
+        return f"{{{self.prefix}}}" if profile is None else f"{{{self.prefix}:{profile}}}"
 
     def _decoded(self, reply: Any) -> Any:
         return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
@@ -2222,6 +2463,59 @@ class RedisQueue(Queue):
     def _ping(self) -> None:
         self.client.ping()
 
+    # -- schedules: on the queue's own slot; a run's task goes to its profile's slot afterwards
+
+    def _schedule_keys(self) -> tuple:
+        definitions = f"{self._base(None)}:schedules"
+        return definitions, f"{definitions}:next", f"{definitions}:last", f"{definitions}:pending"
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        self._call(None, "schedule_put", now=repr(now), name=schedule.name, definition=schedule.stored(),
+                   next=repr(first))
+
+    def _schedules(self) -> list[Schedule]:
+        definitions, nexts, lasts, _ = self._schedule_keys()
+        stored, due, last = self._read([("HGETALL", definitions), ("ZRANGE", nexts, 0, -1, "WITHSCORES"),
+                                        ("HGETALL", lasts)])
+        due_at = {name: at for at, name in _score_pairs(due)}
+        last = {_text(name): _text(at) for name, at in last.items()}
+        return [self._stored_schedule(_text(text), due_at.get(_text(name)), last.get(_text(name)))
+                for name, text in stored.items()]
+
+    def _remove_schedule(self, name: str) -> bool:
+        return bool(self._call(None, "schedule_remove", now=repr(self.clock()), name=name))
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        """Claim each due run on the schedules' slot, then add its task; first, add again the runs a caller
+        claimed without getting to add their task (it stopped in between)."""
+        definitions, nexts, _, pending = self._schedule_keys()
+        due, claimed = self._read([("ZRANGEBYSCORE", nexts, "-inf", repr(now), "WITHSCORES"), ("HGETALL", pending)])
+        runs = [(name, float(_text(at)), False) for name, at in claimed.items()]
+        runs += [(name, at, True) for at, name in _score_pairs(due)]
+        if not runs:
+            return []
+        names = sorted({_text(name) for name, _, _ in runs})
+        stored = dict(zip(names, self.client.hmget(definitions, names)))
+        added = []
+        for name, at, to_claim in runs:
+            name = _text(name)
+            if stored.get(name) is None:
+                continue
+            schedule = self._stored_schedule(_text(stored[name]), None, None)
+            if to_claim and not self._call(None, "schedule_claim", now=repr(now), name=name,
+                                           revision=schedule.revision, due=repr(at),
+                                           next=repr(schedule.run_after(at, now))):
+                continue
+            task = schedule.task(at)
+            try:
+                self.add(task)
+                added.append(task)
+            except ValidationError:
+                if self._find(task.identifier) is None:
+                    raise
+            self._call(None, "schedule_settle", name=name, due=repr(at))
+        return added
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
@@ -2266,6 +2560,13 @@ CREATE TABLE IF NOT EXISTS jobqueue_counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
+CREATE TABLE IF NOT EXISTS jobqueue_schedules (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    next_run_at REAL NOT NULL,
+    last_run_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobqueue_schedules_due ON jobqueue_schedules (next_run_at);
 """
 
 _SQLITE_ORDERS = {
@@ -2329,6 +2630,14 @@ def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return {column[0]: value for column, value in zip(cursor.description, row)}
 
 
+def _add_new_columns(connection: sqlite3.Connection) -> None:
+    """Give a file made by an older jobqueue the columns of fields added since (each with its default)."""
+    present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+    for column in TASK_FIELDS:
+        if column.name not in present:
+            connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {column.metadata['sql']}")
+
+
 def _sqlite3() -> Any:
     """The sqlite3 module, if its library can run our statements (RETURNING needs 3.35)."""
     import sqlite3
@@ -2390,6 +2699,7 @@ class SQLiteQueue(Queue):
                     if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
                         connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(_SQLITE_SCHEMA)
+                    _add_new_columns(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -2417,6 +2727,9 @@ class SQLiteQueue(Queue):
         if self._writers[0] != os.getpid():
             self._writers = (os.getpid(), threading.Lock())
         connection = self._connection()
+        if connection.in_transaction:  # a write inside this thread's own (run_schedules adds its tasks so)
+            yield connection
+            return
         with self._writers[1]:
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -2665,6 +2978,37 @@ class SQLiteQueue(Queue):
 
     def _ping(self) -> None:
         self._connection().execute("SELECT 1").fetchone()
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO jobqueue_schedules (name, definition, next_run_at) VALUES (?, ?, ?) ON CONFLICT (name)"
+                " DO UPDATE SET definition = excluded.definition, next_run_at = excluded.next_run_at,"
+                " last_run_at = NULL", (schedule.name, schedule.stored(), first))
+
+    def _schedules(self) -> list[Schedule]:
+        rows = self._connection().execute("SELECT * FROM jobqueue_schedules").fetchall()
+        return [self._stored_schedule(row["definition"], row["next_run_at"], row["last_run_at"]) for row in rows]
+
+    def _remove_schedule(self, name: str) -> bool:
+        with self._write() as connection:
+            return connection.execute("DELETE FROM jobqueue_schedules WHERE name = ?", (name,)).rowcount == 1
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        """One transaction moves each due schedule on and adds its task; a cheap read first when none is due."""
+        due = "SELECT * FROM jobqueue_schedules WHERE next_run_at <= ? ORDER BY next_run_at, name"
+        if self._connection().execute(due + " LIMIT 1", (now,)).fetchone() is None:
+            return []
+        tasks = []
+        with self._write() as connection:
+            for row in connection.execute(due, (now,)).fetchall():
+                schedule = self._stored_schedule(row["definition"], None, None)
+                connection.execute("UPDATE jobqueue_schedules SET next_run_at = ?, last_run_at = ? WHERE name = ?",
+                                   (schedule.run_after(row["next_run_at"], now), now, row["name"]))
+                tasks.append(schedule.task(row["next_run_at"]))
+            if tasks:
+                self.add(*tasks)
+        return tasks
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -3224,6 +3568,7 @@ class Worker:
             raise ValidationError("threads must be a whole number, 1 or more")
         self.isolation, self.threads = isolation, threads
         self.maintenance_interval = min(self.lease / 2, 5.0)  # type: ignore[operator]
+        self.schedule_interval = 1.0
         self.logger = logging.getLogger("jobqueue.worker")
         self.wake_signal: int | None = None
         self.watchdog = _Watchdog(self)
@@ -3249,16 +3594,39 @@ class Worker:
         """Run tasks until one of the stop conditions; return how many ran."""
         self.dispatcher.dispatch(WORKER_START, WorkerEvent(WORKER_START, self))
         quota = _Quota(quantity)
+        schedules = self._run_schedules_meanwhile()
         try:
             if self.threads == 1:
                 self._serve(quota, burst)
             else:
                 self._serve_in_threads(quota, burst)
         finally:
+            schedules.set()
             self.watchdog.close()
             self._close_loop()
             self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
         return quota.done
+
+    def _run_schedules_meanwhile(self) -> threading.Event:
+        """Run the queue's due schedules every ``schedule_interval`` seconds, from a thread of its own, until
+        the returned event is set: while any worker runs, busy or idle, a due run is added within a second."""
+        done, last_error = threading.Event(), [""]
+
+        def tick() -> None:
+            while True:
+                try:
+                    for task in self.queue.run_schedules():
+                        self.logger.info("%s %s added by schedule %s", task.identifier, task.job_name, task.schedule)
+                    last_error[0] = ""
+                except Exception as error:  # noqa: BLE001 - an outage is the fetch loop's to report
+                    if str(error) != last_error[0] and not isinstance(error, (BackendUnavailable, OSError)):
+                        self.logger.warning("Schedules not run: %s: %s", type(error).__name__, error)
+                    last_error[0] = str(error)
+                if done.wait(self.schedule_interval):
+                    return
+
+        threading.Thread(target=tick, name=f"{self.name}-schedules", daemon=True).start()
+        return done
 
     def run(self, task: Task) -> Task:
         """Run one fetched task, record its outcome and emit its events."""

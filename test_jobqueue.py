@@ -800,6 +800,47 @@ def test_time_zone_without_a_zone_database_says_so():
         "install the tzdata package (pip install tzdata)")
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"cron": "61 * * * *"}, 'cron: Cron field "minute" allows 0-59, not 61'),
+    ({"cron": "@fortnightly"}, 'cron: Unknown cron shorthand "@fortnightly"'),
+    ({"cron": 5}, "cron: A cron expression is a string"),
+    ({"every": 0.5}, "every must be a number of seconds from 1 to"),
+    ({"every": "60"}, "every must be a number of seconds from 1 to"),
+    ({"every": True}, "every must be a number of seconds from 1 to"),
+    ({"every": float("inf")}, "every must be a number of seconds from 1 to"),
+    ({}, "A schedule needs either cron or every, not both"),
+    ({"cron": "@daily", "every": 60}, "A schedule needs either cron or every, not both"),
+    ({"every": 60, "timezone": "Mars/Olympus"}, 'Unknown time zone "Mars/Olympus"'),
+    ({"every": 60, "timezone": 1}, "timezone must be a time zone name"),
+    ({"every": 60, "retries": -1}, "retries must be a whole number"),
+    ({"every": 60, "timeout": 0}, "timeout must be more than 0 seconds"),
+    ({"every": 60, "delay": 5}, 'Unknown task option "delay": a schedule takes retries, retry_delay, timeout, lease'),
+    ({"every": 60, "colour": "red"}, 'Unknown task option "colour"'),
+    ({"every": 60, "name": "bad name"}, 'A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":"'),
+    ({"every": 60, "profile": "Bad"}, "Profile name only allows"),
+    ({"every": 60, "job": "nodots"}, 'Job "nodots" must be an import path'),
+    ({"every": 60, "parameters": {"a": [1]}}, 'The "a" value must be a scalar or null'),
+])
+def test_bad_schedules_are_refused_naming_the_field(arguments, message):
+    given = {"name": "nightly", "profile": "p", "job": RecordingJob, **arguments}
+    with pytest.raises(ValidationError) as caught:
+        jobqueue.Schedule(**given)
+    assert str(caught.value).startswith(message)
+
+
+def test_schedule_json_form_round_trips():
+    schedule = jobqueue.Schedule("nightly", "reports", RecordingJob, {"year": 2025}, ["t"], cron="0 3 * * *",
+                                 timezone="Europe/Paris", retries=2, timeout=30)
+    data = schedule.to_json()
+    assert data == {"name": "nightly", "profile": "reports", "job": "test_jobqueue.RecordingJob",
+                    "parameters": {"year": 2025}, "tags": ["t"], "cron": "0 3 * * *", "timezone": "Europe/Paris",
+                    "retries": 2, "timeout": 30, "next_run_at": None, "last_run_at": None}
+    assert jobqueue.Schedule.from_json(json.loads(json.dumps(data))) == schedule
+    assert jobqueue.Schedule("tick", "p", RecordingJob, every=90).to_json()["every"] == 90
+    task = schedule.task(1700000000.0)
+    assert (task.schedule, task.retries, task.timeout, task.parameters) == ("nightly", 2, 30, {"year": 2025})
+    assert task.identifier == schedule.task(1700000000.0).identifier != schedule.task(1700000060.0).identifier
+
 # == Events ==================================================================
 
 
@@ -1413,6 +1454,96 @@ def test_tasks_are_stored_as_json(dsn, queue):
     assert json.loads(parameters) == {"k": "v"} and json.loads(tags) == ["t"]
 
 
+def at(queue, moment: datetime) -> float:
+    """Set the queue's clock to ``moment``; return it in epoch seconds."""
+    queue.clock = lambda: moment.timestamp()
+    return moment.timestamp()
+
+
+@contract
+def test_schedules_are_kept_replaced_and_removed(queue):
+    start = at(queue, _utc(2026, 1, 5, 10, 0, 30))
+    queue.add_schedule(jobqueue.Schedule("tick", "p", RecordingJob, {"n": 1}, every=60, retries=2))
+    queue.add_schedule(jobqueue.Schedule("hourly", "q", RecordingJob, cron="@hourly", timezone="Europe/Paris"))
+    kept = queue.schedules()
+    assert [s.name for s in kept] == ["hourly", "tick"]
+    assert kept[0].next_run_at == _utc(2026, 1, 5, 11) and kept[0].last_run_at is None
+    assert kept[1].next_run_at == _utc(2026, 1, 5, 10, 1, 30) and kept[1].options == {"retries": 2}
+    assert kept[1].parameters == {"n": 1} and kept[1].every == 60
+    queue.add_schedule(jobqueue.Schedule("tick", "p", RecordingJob, cron="*/5 * * * *"))
+    assert [(s.name, s.cron, s.every) for s in queue.schedules()] == [("hourly", "@hourly", None),
+                                                                      ("tick", "*/5 * * * *", None)]
+    queue.remove_schedule("tick")
+    assert [s.name for s in queue.schedules()] == ["hourly"]
+    with pytest.raises(jobqueue.ScheduleNotFound) as caught:
+        queue.remove_schedule("tick")
+    assert isinstance(caught.value, KeyError) and str(caught.value) == 'Schedule "tick" does not exist'
+    assert queue.run_schedules(now=start) == [] and queue.count() == 0
+
+
+@contract
+def test_run_schedules_adds_each_due_run_once_and_one_task_after_missed_runs(queue):
+    start = at(queue, _utc(2026, 1, 5, 10))
+    queue.add_schedule(jobqueue.Schedule("tick", "p", RecordingJob, {"n": 1}, ["t"], every=10, timeout=5))
+    assert queue.run_schedules(now=start + 9.9) == []
+    first = queue.run_schedules(now=start + 10)
+    assert [t.schedule for t in first] == ["tick"] and queue.run_schedules(now=start + 10) == []
+    stored = queue.find(first[0].identifier)
+    assert (stored.schedule, stored.parameters, stored.tags, stored.timeout) == ("tick", {"n": 1}, ["t"], 5)
+    assert stored.to_json()["schedule"] == "tick"
+    assert len(queue.run_schedules(now=start + 95)) == 1  # eight runs missed: one task
+    (tick,) = queue.schedules()
+    assert tick.next_run_at == _utc(2026, 1, 5, 10, 1, 40) and tick.last_run_at == _utc(2026, 1, 5, 10, 1, 35)
+    assert queue.run_schedules(now=start + 99) == []
+    assert queue.count(profile="p") == 2 and queue.fetch("p", timeout=0).schedule == "tick"
+
+
+@contract
+def test_cron_runs_across_daylight_saving_changes_in_paris(queue):
+    at(queue, _utc(2026, 3, 28, 12))
+    queue.add_schedule(jobqueue.Schedule("night", "p", RecordingJob, cron="30 2 * * *", timezone="Europe/Paris"))
+    # 02:30 does not exist on March 29 in Paris (02:00 -> 03:00): the run is at the end of the gap.
+    (night,) = queue.schedules()
+    assert night.next_run_at == _utc(2026, 3, 29, 1)
+    assert queue.run_schedules(now=_utc(2026, 3, 29, 0, 59)) == []
+    assert len(queue.run_schedules(now=_utc(2026, 3, 29, 1))) == 1
+    assert queue.schedules()[0].next_run_at == _utc(2026, 3, 30, 0, 30)  # 02:30 CEST
+    # 02:30 happens twice on October 25 (03:00 -> 02:00): one run, at the first.
+    at(queue, _utc(2026, 10, 24, 12))
+    queue.add_schedule(jobqueue.Schedule("night", "p", RecordingJob, cron="30 2 * * *", timezone="Europe/Paris"))
+    assert len(queue.run_schedules(now=_utc(2026, 10, 25, 0, 30))) == 1  # 02:30 CEST
+    assert queue.run_schedules(now=_utc(2026, 10, 25, 1, 30)) == []  # 02:30 CET, the second time
+    assert queue.schedules()[0].next_run_at == _utc(2026, 10, 26, 1, 30)
+
+
+SCHEDULE_RACER = """
+import json, sys, time, jobqueue
+queue = jobqueue.queue_from_dsn(sys.argv[1])
+now, start = float(sys.argv[2]), float(sys.argv[3])
+queue.ping()
+time.sleep(max(0.0, start - time.time()))
+added = [task.identifier for _ in range(3) for task in queue.run_schedules(now=now)]
+print(json.dumps(added))
+"""
+
+
+@contract
+def test_run_schedules_from_four_processes_at_once_adds_each_run_once(queue, dsn):
+    start = at(queue, _utc(2026, 1, 5, 10))
+    for number in range(12):
+        queue.add_schedule(jobqueue.Schedule(f"s{number}", f"p{number % 3}", RecordingJob, every=60))
+    racers = [subprocess.Popen([sys.executable, "-c", SCHEDULE_RACER, dsn, repr(start + 60), repr(time.time() + 1.5)],
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * 4, [err for _, err in outputs]
+    added = [identifier for out, _ in outputs for identifier in json.loads(out)]
+    stored = queue.search()
+    assert len(added) == 12 and sorted(added) == sorted(task.identifier for task in stored)
+    assert sorted(task.schedule for task in stored) == sorted(f"s{number}" for number in range(12))
+    assert all(s.next_run_at == _utc(2026, 1, 5, 10, 2) for s in queue.schedules())
+
+
 def test_redis_keys_of_one_profile_share_one_hash_tag(redis_server):
     queue = RedisQueue(redis_server.client(), prefix="tagged")
     for profile in ("p", "q"):
@@ -1643,6 +1774,26 @@ def test_replicas_acknowledge_every_change_before_it_returns(tmp_path):
             assert {t.identifier for t in tasks} <= {t.identifier for t in promoted.search()}
             assert promoted.count() == 202, "the unacknowledged tasks reached the replica once it was attached"
             assert promoted.find(claimed.identifier).status is Status.RUNNING
+
+
+def test_a_run_claimed_by_a_caller_that_stopped_before_adding_is_added_by_the_next_call(redis_server):
+    queue = RedisQueue(redis_server.client(), prefix=f"claim-{uuid.uuid4().hex[:8]}")
+    queue.clock = lambda: 1_800_000_000.0
+    schedule = queue.add_schedule(jobqueue.Schedule("tick", "p", RecordingJob, every=60))
+    due = 1_800_000_060.0
+    # What run_schedules does first, as a caller that then died would have left it: claimed, no task.
+    assert queue._call(None, "schedule_claim", now=repr(due), name="tick", revision=schedule.revision,
+                       due=repr(due), next=repr(due + 60)) == 1
+    assert queue.count() == 0
+    (repaired,) = queue.run_schedules(now=due + 1)
+    assert repaired.identifier == schedule.task(due).identifier
+    assert queue.run_schedules(now=due + 1) == [] and queue.count() == 1
+    # A claim whose task did get stored before its caller died: added again, refused, settled.
+    assert queue._call(None, "schedule_claim", now=repr(due + 60), name="tick", revision=schedule.revision,
+                       due=repr(due + 60), next=repr(due + 120)) == 1
+    queue.add(schedule.task(due + 60))
+    assert queue.run_schedules(now=due + 61) == [] and queue.count() == 2
+    assert queue.client.hlen(f"{{{queue.prefix}}}:schedules:pending") == 0
 
 
 @pytest.mark.parametrize("dsn, expected", [
@@ -2200,6 +2351,20 @@ def test_a_blocked_fetch_takes_a_task_within_a_second_of_its_due_time(queue, dsn
     task, at = fetched[0]
     assert task is not None, "the blocked fetch missed the task that came due"
     assert at - due_at < 1.0
+
+
+def test_a_worker_process_runs_an_every_second_schedule_by_itself(queue, dsn, tmp_path, running):
+    log = tmp_path / "ticks.log"
+    schedule = queue.add_schedule(jobqueue.Schedule("tick", "ticks", count_execution, {"log": str(log)}, every=1))
+    running(dsn, "worker", "ticks")
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, 15)
+    tasks = sorted(queue.search(profile="ticks", status="finished"), key=lambda task: task.created_at)
+    assert len(tasks) >= 3 and {task.schedule for task in tasks} == {"tick"}
+    # Each run is added within a second of its time (so none is missed): the first one a second after the
+    # schedule was added, the next ones a second apart.
+    assert timedelta(0) <= tasks[0].created_at - schedule.next_run_at < timedelta(seconds=1.2)
+    for previous, task in zip(tasks, tasks[1:3]):
+        assert task.created_at - previous.created_at < timedelta(seconds=2), (previous.created_at, task.created_at)
 
 
 # == Configuration ===========================================================
