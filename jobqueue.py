@@ -4867,6 +4867,59 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- manager schedule -----------------------------------------------------------
+
+
+def _schedule_when(schedule: Schedule) -> str:
+    if schedule.cron is not None:
+        return f"cron {schedule.cron} ({schedule.timezone})"
+    return f"every {schedule.every:g}s"
+
+
+def format_schedule(schedule: Schedule) -> str:
+    """The block ``manager schedule add`` prints, lined up like a task's."""
+    task = schedule.task(0.0)
+    options = ", ".join(f"{name}={value}" for name, value in schedule.options.items())
+    lines = [("Schedule", schedule.name), ("Profile", schedule.profile), ("Job class", schedule.job),
+             ("When", _schedule_when(schedule)), ("Tags", ", ".join(schedule.tags or ()) or "(none)"),
+             ("Parameters", _parameters_shown(task)), ("Options", options or "(none)"),
+             ("Next run", _when(schedule.next_run_at) + " UTC"), ("Last run", _when(schedule.last_run_at))]
+    return "\n".join(f"{label} : {text}" for label, text in lines)
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    config = ServiceContainer.get_instance().config
+    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
+    parameters = dict(parse_parameter(text) for text in words)
+    tags = [tag for tag in args.tags if ":" not in tag]
+    options = {name: getattr(args, name) for name in schedule_options() if getattr(args, name, None) is not None}
+    schedule = Schedule(args.name, args.profile, config.check_job(args.job), parameters, tags, cron=args.cron,
+                        every=args.every, timezone=args.timezone, **options)
+    print(format_schedule(_queue().add_schedule(schedule)))
+    return 0
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    schedules = _queue(reading=True).schedules()
+    if args.json:
+        _print_json([schedule.to_json() for schedule in schedules])
+        return 0
+    header = ["Name", "Profile", "Job", "When", "Next run (UTC)", "Last run (UTC)"]
+    rows = [[s.name, s.profile, job_name(s.job), _schedule_when(s), _when(s.next_run_at), _when(s.last_run_at)]
+            for s in schedules]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * width for width in widths], *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\nThere is {len(schedules)} schedules")
+    return 0
+
+
+def cmd_schedule_delete(args: argparse.Namespace) -> int:
+    _queue().remove_schedule(args.name)
+    print(f'Schedule "{args.name}" deleted')
+    return 0
+
+
 # -- worker -------------------------------------------------------------------
 
 
@@ -5220,6 +5273,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
                      help="how long a worker holds it without a heartbeat")
 
+    _schedule_commands(actions, add)
+
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
     show.add_argument("identifier", help="the task's identifier (a UUID)")
@@ -5292,11 +5347,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schedule_commands(actions: Any, add: argparse.ArgumentParser) -> None:
+    """``manager schedule add|list|delete``; ``add`` takes the task option flags of ``manager add``."""
+    schedule = actions.add_parser("schedule", help="Keep periodic tasks: add, list and delete schedules.",
+                                  description="Keep periodic tasks: add, list and delete schedules.")
+    steps = schedule.add_subparsers(dest="step", metavar="STEP", required=True, help="add, list or delete")
+    adding = _command(
+        steps, "add", cmd_schedule_add,
+        "Add a schedule (or replace the one of that name): its task is added on a cron expression or every"
+        " DURATION. Parameters are name:value or name:=JSON, as for manager add.",
+        "jobqueue manager schedule add nightly reports myapp.jobs.BuildJob --cron '0 3 * * *' --timezone Europe/Paris",
+        "jobqueue manager schedule add poll feeds myapp.jobs.PollJob url:https://example.com --every 5m --retries 2",
+    )
+    adding.add_argument("name", help="the schedule's name (letters, digits, _ - . :)")
+    adding.add_argument("profile", help="the profile whose workers run its tasks")
+    adding.add_argument("job", help="import path of a Job subclass or @job function")
+    adding.add_argument("parameters", nargs="*", metavar="name:value", help="parameters of each task")
+    when = adding.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="minute hour day month weekday, or @hourly, @daily...")
+    when.add_argument("--every", type=_checked(parse_duration), metavar="DURATION",
+                      help="a period of at least 1s (90, 90s, 15m, 2h, 7d); the first run is one period from now")
+    adding.add_argument("--timezone", default="UTC", metavar="TZ",
+                        help="the time zone the cron expression reads (default UTC), such as Europe/Paris")
+    adding.add_argument("--tags", nargs="+", default=[], metavar="T", help="tags of each task")
+    for action in add._actions:  # the task options of manager add (retries, timeout...), one definition
+        if action.dest in schedule_options():
+            adding._add_action(action)
+    listing = _command(steps, "list", cmd_schedule_list, "List schedules with their next and last runs.",
+                       "jobqueue manager schedule list", "jobqueue manager schedule list --json")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of schedules")
+    deleting = _command(steps, "delete", cmd_schedule_delete, "Delete a schedule (its tasks stay).",
+                        "jobqueue manager schedule delete nightly")
+    deleting.add_argument("name", help="the schedule's name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input, 1 backend or other failure)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and (args.command, getattr(args, "action", None)) == ("manager", "add"):
+    if extras and isinstance(getattr(args, "parameters", None), list):  # manager add, manager schedule add
         args.parameters += [word for word in extras if not word.startswith("-")]
         extras = [word for word in extras if word.startswith("-")]
     if extras:

@@ -3330,6 +3330,49 @@ def test_cli_bad_input_exits_2_with_one_line(dsn, queue, args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_cli_schedule_add_list_and_delete(dsn, queue, monkeypatch, capsys):
+    for name, value in backend_env(dsn).items():
+        monkeypatch.setenv(name, value)
+    ServiceContainer.reset()
+
+    def run(*args: str) -> tuple:
+        try:
+            code = jobqueue.main(["manager", "schedule", *args])
+        except SystemExit as exit:  # argparse's own refusals
+            code = exit.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    try:
+        code, out, _ = run("add", "nightly", "reports", "test_jobqueue.RecordingJob", "year:=2025", "--cron",
+                           "0 3 * * *", "--timezone", "Europe/Paris", "--tags", "t", "--retries", "2", "who:ada")
+        assert code == 0 and "When : cron 0 3 * * * (Europe/Paris)" in out and "Options : retries=2" in out
+        assert run("add", "tick", "p", "test_jobqueue.RecordingJob", "--every", "15m")[0] == 0
+        (nightly, tick) = queue.schedules()
+        assert (nightly.parameters, nightly.tags, nightly.options) == ({"year": 2025, "who": "ada"}, ["t"],
+                                                                        {"retries": 2})
+        assert tick.every == 900 and tick.next_run_at is not None
+        code, out, _ = run("list")
+        assert code == 0 and re.search(r"^tick +p +recording +every 900s ", out, re.M) and "There is 2 schedules" in out
+        code, out, _ = run("list", "--json")
+        assert [s["name"] for s in json.loads(out)] == ["nightly", "tick"] and json.loads(out)[1]["every"] == 900
+        for args, message in [
+            (["--cron", "61 * * * *"], 'cron: Cron field "minute" allows 0-59, not 61'),
+            (["--every", "0"], "every must be a number of seconds from 1"),
+            (["--every", "soon"], 'argument --every: Duration "soon" must be a number of seconds'),
+            (["--every", "5", "--timezone", "Mars/Olympus"], 'Unknown time zone "Mars/Olympus"'),
+            ([], "one of the arguments --cron --every is required"),
+            (["--cron", "@daily", "--every", "5"], "not allowed with argument"),
+        ]:
+            code, _, err = run("add", "bad", "p", "test_jobqueue.RecordingJob", *args)
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+        code, _, err = run("delete", "nope")
+        assert code == 2 and err.strip() == 'jobqueue: Schedule "nope" does not exist'
+        assert run("delete", "tick")[0] == 0 and [s.name for s in queue.schedules()] == ["nightly"]
+    finally:
+        ServiceContainer.reset()
+
+
 def test_cli_running_cannot_be_set_by_hand(dsn):
     identifier = added_identifier(cli(dsn, "manager", "add", "p", "a.B"))
     result = cli(dsn, "manager", "edit", identifier, "running")
