@@ -871,8 +871,9 @@ class CronExpression:
 
 # -- Schedules: periodic tasks -------------------------------------------------
 
-SCHEDULE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-SCHEDULE_NAME_MESSAGE = 'A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":"'
+SCHEDULE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+SCHEDULE_NAME_MESSAGE = ('A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":", starting with a letter,'
+                         ' a digit or "_"')
 # Task arguments that are not a schedule's options: what it states anyway, what a queue fills in, and when a
 # task runs (the schedule says that).
 _NOT_SCHEDULE_OPTIONS = frozenset({"profile", "job", "parameters", "tags", "identifier", "created_at", "schedule",
@@ -925,8 +926,7 @@ class Schedule:
                 raise ValidationError(f"cron: {error}") from None
             self.cron = cron.strip()
         else:
-            if (isinstance(every, bool) or not isinstance(every, (int, float)) or not math.isfinite(every)
-                    or not 1 <= every <= DURATION_MAX):
+            if isinstance(every, bool) or not isinstance(every, (int, float)) or not 1 <= every <= DURATION_MAX:
                 raise ValidationError(f"every must be a number of seconds from 1 to {DURATION_MAX:.0f}")
             self.every = int(every) if float(every).is_integer() else float(every)
         if not isinstance(timezone, str):
@@ -4098,6 +4098,71 @@ NEW_TASK_SCHEMAS = {**{column.name: column.metadata["new"] for column in TASK_FI
 NEW_TASK_KEYS = tuple(NEW_TASK_SCHEMAS)
 
 
+def _number_pattern(lowest: int, highest: int) -> str:
+    """A regular expression for the whole numbers lowest..highest (below 100), written without leading zeros."""
+    pieces = []
+    for tens in range(lowest // 10, highest // 10 + 1):
+        first = lowest % 10 if tens == lowest // 10 else 0
+        last = highest % 10 if tens == highest // 10 else 9
+        pieces.append(("" if tens == 0 else str(tens)) + (str(first) if first == last else f"[{first}-{last}]"))
+    return "|".join(pieces)
+
+
+@functools.cache
+def cron_api_pattern() -> str:
+    """The cron expressions the webservice takes, as the regular expression /openapi.json states for ``cron``.
+
+    A fuzzer takes every string the document allows for valid, so the pattern admits only expressions
+    that CronExpression accepts: the shorthands, or five fields of values, names (lowercase), ranges
+    low-high with low below high in hours (with a step), months and weekdays, ``*`` and ``*/step``,
+    separated by single spaces. The two lookaheads refuse a day that no month listed has ("0 0 30 2 *").
+    The command line and Python take any expression CronExpression accepts.
+    """
+    step = "/[1-9][0-9]{0,2}"
+    fields = []
+    for name, lowest, highest, names in CRON_FIELDS:
+        named = dict(zip(range(lowest, highest + 1), names))  # weekday 7 has no name of its own
+        single = "|".join([_number_pattern(lowest, highest), *names])
+        ranges = "|".join(
+            f"(?:{low}{'|' + named[low] if low in named else ''})-(?:{_number_pattern(low + 1, highest)}"
+            f"{''.join('|' + named[high] for high in range(low + 1, highest + 1) if high in named)})"
+            for low in range(lowest, highest))
+        ranged = "" if name in ("minute", "day") else f"|(?:{ranges})" + (f"(?:{step})?" if name == "hour" else "")
+        item = f"(?:\\*(?:{step})?{ranged}|(?:{single}))"
+        fields.append(f"{item}(?:,{item})*")
+    month_end = "(?:30|31)"
+    short_months = "(?:2|4|6|9|11|feb|apr|jun|sep|nov)"
+    never = (f"(?!\\S+ \\S+ {month_end}(?:,{month_end})* (?:2|feb)(?:,(?:2|feb))* \\*)"
+             f"(?!\\S+ \\S+ 31(?:,31)* {short_months}(?:,{short_months})* \\*)")
+    shorthands = "|".join(re.escape(name) for name in CRON_SHORTHANDS)
+    return f"^(?:{shorthands}|{never}{' '.join(fields)})$"
+
+
+@functools.cache
+def time_zone_names() -> tuple[str, ...]:
+    """The IANA zones this machine knows (what ``timezone`` may name over HTTP), UTC always."""
+    import zoneinfo
+
+    return tuple(sorted(zoneinfo.available_timezones() | {"UTC"}))
+
+
+# PUT /schedule/{name}: a new task's keys, less when it runs, plus the schedule's; exactly one of cron and every.
+def new_schedule_schemas() -> dict[str, Any]:
+    return {
+        **{name: NEW_TASK_SCHEMAS[name] for name in ("profile", "job", "parameters", "tags")},
+        "cron": {"type": "string", "pattern": cron_api_pattern(),
+                 "description": "minute hour day month weekday, or @hourly, @daily..."},
+        "every": {"type": "number", "minimum": 1, "maximum": DURATION_MAX, "description": "seconds"},
+        "timezone": {"type": ["string", "null"], "enum": [*time_zone_names(), None],
+                     "description": "the IANA time zone the cron expression reads; default UTC"},
+        **{name: NEW_TASK_SCHEMAS.get(name, {}) for name in schedule_options()},
+    }
+
+
+NEW_SCHEDULE_KEYS = ("profile", "job", "parameters", "tags", "cron", "every", "timezone", *schedule_options())
+SCHEDULE_NAME_SCHEMA = {"type": "string", "pattern": f"^{SCHEDULE_NAME_PATTERN.pattern}$"}
+
+
 def host_name(host: str) -> str:
     """The name in a ``Host`` header or ``--host``: ``localhost:8080`` -> ``localhost``, ``[::1]:80`` -> ``[::1]``."""
     host = host.strip().lower()
@@ -4131,6 +4196,7 @@ def _dashboard_headers() -> dict[str, str]:
     }
 
 TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
+PATH_SCHEMAS = {"name": SCHEDULE_NAME_SCHEMA}
 STATUS_COUNTS = {s.value: {"type": "integer"} for s in Status}
 ROUTES = (
     Route("GET", "/", "dashboard", "The dashboard page (HTML; holds no data)", public=True,
@@ -4153,6 +4219,13 @@ ROUTES = (
     Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
     Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
           errors=(400, 404, 409)),
+    Route("GET", "/schedules", "list_schedules", "List schedules (periodic tasks) with their next and last runs",
+          reply={"application/json": {"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}}),
+    Route("PUT", "/schedule/{name}", "put_schedule", "Add a schedule, or replace the one of that name",
+          reply={"application/json": {"$ref": "#/components/schemas/Schedule"}}, errors=(400, 403, 411, 413),
+          body={"$ref": "#/components/schemas/NewSchedule"}),
+    Route("DELETE", "/schedule/{name}", "delete_schedule", "Delete a schedule (its tasks stay)", ok=204, reply={},
+          errors=(404,)),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -4196,8 +4269,8 @@ def openapi_document() -> dict[str, Any]:
         item = paths.setdefault(route.template, {})
         names = re.findall(r"\{(\w+)\}", route.template)
         if names:
-            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                  for name in names]
+            item["parameters"] = [{"name": name, "in": "path", "required": True,
+                                   "schema": PATH_SCHEMAS.get(name, {"type": "string"})} for name in names]
         item[route.method.lower()] = _operation(route)
     error = {"description": "An error",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -4215,6 +4288,14 @@ def openapi_document() -> dict[str, Any]:
                 "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
                 "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
                             "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+                "Schedule": {"type": "object", "required": [
+                    "name", "profile", "job", "parameters", "tags", "timezone", "next_run_at", "last_run_at"],
+                    "properties": {"name": {"type": "string"}, **new_schedule_schemas(), "cron": {"type": "string"},
+                                   "timezone": {"type": "string"}, "next_run_at": {**NULLABLE, "format": "date-time"},
+                                   "last_run_at": {**NULLABLE, "format": "date-time"}}},
+                "NewSchedule": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
+                                "properties": new_schedule_schemas(),
+                                "oneOf": [{"required": ["cron"]}, {"required": ["every"]}]},
             },
             "responses": {"Error": error},
         },
@@ -4348,6 +4429,33 @@ class WebService:
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
+        return Response(204)
+
+    def list_schedules(self, request: Request) -> Response:
+        return Response(200, [schedule.to_json() for schedule in self.queue.schedules()])
+
+    def put_schedule(self, request: Request) -> Response:
+        data = request.json(NEW_SCHEDULE_KEYS)
+        for key in ("job", "profile"):
+            if data.get(key) in (None, ""):
+                raise ValidationError(f"Missing {key}")
+        if not isinstance(data["job"], str):
+            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
+        for key in ("cron", "every"):
+            if key in data and data[key] is None:
+                raise ValidationError(f"{key} must not be null: give either cron or every")
+        values = {name: value for name, value in data.items() if value is not None}
+        schedule = Schedule(request.params["name"], **{**values, "job": self.config.check_job(data["job"])})
+        if schedule.cron is not None and not re.fullmatch(cron_api_pattern(), data["cron"]):
+            raise ValidationError(f'cron: "{data["cron"]}" is valid cron but not as this API takes it: write names'
+                                  " in lowercase, fields with single spaces, numbers without leading zeros, ranges"
+                                  " low-high in hours, months and weekdays only, steps after * or an hour range")
+        if schedule.timezone not in time_zone_names():
+            raise ValidationError(f'Unknown time zone "{schedule.timezone}"')
+        return Response(200, self.queue.add_schedule(schedule).to_json())
+
+    def delete_schedule(self, request: Request) -> Response:
+        self.queue.remove_schedule(request.params["name"])
         return Response(204)
 
     def stats(self, request: Request) -> Response:

@@ -2533,6 +2533,49 @@ def test_http_create_rejects_bad_bodies_and_stores_nothing(serve, queue, body, m
     assert queue.count() == 0
 
 
+def test_http_schedules_put_list_and_delete(serve, queue):
+    server = serve()
+    body = {"profile": "reports", "job": "test_jobqueue.RecordingJob", "parameters": {"year": 2025}, "tags": ["t"],
+            "cron": "0 3 * * *", "timezone": "Europe/Paris", "retries": 2}
+    answer = call(server, "PUT", "/schedule/nightly", body)
+    assert answer.status == 200, answer
+    assert answer.json == {"name": "nightly", **body, "next_run_at": answer.json["next_run_at"], "last_run_at": None}
+    assert datetime.fromisoformat(answer.json["next_run_at"]) == queue.schedules()[0].next_run_at
+    assert call(server, "PUT", "/schedule/tick", {"profile": "p", "job": "a.B", "every": 90}).status == 200
+    listed = call(server, "GET", "/schedules").json
+    assert [(s["name"], s.get("cron"), s.get("every")) for s in listed] == [("nightly", "0 3 * * *", None),
+                                                                           ("tick", None, 90)]
+    for bad, message in [
+        ({"cron": "61 * * * *"}, 'cron: Cron field "minute" allows 0-59, not 61'),
+        ({"cron": ["*"]}, "cron: A cron expression is a string"),
+        ({"every": 0.5}, "every must be a number of seconds from 1 to"),
+        ({"every": 10**400}, "every must be a number of seconds from 1 to"),
+        ({"every": 60, "timezone": "Mars/Olympus"}, 'Unknown time zone "Mars/Olympus"'),
+        ({"every": 60, "cron": "@daily"}, "A schedule needs either cron or every, not both"),
+        ({"every": 60, "delay": 5}, 'Unknown key "delay"'),
+        ({"every": 60, "colour": "red"}, 'Unknown key "colour"'),
+        ({"every": 60, "job": None}, "Missing job"),
+        ({"every": 60, "retries": -1}, "retries must be a whole number"),
+    ]:
+        answer = call(server, "PUT", "/schedule/tick", {"profile": "p", "job": "a.B", **bad})
+        assert answer.status == 400 and answer.json["message"].startswith(message), (bad, answer)
+    assert call(server, "PUT", "/schedule/bad%20name", {"profile": "p", "job": "a.B", "every": 5}).status == 400
+    # The webservice takes the cron expressions its /openapi.json pattern describes, a subset of what cron reads.
+    pattern = call(server, "GET", "/openapi.json").json["components"]["schemas"]["NewSchedule"]["properties"]["cron"]
+    for text, taken in [("0 9-17/2 * * mon-fri", True), ("*/5 * * * *", True), ("0 0 1,15 jan-jun *", True),
+                        ("@weekly", True), ("05 * * * *", False), ("0-30/5 * * * *", False)]:
+        assert bool(re.fullmatch(pattern["pattern"], text)) is taken
+        answer = call(server, "PUT", "/schedule/tick", {"profile": "p", "job": "a.B", "cron": text})
+        assert answer.status == (200 if taken else 400), (text, answer)
+        assert taken or answer.json["message"].startswith(f'cron: "{text}" is valid cron but not as this API takes')
+    assert call(server, "PUT", "/schedule/tick", {"profile": "p", "job": "a.B", "every": 90}).status == 200
+    assert [s.every for s in queue.schedules()] == [None, 90]  # nothing stored by the refusals
+    assert call(server, "DELETE", "/schedule/tick").status == 204
+    missing = call(server, "DELETE", "/schedule/tick")
+    assert missing.status == 404 and missing.json["message"] == 'Schedule "tick" does not exist'
+    assert [s["name"] for s in call(server, "GET", "/schedules").json] == ["nightly"]
+
+
 def test_http_filters_orders_and_paging(serve, queue):
     server = serve()
     tasks = _ordered_tasks(queue)
@@ -2749,13 +2792,14 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     task, failed = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(task, failed)
     queue.update_status(failed, Status.FAILED)
-    bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}}
+    bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"},
+              "put": {"profile": "p", "job": "a.B", "every": 60}}
     operations = 0
     for template, item in document["paths"].items():
-        for method in ("get", "post", "patch", "delete"):
+        for method in ("get", "post", "put", "patch", "delete"):
             if method in item:
                 target = failed if template.endswith("/retry") else task
-                path = template.replace("{identifier}", target.identifier)
+                path = template.replace("{identifier}", target.identifier).replace("{name}", "nightly")
                 answer = call(server, method.upper(), path, bodies.get(method))
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
                 assert answer.status < 400, (method, path, answer)
