@@ -5647,6 +5647,16 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
       </table>
     </div>
   </section>
+  <section aria-labelledby="schedules-title">
+    <h2 id="schedules-title">Schedules</h2>
+    <div class="scroll">
+      <table id="schedules">
+        <thead><tr><th>Name</th><th>Profile</th><th>When</th><th>Next run</th><th>Last run</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+    <p id="no-schedule" hidden>no schedule</p>
+  </section>
   <section id="detail" aria-labelledby="detail-title" hidden>
     <h2 id="detail-title">Task</h2>
     <dl id="detail-fields"></dl>
@@ -5720,6 +5730,18 @@ async function refreshCounts() {
     `${failed - first.failed} failed`;
 }
 
+async function refreshSchedules() {
+  const { data: schedules } = await api("GET", "/schedules");
+  $("schedules").tBodies[0].replaceChildren(...schedules.map((schedule) => element("tr", {},
+    element("td", {}, schedule.name),
+    element("td", {}, schedule.profile),
+    element("td", {}, schedule.cron === undefined ? `every ${schedule.every} s` :
+      `${schedule.cron} (${schedule.timezone})`),
+    element("td", {}, when(schedule.next_run_at)),
+    element("td", {}, when(schedule.last_run_at)))));
+  $("no-schedule").hidden = schedules.length > 0;
+}
+
 function query() {
   const form = new FormData($("filters"));
   const params = new URLSearchParams();
@@ -5754,7 +5776,8 @@ async function show(identifier) {
     const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Run at", when(task.run_at)], ["Schedule", task.schedule || "-"], ["Worker", task.worker || "-"],
+      ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
       ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
       ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],
@@ -5775,7 +5798,7 @@ async function act(confirmation, method, path, done) {
 async function refresh() {
   if (state.busy || state.locked) return;
   state.busy = true;
-  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
+  try { await Promise.all([refreshCounts(), refreshTasks(), refreshSchedules()]); say(""); }
   catch (error) { say(error.message); }
   finally { state.busy = false; }
 }

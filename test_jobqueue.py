@@ -4567,6 +4567,22 @@ def test_dashboard_is_keyboard_usable(dashboard):
     assert board.page.locator("label[for=filter-profile]").count() == 1
 
 
+def test_dashboard_lists_schedules_with_their_next_and_last_runs(dashboard):
+    board = dashboard()
+    board.queue.add_schedule(jobqueue.Schedule("nightly", "reports", RecordingJob, cron="0 3 1 1 *",
+                                               timezone="Europe/Paris"))
+    board.queue.add_schedule(jobqueue.Schedule("tick", "mail", RecordingJob, every=90))
+    (task,) = [task for task in board.queue.run_schedules(now=time.time() + 90) if task.schedule == "tick"]
+    board.open().page.wait_for_selector("#schedules tbody tr >> nth=1")
+    nightly, tick = board.page.locator("#schedules tbody tr").all_inner_texts()
+    assert nightly.split("\t")[:3] == ["nightly", "reports", "0 3 1 1 * (Europe/Paris)"]
+    assert tick.split("\t")[:3] == ["tick", "mail", "every 90 s"] and tick.split("\t")[4] != "-"
+    assert nightly.split("\t")[3] != "-" and nightly.split("\t")[4] == "-"
+    board.page.click(f"text={task.identifier}")
+    board.page.wait_for_selector("#detail-fields dd >> text=tick")
+    assert board.errors == []
+
+
 @pytest.mark.parametrize("width", [375, 1920])
 def test_dashboard_fits_phone_and_desktop_widths(dashboard, tmp_path, width):
     board = dashboard(width=width)
