@@ -1310,11 +1310,15 @@ class Queue:
             raise ScheduleNotFound(name)
 
     def run_schedules(self, now: datetime | float | None = None) -> list[Task]:
-        """Add the task of every schedule due at ``now`` (default: the queue's clock); return them."""
+        """Add the task of every schedule due at ``now`` (default: the queue's clock); return them.
+
+        ``now`` is epoch seconds or a datetime; a datetime holds microseconds only, so it counts up to the end
+        of its microsecond: ``now=schedule.next_run_at`` finds the schedule due.
+        """
         with self._errors():
-            moment = self.clock() if now is None else _parse_datetime(now).timestamp() if isinstance(
-                now, datetime) else float(now)
-            return self._run_schedules(moment)
+            if isinstance(now, datetime):
+                now = _parse_datetime(now).timestamp() + 1e-6  # type: ignore[union-attr]
+            return self._run_schedules(self.clock() if now is None else float(now))
 
     def _stored_schedule(self, definition: Any, next_run_at: Any, last_run_at: Any) -> Schedule:
         schedule = Schedule.from_json(json.loads(definition))
@@ -5227,7 +5231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listener = _log_requests_off_thread()
     print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
     while not stop.wait(0.5):
-        pass
+        with contextlib.suppress(JobQueueError, OSError):  # due schedules, as workers do; an outage is /health's
+            services.queue.run_schedules()
     server.stop()
     thread.join(10)
     listener.stop()

@@ -1980,6 +1980,17 @@ def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, mo
     assert queue.count() == 1 and len(attempts) == 3
 
 
+def test_a_file_made_before_a_field_existed_gets_its_column(tmp_path):
+    path = tmp_path / "old.db"
+    SQLiteQueue(path).close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("ALTER TABLE jobqueue_tasks DROP COLUMN schedule")
+    queue = SQLiteQueue(path)
+    schedule = queue.add_schedule(jobqueue.Schedule("tick", "p", RecordingJob, every=60))
+    (task,) = queue.run_schedules(now=schedule.next_run_at)
+    assert queue.find(task.identifier).schedule == "tick"
+
+
 def test_sqlite_works_without_redis_py_and_a_redis_dsn_says_what_to_install(tmp_path):
     block = (
         "import sys, importlib.abc\n"
