@@ -1529,6 +1529,8 @@ print(json.dumps(added))
 
 @contract
 def test_run_schedules_from_four_processes_at_once_adds_each_run_once(queue, dsn):
+    if dsn.startswith("redis+sentinel"):
+        pytest.skip("a Sentinel master runs the scripts of plain Redis, tested here too: time kept for the rest")
     start = at(queue, _utc(2026, 1, 5, 10))
     for number in range(12):
         queue.add_schedule(jobqueue.Schedule(f"s{number}", f"p{number % 3}", RecordingJob, every=60))
