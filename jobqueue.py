@@ -874,10 +874,11 @@ class CronExpression:
 SCHEDULE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 SCHEDULE_NAME_MESSAGE = ('A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":", starting with a letter,'
                          ' a digit or "_"')
-# Task arguments that are not a schedule's options: what it states anyway, what a queue fills in, and when a
-# task runs (the schedule says that).
+# Task arguments that are not a schedule's options: what it states anyway, what a queue or a worker fills in,
+# and what would pin every run to one moment or one task (when it runs: the schedule says; an absolute expiry,
+# where ``expires`` in seconds suits a recurring task; dependencies on given tasks).
 _NOT_SCHEDULE_OPTIONS = frozenset({"profile", "job", "parameters", "tags", "identifier", "created_at", "schedule",
-                                   "delay", "run_at"})
+                                   "delay", "run_at", "expires_at", "depends_on", "progress"})
 
 
 @functools.cache
