@@ -5212,6 +5212,13 @@ def _log_requests_off_thread() -> Any:
     return listener
 
 
+def _run_schedules_until(queue: Queue, stop: threading.Event) -> None:
+    """``serve`` adds due schedules' tasks too, as workers do, once a second; an outage is /health's to report."""
+    while not stop.wait(1.0):
+        with contextlib.suppress(JobQueueError, OSError):
+            queue.run_schedules()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args)
     services = ServiceContainer.get_instance()
@@ -5231,9 +5238,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     thread.start()
     listener = _log_requests_off_thread()
     print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
+    threading.Thread(target=_run_schedules_until, args=(services.queue, stop), name="schedules", daemon=True).start()
     while not stop.wait(0.5):
-        with contextlib.suppress(JobQueueError, OSError):  # due schedules, as workers do; an outage is /health's
-            services.queue.run_schedules()
+        pass
     server.stop()
     thread.join(10)
     listener.stop()
