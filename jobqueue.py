@@ -11,7 +11,7 @@ prints this map):
 
     Constants      names and defaults shared below
     Errors         JobQueueError and its children
-    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron
+    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron, Schedule
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
     Queue: Redis   RedisQueue through redis-py: one slot per profile, one script library, RedisDSN
@@ -5470,8 +5470,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _schedule_commands(actions: Any, add: argparse.ArgumentParser) -> None:
     """``manager schedule add|list|delete``; ``add`` takes the task option flags of ``manager add``."""
-    schedule = actions.add_parser("schedule", help="Keep periodic tasks: add, list and delete schedules.",
-                                  description="Keep periodic tasks: add, list and delete schedules.")
+    schedule = actions.add_parser(
+        "schedule", help="Keep periodic tasks: add, list and delete schedules.",
+        description="Keep periodic tasks: add, list and delete schedules. Workers add their tasks when due.",
+        epilog=_examples("jobqueue manager schedule add poll feeds myapp.jobs.PollJob --every 5m",
+                         "jobqueue manager schedule list"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = schedule.add_subparsers(dest="step", metavar="STEP", required=True, help="add, list or delete")
     adding = _command(
         steps, "add", cmd_schedule_add,
