@@ -4605,7 +4605,10 @@ def test_dashboard_fits_phone_and_desktop_widths(dashboard, tmp_path, width):
                       for n, profile in enumerate(["mail", "sms", "reports", "mail", "sms"])])
     board.queue.fetch("mail", timeout=0)
     board.queue.update_status(board.queue.search(profile="sms")[0], Status.FAILED)
+    board.queue.add_schedule(jobqueue.Schedule("weekday-mornings", "reports", RecordingJob, cron="30 7 * * mon-fri",
+                                               timezone="America/Argentina/Buenos_Aires"))
     board.open().wait_for_rows(lambda rows: len(rows) == 5)
+    board.page.wait_for_selector("#schedules tbody tr")
     overflow = board.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
     folder = Path(os.environ.get("JOBQUEUE_SCREENSHOTS", tmp_path))
