@@ -11,7 +11,7 @@ prints this map):
 
     Constants      names and defaults shared below
     Errors         JobQueueError and its children
-    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron
+    Domain         Status, profiles, Job, @job, Task (its fields are the field table), cron, Schedule
     Events         EventDispatcher and the events a worker emits
     Queue          the contract both backends implement
     Queue: Redis   RedisQueue through redis-py: one slot per profile, one script library, RedisDSN
@@ -63,7 +63,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Status", "Task", "Job", "job", "validate_profile", "resolve_job",
-    "JobQueueError", "ValidationError", "TaskNotFound", "TaskConflict", "ParameterNotFound",
+    "JobQueueError", "ValidationError", "TaskNotFound", "TaskConflict", "ParameterNotFound", "ScheduleNotFound",
+    "Schedule", "CronExpression",
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
@@ -134,6 +135,14 @@ class ParameterNotFound(JobQueueError, _MessageKeyError):
         self.name = name
 
 
+class ScheduleNotFound(JobQueueError, _MessageKeyError):
+    """No schedule has this name in the queue."""
+
+    def __init__(self, name: str):
+        super().__init__(f'Schedule "{name}" does not exist')
+        self.name = name
+
+
 class TaskConflict(ValidationError):
     """A change the queue's state does not allow now: retrying a task not failed, depending on an unknown one."""
 
@@ -171,6 +180,7 @@ class UsageError(JobQueueError):
 ERROR_CODES: dict[type, tuple[int, int]] = {
     ValidationError: (400, 2),
     TaskNotFound: (404, 2),
+    ScheduleNotFound: (404, 2),
     ParameterNotFound: (400, 2),
     JobError: (400, 2),
     JobNotAllowed: (403, 2),
@@ -642,6 +652,7 @@ class Task:
         LIST_OR_NOTHING, None, schema={"type": "array", "items": {"type": "string"}},
         new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
         show=((21, "Depends on", lambda task: ", ".join(task.depends_on) or None),))  # type: ignore[arg-type]
+    schedule: str | None = _column(TEXT, None, schema=NULLABLE, show=((13.5, "Schedule", _if_set("schedule")),))
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -888,6 +899,134 @@ class CronExpression:
         raise ValidationError(f'Cron expression "{self.text}" never matches after {moment.isoformat()}')
 
 
+# -- Schedules: periodic tasks -------------------------------------------------
+
+SCHEDULE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+SCHEDULE_NAME_MESSAGE = ('A schedule name is 1 to 128 letters, digits, "_", "-", "." or ":", starting with a letter,'
+                         ' a digit or "_"')
+# Task arguments that are not a schedule's options: what it states anyway, what a queue or a worker fills in,
+# and what would pin every run to one moment or one task (when it runs: the schedule says; an absolute expiry,
+# where ``expires`` in seconds suits a recurring task; dependencies on given tasks).
+_NOT_SCHEDULE_OPTIONS = frozenset({"profile", "job", "parameters", "tags", "identifier", "created_at", "schedule",
+                                   "delay", "run_at", "expires_at", "depends_on", "progress"})
+
+
+@functools.cache
+def schedule_options() -> tuple[str, ...]:
+    """The Task keyword arguments a Schedule passes on to each of its tasks (retries, timeout, lease...)."""
+    import inspect
+
+    state = {column.name for column in TASK_FIELDS if column.metadata["state"]}
+    return tuple(name for name in inspect.signature(Task).parameters if name not in _NOT_SCHEDULE_OPTIONS | state)
+
+
+class Schedule:
+    """A task added again and again: at each minute a ``cron`` expression matches on the clocks of
+    ``timezone``, or ``every`` so many seconds (at least 1); exactly one of the two.
+
+    The other arguments are Task's, task options included (``retries``, ``timeout``, ``lease``...): each
+    task the schedule adds is built from them and carries the schedule's name in its ``schedule`` field.
+    A queue keeps schedules (``queue.add_schedule``); those it returns have ``next_run_at`` and
+    ``last_run_at`` set, and ``revision``, which changes each time the schedule is added again.
+    """
+
+    def __init__(self, name: str, profile: str, job: Any, parameters: Mapping[str, Scalar] | None = None,
+                 tags: Sequence[str] | None = None, *, cron: str | None = None, every: float | None = None,
+                 timezone: str = "UTC", **options: Any):
+        if not isinstance(name, str) or not SCHEDULE_NAME_PATTERN.fullmatch(name):
+            raise ValidationError(SCHEDULE_NAME_MESSAGE)
+        if (cron is None) == (every is None):
+            raise ValidationError("A schedule needs either cron or every, not both")
+        unknown = sorted(set(options) - set(schedule_options()))
+        if unknown:
+            raise ValidationError(f'Unknown task option "{unknown[0]}": a schedule takes '
+                                  f'{", ".join(schedule_options())}')
+        probe = Task(profile, job, parameters, tags, **options)
+        try:
+            json.dumps(options, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValidationError("A schedule's task options must be JSON values (numbers, text, null)") from None
+        self.name = name
+        self.profile, self.job, self.parameters, self.tags = probe.profile, probe.job, probe.parameters, probe.tags
+        self.cron: str | None = None
+        self.every: float | None = None
+        if cron is not None:
+            try:
+                self._expression = CronExpression(cron)
+            except ValidationError as error:
+                raise ValidationError(f"cron: {error}") from None
+            self.cron = cron.strip()
+        else:
+            if isinstance(every, bool) or not isinstance(every, (int, float)) or not 1 <= every <= DURATION_MAX:
+                raise ValidationError(f"every must be a number of seconds from 1 to {DURATION_MAX:.0f}")
+            self.every = int(every) if float(every).is_integer() else float(every)
+        if not isinstance(timezone, str):
+            raise ValidationError('timezone must be a time zone name such as "Europe/Paris"')
+        schedule_zone(timezone)
+        self.timezone = timezone
+        self.options = dict(options)
+        self.next_run_at: datetime | None = None
+        self.last_run_at: datetime | None = None
+        self.revision = ""
+
+    def __repr__(self) -> str:
+        when = f"cron={self.cron!r}" if self.cron is not None else f"every={self.every!r}"
+        return f"<Schedule {self.name!r} {self.profile} {self.job} {when} {self.timezone}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and self.to_json() == other.to_json()
+
+    def first_run(self, now: float) -> float:
+        """When a schedule added at ``now`` (epoch seconds) runs first: a period later, or the next matching minute."""
+        if self.every is not None:
+            return now + self.every
+        return self._expression.next_after(_from_timestamp(now), self.timezone).timestamp()  # type: ignore[arg-type]
+
+    def run_after(self, due: float, now: float) -> float:
+        """The run after the one due at ``due``, later than ``now``: runs missed meanwhile are skipped."""
+        if self.cron is not None:
+            return self._expression.next_after(_from_timestamp(max(due, now)), self.timezone).timestamp()  # type: ignore[arg-type]
+        following = due + self.every * (math.floor((now - due) / self.every) + 1)  # type: ignore[operator]
+        return following if following > now else following + self.every  # type: ignore[operator]
+
+    def task(self, due: float) -> Task:
+        """The task of the run due at ``due``; its identifier is the same whoever builds it, so the queue
+        refuses a second copy of one run."""
+        digest = hashlib.sha256(f"jobqueue:schedule:{self.revision}:{due!r}".encode()).digest()
+        identifier = str(uuid.UUID(bytes=digest[:16], version=4))
+        return Task(self.profile, self.job, self.parameters, self.tags, identifier=identifier, schedule=self.name,
+                    **self.options)
+
+    def to_json(self) -> dict[str, Any]:
+        """The schedule as the API and ``--json`` show it; times are ISO 8601 or null."""
+        data: dict[str, Any] = {"name": self.name, "profile": self.profile, "job": self.job,
+                                "parameters": dict(self.parameters or {}), "tags": list(self.tags or ())}
+        data.update({"cron": self.cron} if self.cron is not None else {"every": self.every})
+        data.update(timezone=self.timezone, **self.options)
+        data.update(next_run_at=_iso(self.next_run_at), last_run_at=_iso(self.last_run_at))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Schedule:
+        """A schedule from its JSON form (``to_json``), validated; ``next_run_at`` and ``last_run_at`` are read."""
+        if not isinstance(data, Mapping):
+            raise ValidationError("A schedule must be a JSON object")
+        values = {key: value for key, value in data.items()
+                  if value is not None and key not in ("next_run_at", "last_run_at", "revision")}
+        for key in ("name", "profile", "job"):
+            if values.get(key) in (None, ""):
+                raise ValidationError(f"Missing {key}")
+        schedule = cls(**values)
+        schedule.next_run_at = _parse_datetime(data.get("next_run_at"))
+        schedule.last_run_at = _parse_datetime(data.get("last_run_at"))
+        schedule.revision = str(data.get("revision") or "")
+        return schedule
+
+    def stored(self) -> str:
+        """The definition both backends keep (JSON, with the revision; the times are kept beside it)."""
+        return json.dumps({**self.to_json(), "next_run_at": None, "last_run_at": None, "revision": self.revision})
+
+
 # == Events ==================================================================
 
 WORKER_START = "worker.start"
@@ -1048,6 +1187,11 @@ class Queue:
     - ``completed()``: ``{profile: {"finished": n, "failed": n}}``, how many runs
       workers completed since the queue began (or was flushed); counters, so
       deleting tasks does not lower them.
+    - ``add_schedule(schedule)``, ``schedules()``, ``remove_schedule(name)``: keep
+      periodic tasks by name (adding one of a name replaces it); ``flush`` leaves them.
+    - ``run_schedules(now=None)``: add the task of each schedule that is due and
+      move its next run on, the two together: callers at once add each run once,
+      and runs missed meanwhile (nothing ran) give one task. Returns the tasks added.
 
     Every state change is one atomic step in the backend. Driver errors come
     out as BackendUnavailable, with the driver's exception as the cause.
@@ -1210,6 +1354,46 @@ class Queue:
             table.setdefault(profile, {"finished": 0, "failed": 0})[outcome] = number
         return table
 
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        """Keep ``schedule`` (replacing one of its name); it runs first one period from now, or at its
+        next matching minute. Returns it with ``next_run_at`` set."""
+        if not isinstance(schedule, Schedule):
+            raise ValidationError(f"Only Schedule objects can be added, not {type(schedule).__name__}")
+        with self._errors():
+            now = self.clock()
+            schedule.revision, schedule.last_run_at = uuid.uuid4().hex, None
+            first = schedule.first_run(now)
+            schedule.next_run_at = _from_timestamp(first)
+            self._put_schedule(schedule, first, now)
+        return schedule
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, by name, with its ``next_run_at`` and ``last_run_at``."""
+        with self._errors():
+            return sorted(self._schedules(), key=lambda schedule: schedule.name)
+
+    def remove_schedule(self, name: str) -> None:
+        with self._errors():
+            removed = isinstance(name, str) and self._remove_schedule(name)
+        if not removed:
+            raise ScheduleNotFound(name)
+
+    def run_schedules(self, now: datetime | float | None = None) -> list[Task]:
+        """Add the task of every schedule due at ``now`` (default: the queue's clock); return them.
+
+        ``now`` is epoch seconds or a datetime; a datetime holds microseconds only, so it counts up to the end
+        of its microsecond: ``now=schedule.next_run_at`` finds the schedule due.
+        """
+        with self._errors():
+            if isinstance(now, datetime):
+                now = _parse_datetime(now).timestamp() + 1e-6  # type: ignore[union-attr]
+            return self._run_schedules(self.clock() if now is None else float(now))
+
+    def _stored_schedule(self, definition: Any, next_run_at: Any, last_run_at: Any) -> Schedule:
+        schedule = Schedule.from_json(json.loads(definition))
+        schedule.next_run_at, schedule.last_run_at = _from_timestamp(next_run_at), _from_timestamp(last_run_at)
+        return schedule
+
     def ping(self) -> None:
         """Raise BackendUnavailable unless the backend answers."""
         with self._errors():
@@ -1280,6 +1464,18 @@ class Queue:
 
     def _ping(self) -> None:
         raise NotImplementedError
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        raise NotImplementedError
+
+    def _schedules(self) -> list[Schedule]:
+        raise NotImplementedError
+
+    def _remove_schedule(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        return []  # a backend that keeps no schedules has none due
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -1755,6 +1951,55 @@ H.flush = change({'now', 'batch'}, function(a)
   redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED, outbox())
   return {removed, 0}
 end)
+
+-- Schedules live on the queue's own slot, "{prefix}" (KEYS[1] of these handlers): the definitions (name ->
+-- JSON with its revision), the next run times (a sorted set), the last run times, and the runs claimed whose
+-- task may not be stored yet ("pending": name -> due time). A run's task goes to its profile's slot in a
+-- second call, with an identifier made from the run; so the next run_schedules adds a pending run again,
+-- and the add that comes second is refused (EXISTS): each run is stored once.
+local function schedule_keys()
+  local defs = base .. ':schedules'
+  return defs, defs .. ':next', defs .. ':last', defs .. ':pending'
+end
+
+H.schedule_put = change({'now', 'name', 'definition', 'next'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  redis.call('HSET', defs, a.name, a.definition)
+  redis.call('ZADD', nexts, a.next, a.name)
+  redis.call('HDEL', last, a.name)
+  redis.call('HDEL', pending, a.name)
+  return 1
+end)
+
+H.schedule_remove = change({'now', 'name'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  redis.call('ZREM', nexts, a.name)
+  redis.call('HDEL', last, a.name)
+  redis.call('HDEL', pending, a.name)
+  return redis.call('HDEL', defs, a.name)
+end)
+
+-- Claim the run of a.name (at a.revision) due at a.due, unless another caller did: 1 and its next run is
+-- a.next, or 0.
+H.schedule_claim = change({'now', 'name', 'revision', 'due', 'next'}, function(a)
+  local defs, nexts, last, pending = schedule_keys()
+  local due, definition = redis.call('ZSCORE', nexts, a.name), redis.call('HGET', defs, a.name)
+  if not due or not definition or tonumber(due) ~= tonumber(a.due)
+      or cjson.decode(definition).revision ~= a.revision then
+    return 0
+  end
+  redis.call('ZADD', nexts, a.next, a.name)
+  redis.call('HSET', last, a.name, a.now)
+  redis.call('HSET', pending, a.name, a.due)
+  return 1
+end)
+
+-- The task of the run due at a.due is stored: the claim is settled (unless a later one replaced it).
+H.schedule_settle = plain({'name', 'due'}, function(a)
+  local _, _, _, pending = schedule_keys()
+  if redis.call('HGET', pending, a.name) == a.due then redis.call('HDEL', pending, a.name) end
+  return 1
+end)
 """
 
 # Each handler's argument names, read from its declaration in the library: the one source of the order.
@@ -2106,8 +2351,9 @@ class RedisQueue(Queue):
             calls.pending[key] = next(calls.numbers)
         return f"{calls.caller}:{handler}", calls.pending[key], calls.pending
 
-    def _base(self, profile: str) -> str:
-        return f"{{{self.prefix}:{profile}}}"
+    def _base(self, profile: str | None) -> str:
+        """The hash tag of a profile's keys; None: the queue's own (profile names, schedules)."""
+        return f"{{{self.prefix}}}" if profile is None else f"{{{self.prefix}:{profile}}}"
 
     def _decoded(self, reply: Any) -> Any:
         return json.loads(reply) if isinstance(reply, (bytes, str)) else reply
@@ -2546,6 +2792,59 @@ class RedisQueue(Queue):
     def _ping(self) -> None:
         self.client.ping()
 
+    # -- schedules: on the queue's own slot; a run's task goes to its profile's slot afterwards
+
+    def _schedule_keys(self) -> tuple:
+        definitions = f"{self._base(None)}:schedules"
+        return definitions, f"{definitions}:next", f"{definitions}:last", f"{definitions}:pending"
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        self._call(None, "schedule_put", now=repr(now), name=schedule.name, definition=schedule.stored(),
+                   next=repr(first))
+
+    def _schedules(self) -> list[Schedule]:
+        definitions, nexts, lasts, _ = self._schedule_keys()
+        stored, due, last = self._read([("HGETALL", definitions), ("ZRANGE", nexts, 0, -1, "WITHSCORES"),
+                                        ("HGETALL", lasts)])
+        due_at = {name: at for at, name in _score_pairs(due)}
+        last = {_text(name): _text(at) for name, at in last.items()}
+        return [self._stored_schedule(_text(text), due_at.get(_text(name)), last.get(_text(name)))
+                for name, text in stored.items()]
+
+    def _remove_schedule(self, name: str) -> bool:
+        return bool(self._call(None, "schedule_remove", now=repr(self.clock()), name=name))
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        """Claim each due run on the schedules' slot, then add its task; first, add again the runs a caller
+        claimed without getting to add their task (it stopped in between)."""
+        definitions, nexts, _, pending = self._schedule_keys()
+        due, claimed = self._read([("ZRANGEBYSCORE", nexts, "-inf", repr(now), "WITHSCORES"), ("HGETALL", pending)])
+        runs = [(name, float(_text(at)), False) for name, at in claimed.items()]
+        runs += [(name, at, True) for at, name in _score_pairs(due)]
+        if not runs:
+            return []
+        names = sorted({_text(name) for name, _, _ in runs})
+        stored = dict(zip(names, self.client.hmget(definitions, names)))
+        added = []
+        for name, at, to_claim in runs:
+            name = _text(name)
+            if stored.get(name) is None:
+                continue
+            schedule = self._stored_schedule(_text(stored[name]), None, None)
+            if to_claim and not self._call(None, "schedule_claim", now=repr(now), name=name,
+                                           revision=schedule.revision, due=repr(at),
+                                           next=repr(schedule.run_after(at, now))):
+                continue
+            task = schedule.task(at)
+            try:
+                self.add(task)
+                added.append(task)
+            except ValidationError:
+                if self._find(task.identifier) is None:
+                    raise
+            self._call(None, "schedule_settle", name=name, due=repr(at))
+        return added
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
@@ -2598,6 +2897,13 @@ CREATE TABLE IF NOT EXISTS jobqueue_counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO jobqueue_counters (name, value) VALUES ('position', 0);
+CREATE TABLE IF NOT EXISTS jobqueue_schedules (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    next_run_at REAL NOT NULL,
+    last_run_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobqueue_schedules_due ON jobqueue_schedules (next_run_at);
 """
 
 # Columns a file made by an older version may lack: every field's, and the dependency count.
@@ -2777,6 +3083,9 @@ class SQLiteQueue(Queue):
         if self._writers[0] != os.getpid():
             self._writers = (os.getpid(), threading.Lock())
         connection = self._connection()
+        if connection.in_transaction:  # a write inside this thread's own (run_schedules adds its tasks so)
+            yield connection
+            return
         with self._writers[1]:
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -3095,6 +3404,37 @@ class SQLiteQueue(Queue):
 
     def _ping(self) -> None:
         self._connection().execute("SELECT 1").fetchone()
+
+    def _put_schedule(self, schedule: Schedule, first: float, now: float) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO jobqueue_schedules (name, definition, next_run_at) VALUES (?, ?, ?) ON CONFLICT (name)"
+                " DO UPDATE SET definition = excluded.definition, next_run_at = excluded.next_run_at,"
+                " last_run_at = NULL", (schedule.name, schedule.stored(), first))
+
+    def _schedules(self) -> list[Schedule]:
+        rows = self._connection().execute("SELECT * FROM jobqueue_schedules").fetchall()
+        return [self._stored_schedule(row["definition"], row["next_run_at"], row["last_run_at"]) for row in rows]
+
+    def _remove_schedule(self, name: str) -> bool:
+        with self._write() as connection:
+            return connection.execute("DELETE FROM jobqueue_schedules WHERE name = ?", (name,)).rowcount == 1
+
+    def _run_schedules(self, now: float) -> list[Task]:
+        """One transaction moves each due schedule on and adds its task; a cheap read first when none is due."""
+        due = "SELECT * FROM jobqueue_schedules WHERE next_run_at <= ? ORDER BY next_run_at, name"
+        if self._connection().execute(due + " LIMIT 1", (now,)).fetchone() is None:
+            return []
+        tasks = []
+        with self._write() as connection:
+            for row in connection.execute(due, (now,)).fetchall():
+                schedule = self._stored_schedule(row["definition"], None, None)
+                connection.execute("UPDATE jobqueue_schedules SET next_run_at = ?, last_run_at = ? WHERE name = ?",
+                                   (schedule.run_after(row["next_run_at"], now), now, row["name"]))
+                tasks.append(schedule.task(row["next_run_at"]))
+            if tasks:
+                self.add(*tasks)
+        return tasks
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -3669,6 +4009,7 @@ class Worker:
             raise ValidationError("threads must be a whole number, 1 or more")
         self.isolation, self.threads = isolation, threads
         self.maintenance_interval = min(self.lease / 2, 5.0)  # type: ignore[operator]
+        self.schedule_interval = 1.0
         self.logger = logging.getLogger("jobqueue.worker")
         self.wake_signal: int | None = None
         self.watchdog = _Watchdog(self)
@@ -3694,16 +4035,39 @@ class Worker:
         """Run tasks until one of the stop conditions; return how many ran."""
         self.dispatcher.dispatch(WORKER_START, WorkerEvent(WORKER_START, self))
         quota = _Quota(quantity)
+        schedules = self._run_schedules_meanwhile()
         try:
             if self.threads == 1:
                 self._serve(quota, burst)
             else:
                 self._serve_in_threads(quota, burst)
         finally:
+            schedules.set()
             self.watchdog.close()
             self._close_loop()
             self.dispatcher.dispatch(WORKER_FINISHED, WorkerEvent(WORKER_FINISHED, self))
         return quota.done
+
+    def _run_schedules_meanwhile(self) -> threading.Event:
+        """Run the queue's due schedules every ``schedule_interval`` seconds, from a thread of its own, until
+        the returned event is set: while any worker runs, busy or idle, a due run is added within a second."""
+        done, last_error = threading.Event(), [""]
+
+        def tick() -> None:
+            while True:
+                try:
+                    for task in self.queue.run_schedules():
+                        self.logger.info("%s %s added by schedule %s", task.identifier, task.job_name, task.schedule)
+                    last_error[0] = ""
+                except Exception as error:  # noqa: BLE001 - an outage is the fetch loop's to report
+                    if str(error) != last_error[0] and not isinstance(error, (BackendUnavailable, OSError)):
+                        self.logger.warning("Schedules not run: %s: %s", type(error).__name__, error)
+                    last_error[0] = str(error)
+                if done.wait(self.schedule_interval):
+                    return
+
+        threading.Thread(target=tick, name=f"{self.name}-schedules", daemon=True).start()
+        return done
 
     def run(self, task: Task) -> Task:
         """Run one fetched task, record its outcome and emit its events."""
@@ -4149,9 +4513,9 @@ class Request:
     def int_arg(self, name: str, default: int, most: int = MAX_INTEGER) -> int:
         """A whole number in ASCII digits from 0 to ``most``; anything else is ValidationError."""
         text = self.arg(name)
-        if text is None:
+        if text is None and not self.query.get(name):
             return default
-        if not (text.isascii() and text.isdigit() and len(text) <= len(str(most))) or int(text) > most:
+        if text is None or not (text.isascii() and text.isdigit() and len(text) <= len(str(most))) or int(text) > most:
             raise ValidationError(f"{name} must be a whole number from 0 to {most}")
         return int(text)
 
@@ -4217,6 +4581,32 @@ NEW_TASK_SCHEMAS = {**{column.name: column.metadata["new"] for column in TASK_FI
 NEW_TASK_KEYS = tuple(NEW_TASK_SCHEMAS)
 
 
+@functools.cache
+def time_zone_names() -> tuple[str, ...]:
+    """The IANA zones this machine knows (what ``timezone`` may name over HTTP), UTC always."""
+    import zoneinfo
+
+    return tuple(sorted(zoneinfo.available_timezones() | {"UTC"}))
+
+
+# PUT /schedule/{name}: a new task's keys, less when it runs, plus the schedule's; exactly one of cron and every.
+def new_schedule_schemas() -> dict[str, Any]:
+    return {
+        **{name: NEW_TASK_SCHEMAS[name] for name in ("profile", "job", "parameters", "tags")},
+        "cron": {"type": "string", "minLength": 1,
+                 "description": "minute hour day month weekday, as cron reads them, or @hourly, @daily...;"
+                                " an expression cron would refuse is a 400 naming the field at fault"},
+        "every": {"type": "number", "minimum": 1, "maximum": DURATION_MAX, "description": "seconds"},
+        "timezone": {"type": ["string", "null"], "enum": [*time_zone_names(), None],
+                     "description": "the IANA time zone the cron expression reads; default UTC"},
+        **{name: NEW_TASK_SCHEMAS.get(name, {}) for name in schedule_options()},
+    }
+
+
+NEW_SCHEDULE_KEYS = ("profile", "job", "parameters", "tags", "cron", "every", "timezone", *schedule_options())
+SCHEDULE_NAME_SCHEMA = {"type": "string", "pattern": f"^{SCHEDULE_NAME_PATTERN.pattern}$"}
+
+
 def host_name(host: str) -> str:
     """The name in a ``Host`` header or ``--host``: ``localhost:8080`` -> ``localhost``, ``[::1]:80`` -> ``[::1]``."""
     host = host.strip().lower()
@@ -4250,6 +4640,7 @@ def _dashboard_headers() -> dict[str, str]:
     }
 
 TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
+PATH_SCHEMAS = {"name": SCHEDULE_NAME_SCHEMA}
 STATUS_COUNTS = {s.value: {"type": "integer"} for s in Status}
 ROUTES = (
     Route("GET", "/", "dashboard", "The dashboard page (HTML; holds no data)", public=True,
@@ -4272,6 +4663,13 @@ ROUTES = (
     Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
     Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
           errors=(400, 404, 409)),
+    Route("GET", "/schedules", "list_schedules", "List schedules (periodic tasks) with their next and last runs",
+          reply={"application/json": {"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}}),
+    Route("PUT", "/schedule/{name}", "put_schedule", "Add a schedule, or replace the one of that name",
+          reply={"application/json": {"$ref": "#/components/schemas/Schedule"}}, errors=(400, 403, 411, 413),
+          body={"$ref": "#/components/schemas/NewSchedule"}),
+    Route("DELETE", "/schedule/{name}", "delete_schedule", "Delete a schedule (its tasks stay)", ok=204, reply={},
+          errors=(404,)),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -4315,8 +4713,8 @@ def openapi_document() -> dict[str, Any]:
         item = paths.setdefault(route.template, {})
         names = re.findall(r"\{(\w+)\}", route.template)
         if names:
-            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                  for name in names]
+            item["parameters"] = [{"name": name, "in": "path", "required": True,
+                                   "schema": PATH_SCHEMAS.get(name, {"type": "string"})} for name in names]
         item[route.method.lower()] = _operation(route)
     error = {"description": "An error",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -4334,6 +4732,14 @@ def openapi_document() -> dict[str, Any]:
                 "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
                 "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
                             "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+                "Schedule": {"type": "object", "required": [
+                    "name", "profile", "job", "parameters", "tags", "timezone", "next_run_at", "last_run_at"],
+                    "properties": {"name": {"type": "string"}, **new_schedule_schemas(), "cron": {"type": "string"},
+                                   "timezone": {"type": "string"}, "next_run_at": {**NULLABLE, "format": "date-time"},
+                                   "last_run_at": {**NULLABLE, "format": "date-time"}}},
+                "NewSchedule": {"type": "object", "required": ["profile", "job"], "additionalProperties": False,
+                                "properties": new_schedule_schemas(),
+                                "oneOf": [{"required": ["cron"]}, {"required": ["every"]}]},
             },
             "responses": {"Error": error},
         },
@@ -4469,6 +4875,29 @@ class WebService:
 
     def delete_task(self, request: Request) -> Response:
         self.queue.delete(request.params["identifier"])
+        return Response(204)
+
+    def list_schedules(self, request: Request) -> Response:
+        return Response(200, [schedule.to_json() for schedule in self.queue.schedules()])
+
+    def put_schedule(self, request: Request) -> Response:
+        data = request.json(NEW_SCHEDULE_KEYS)
+        for key in ("job", "profile"):
+            if data.get(key) in (None, ""):
+                raise ValidationError(f"Missing {key}")
+        if not isinstance(data["job"], str):
+            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
+        for key in ("cron", "every"):
+            if key in data and data[key] is None:
+                raise ValidationError(f"{key} must not be null: give either cron or every")
+        values = {name: value for name, value in data.items() if value is not None}
+        schedule = Schedule(request.params["name"], **{**values, "job": self.config.check_job(data["job"])})
+        if schedule.timezone not in time_zone_names():
+            raise ValidationError(f'Unknown time zone "{schedule.timezone}"')
+        return Response(200, self.queue.add_schedule(schedule).to_json())
+
+    def delete_schedule(self, request: Request) -> Response:
+        self.queue.remove_schedule(request.params["name"])
         return Response(204)
 
     def stats(self, request: Request) -> Response:
@@ -4988,6 +5417,59 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- manager schedule -----------------------------------------------------------
+
+
+def _schedule_when(schedule: Schedule) -> str:
+    if schedule.cron is not None:
+        return f"cron {schedule.cron} ({schedule.timezone})"
+    return f"every {schedule.every:g}s"
+
+
+def format_schedule(schedule: Schedule) -> str:
+    """The block ``manager schedule add`` prints, lined up like a task's."""
+    task = schedule.task(0.0)
+    options = ", ".join(f"{name}={value}" for name, value in schedule.options.items())
+    lines = [("Schedule", schedule.name), ("Profile", schedule.profile), ("Job class", schedule.job),
+             ("When", _schedule_when(schedule)), ("Tags", ", ".join(schedule.tags or ()) or "(none)"),
+             ("Parameters", _parameters_shown(task)), ("Options", options or "(none)"),
+             ("Next run", _when(schedule.next_run_at) + " UTC"), ("Last run", _when(schedule.last_run_at))]
+    return "\n".join(f"{label} : {text}" for label, text in lines)
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    config = ServiceContainer.get_instance().config
+    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
+    parameters = dict(parse_parameter(text) for text in words)
+    tags = [tag for tag in args.tags if ":" not in tag]
+    options = {name: getattr(args, name) for name in schedule_options() if getattr(args, name, None) is not None}
+    schedule = Schedule(args.name, args.profile, config.check_job(args.job), parameters, tags, cron=args.cron,
+                        every=args.every, timezone=args.timezone, **options)
+    print(format_schedule(_queue().add_schedule(schedule)))
+    return 0
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    schedules = _queue(reading=True).schedules()
+    if args.json:
+        _print_json([schedule.to_json() for schedule in schedules])
+        return 0
+    header = ["Name", "Profile", "Job", "When", "Next run (UTC)", "Last run (UTC)"]
+    rows = [[s.name, s.profile, job_name(s.job), _schedule_when(s), _when(s.next_run_at), _when(s.last_run_at)]
+            for s in schedules]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * width for width in widths], *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\nThere is {len(schedules)} schedules")
+    return 0
+
+
+def cmd_schedule_delete(args: argparse.Namespace) -> int:
+    _queue().remove_schedule(args.name)
+    print(f'Schedule "{args.name}" deleted')
+    return 0
+
+
 # -- worker -------------------------------------------------------------------
 
 
@@ -5167,6 +5649,13 @@ def _log_requests_off_thread() -> Any:
     return listener
 
 
+def _run_schedules_until(queue: Queue, stop: threading.Event) -> None:
+    """``serve`` adds due schedules' tasks too, as workers do, once a second; an outage is /health's to report."""
+    while not stop.wait(1.0):
+        with contextlib.suppress(JobQueueError, OSError):
+            queue.run_schedules()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args)
     services = ServiceContainer.get_instance()
@@ -5186,6 +5675,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     thread.start()
     listener = _log_requests_off_thread()
     print(f"Serving {services.queue.describe()} on {server.url} (Ctrl-C to stop)", flush=True)
+    threading.Thread(target=_run_schedules_until, args=(services.queue, stop), name="schedules", daemon=True).start()
     while not stop.wait(0.5):
         pass
     server.stop()
@@ -5343,6 +5833,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--depends-on", nargs="+", action="extend", metavar="ID",
                      help="run only once these tasks have finished (fails if one of them fails)")
 
+    _schedule_commands(actions, add)
+
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
     show.add_argument("identifier", help="the task's identifier (a UUID)")
@@ -5415,11 +5907,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schedule_commands(actions: Any, add: argparse.ArgumentParser) -> None:
+    """``manager schedule add|list|delete``; ``add`` takes the task option flags of ``manager add``."""
+    schedule = actions.add_parser(
+        "schedule", help="Keep periodic tasks: add, list and delete schedules.",
+        description="Keep periodic tasks: add, list and delete schedules. Workers add their tasks when due.",
+        epilog=_examples("jobqueue manager schedule add poll feeds myapp.jobs.PollJob --every 5m",
+                         "jobqueue manager schedule list"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = schedule.add_subparsers(dest="step", metavar="STEP", required=True, help="add, list or delete")
+    adding = _command(
+        steps, "add", cmd_schedule_add,
+        "Add a schedule (or replace the one of that name): its task is added on a cron expression or every"
+        " DURATION. Parameters are name:value or name:=JSON, as for manager add.",
+        "jobqueue manager schedule add nightly reports myapp.jobs.BuildJob --cron '0 3 * * *' --timezone Europe/Paris",
+        "jobqueue manager schedule add poll feeds myapp.jobs.PollJob url:https://example.com --every 5m --retries 2",
+    )
+    adding.add_argument("name", help="the schedule's name (letters, digits, _ - . :)")
+    adding.add_argument("profile", help="the profile whose workers run its tasks")
+    adding.add_argument("job", help="import path of a Job subclass or @job function")
+    adding.add_argument("parameters", nargs="*", metavar="name:value", help="parameters of each task")
+    when = adding.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="minute hour day month weekday, or @hourly, @daily...")
+    when.add_argument("--every", type=_checked(parse_duration), metavar="DURATION",
+                      help="a period of at least 1s (90, 90s, 15m, 2h, 7d); the first run is one period from now")
+    adding.add_argument("--timezone", default="UTC", metavar="TZ",
+                        help="the time zone the cron expression reads (default UTC), such as Europe/Paris")
+    adding.add_argument("--tags", nargs="+", default=[], metavar="T", help="tags of each task")
+    for action in add._actions:  # the task options of manager add (retries, timeout...), one definition
+        if action.dest in schedule_options():
+            adding._add_action(action)
+    listing = _command(steps, "list", cmd_schedule_list, "List schedules with their next and last runs.",
+                       "jobqueue manager schedule list", "jobqueue manager schedule list --json")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of schedules")
+    deleting = _command(steps, "delete", cmd_schedule_delete, "Delete a schedule (its tasks stay).",
+                        "jobqueue manager schedule delete nightly")
+    deleting.add_argument("name", help="the schedule's name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input, 1 backend or other failure)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and (args.command, getattr(args, "action", None)) == ("manager", "add"):
+    if extras and isinstance(getattr(args, "parameters", None), list):  # manager add, manager schedule add
         args.parameters += [word for word in extras if not word.startswith("-")]
         extras = [word for word in extras if word.startswith("-")]
     if extras:
@@ -5573,6 +6103,16 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
       </table>
     </div>
   </section>
+  <section aria-labelledby="schedules-title">
+    <h2 id="schedules-title">Schedules</h2>
+    <div class="scroll">
+      <table id="schedules">
+        <thead><tr><th>Name</th><th>Profile</th><th>When</th><th>Next run</th><th>Last run</th></tr></thead>
+        <tbody></tbody>
+      </table>
+    </div>
+    <p id="no-schedule" hidden>no schedule</p>
+  </section>
   <section id="detail" aria-labelledby="detail-title" hidden>
     <h2 id="detail-title">Task</h2>
     <dl id="detail-fields"></dl>
@@ -5646,6 +6186,18 @@ async function refreshCounts() {
     `${failed - first.failed} failed`;
 }
 
+async function refreshSchedules() {
+  const { data: schedules } = await api("GET", "/schedules");
+  $("schedules").tBodies[0].replaceChildren(...schedules.map((schedule) => element("tr", {},
+    element("td", {}, schedule.name),
+    element("td", {}, schedule.profile),
+    element("td", {}, schedule.cron === undefined ? `every ${schedule.every} s` :
+      `${schedule.cron} (${schedule.timezone})`),
+    element("td", {}, when(schedule.next_run_at)),
+    element("td", {}, when(schedule.last_run_at)))));
+  $("no-schedule").hidden = schedules.length > 0;
+}
+
 function query() {
   const form = new FormData($("filters"));
   const params = new URLSearchParams();
@@ -5680,7 +6232,8 @@ async function show(identifier) {
     const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Run at", when(task.run_at)], ["Schedule", task.schedule || "-"], ["Worker", task.worker || "-"],
+      ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
       ["Depends on", task.depends_on.length ? element("span", { class: "dependencies" }, ...task.depends_on.map(
         (id) => element("button", { type: "button", title: id, onclick: () => show(id) }, id.slice(0, 8)))) : "(none)"],
@@ -5703,7 +6256,7 @@ async function act(confirmation, method, path, done) {
 async function refresh() {
   if (state.busy || state.locked) return;
   state.busy = true;
-  try { await Promise.all([refreshCounts(), refreshTasks()]); say(""); }
+  try { await Promise.all([refreshCounts(), refreshTasks(), refreshSchedules()]); say(""); }
   catch (error) { say(error.message); }
   finally { state.busy = false; }
 }
