@@ -740,10 +740,13 @@ def _encode_task(task: Task) -> dict[str, str]:
             for name, default, store in _STORED_FIELDS}
 
 
+_LOADED_FIELDS = tuple((column.name, column.metadata["codec"].load) for column in TASK_FIELDS)
+
+
 def _decode_task(stored: Mapping[str, Any]) -> Task:
     """Rebuild a stored task, validated as every task is; a missing or '' field takes its default."""
-    return Task(**{column.name: column.metadata["codec"].load(value) for column in TASK_FIELDS
-                   if (value := stored.get(column.name)) is not None and value != ""})
+    return Task(**{name: load(value) for name, load in _LOADED_FIELDS
+                   if (value := stored.get(name)) is not None and value != ""})
 
 
 # -- Schedules: cron expressions and time zones --------------------------------
@@ -2493,7 +2496,9 @@ class RedisQueue(Queue):
     def _task(self, fields: Any) -> Task | None:
         if not fields:
             return None
-        return _decode_task({_text(key): _text(value) for key, value in fields.items()})
+        if not all(isinstance(key, str) and isinstance(value, str) for key, value in fields.items()):
+            fields = {_text(key): _text(value) for key, value in fields.items()}
+        return _decode_task(fields)
 
     # -- the contract ---------------------------------------------------------
 
