@@ -1448,6 +1448,157 @@ def test_sqlite_search_uses_an_index(tmp_path, filters):
     assert table_scans == [], details
 
 
+# -- Scheduling: priority, unique tasks, expiry, several profiles, limits (SPEC 11) --
+
+
+@contract
+def test_higher_priority_runs_first_and_equals_keep_their_order(queue):
+    tasks = [Task("p", RecordingJob, priority=priority) for priority in (0, 5, 0, -1, 5, -1, 0, 2)]
+    stored = queue.add(*tasks)
+    assert stored == tasks and [task.priority for task in stored] == [0, 5, 0, -1, 5, -1, 0, 2]
+    queue.add(Task("p", RecordingJob, priority=9, delay=30))
+    order = [queue.fetch("p", timeout=0, lease=100).identifier for _ in tasks]
+    expected = [tasks[i].identifier for i in (1, 4, 7, 0, 2, 6, 3, 5)]
+    assert order == expected and queue.fetch("p", timeout=0) is None
+    later(queue, 31)
+    queue.add(Task("p", RecordingJob, priority=1))
+    assert queue.fetch("p", timeout=0, lease=100).priority == 9, "a due delayed task keeps its priority"
+    lost = queue.fetch("p", timeout=0, lease=1)
+    queue.add(Task("p", RecordingJob, priority=1))
+    later(queue, 40)
+    assert [task.identifier for task in queue.recover()] == [lost.identifier]
+    assert queue.fetch("p", timeout=0).identifier == lost.identifier, "a recovered task goes first among its equals"
+
+
+@contract
+def test_a_unique_key_yields_the_task_holding_it_until_that_task_ends(queue):
+    first = Task("p", RecordingJob, unique_key="report-42")
+    copy = Task("p", RecordingJob, unique_key="report-42")
+    other_profile = Task("q", RecordingJob, unique_key="report-42")
+    stored = queue.add(first, copy, other_profile)
+    assert [task.identifier for task in stored] == [first.identifier, first.identifier, other_profile.identifier]
+    assert queue.count(profile="p") == 1 and queue.find(first.identifier).unique_key == "report-42"
+    running = queue.fetch("p", timeout=0)
+    again = queue.add(Task("p", RecordingJob, unique_key="report-42"))[0]
+    assert again.identifier == first.identifier and again.status is Status.RUNNING
+    running.status = Status.FINISHED
+    assert queue.complete(running)
+    fresh = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(fresh) == [fresh] and queue.count(profile="p") == 2
+    queue.delete(fresh.identifier)
+    failed = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(failed) == [failed]
+    queue.update_status(failed, Status.FAILED)
+    last = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(last) == [last] and queue.count(profile="p", status="waiting") == 1
+
+
+@contract
+def test_a_task_not_started_before_it_expires_fails_without_running(queue):
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    expired, fine = Task("p", RecordingJob, expires_at=past, unique_key="k"), Task("p", RecordingJob, expires=60)
+    assert fine.expires_at is not None
+    queue.add(expired, fine)
+    assert queue.fetch("p", timeout=0).identifier == fine.identifier
+    gone = queue.find(expired.identifier)
+    assert (gone.status, gone.error, gone.attempts, gone.started_at) == (Status.FAILED, "Expired before it started",
+                                                                         0, None)
+    assert queue.add(Task("p", RecordingJob, unique_key="k"))[0].identifier != expired.identifier
+    unattended = Task("nobody-fetches", RecordingJob, expires=0.01)
+    queue.add(unattended)
+    time.sleep(0.05)
+    queue.recover()
+    assert queue.find(unattended.identifier).status is Status.FAILED
+    with pytest.raises(ValidationError, match="Give expires or expires_at, not both"):
+        Task("p", RecordingJob, expires=1, expires_at=past)
+    for options, message in (({"priority": "high"}, "priority must be a whole number"),
+                             ({"priority": 10**7}, "priority must be a whole number"),
+                             ({"unique_key": ""}, "unique_key must be a non-empty string"),
+                             ({"expires": 0}, "expires must be more than 0 seconds"),
+                             ({"expires_at": "soon"}, 'expires_at: "soon" is not a date')):
+        with pytest.raises(ValidationError, match=message):
+            Task("p", RecordingJob, **options)
+
+
+def _profiles_apart(queue, count: int) -> list[str]:
+    """Profile names whose slots live on different masters of a cluster (any names elsewhere)."""
+    if not getattr(queue, "_cluster", False):
+        return [f"profile-{n}" for n in range(count)]
+    names, masters = [], set()
+    for n in range(1000):
+        node = queue.client.get_node_from_key(queue._base(f"profile-{n}")).name
+        if node not in masters:
+            masters.add(node)
+            names.append(f"profile-{n}")
+        if len(names) == count:
+            return names
+    raise AssertionError("the cluster has fewer masters than profiles asked for")
+
+
+@contract
+def test_fetch_over_several_profiles_takes_the_first_that_has_a_task_and_wakes_for_any(queue):
+    high, low = _profiles_apart(queue, 2)
+    queue.add(Task(low, RecordingJob), Task(high, RecordingJob), Task(low, RecordingJob))
+    assert [queue.fetch([high, low], timeout=0).profile for _ in range(3)] == [high, low, low]
+    assert queue.fetch([high, low], timeout=0) is None
+    for profile in (low, high):
+        fetched: list = []
+        waiter = threading.Thread(target=lambda box=fetched: box.append(queue.fetch([high, low], timeout=5)))
+        waiter.start()
+        time.sleep(0.3)
+        added_at = time.monotonic()
+        queue.add(Task(profile, RecordingJob))
+        waiter.join(6)
+        woke = time.monotonic() - added_at
+        assert fetched[0] is not None and fetched[0].profile == profile
+        assert woke < (0.6 if isinstance(queue, SQLiteQueue) else 0.25), f"woke {woke:.3f}s after the add"
+    with pytest.raises(ValidationError):
+        queue.fetch([high, high], timeout=0)
+
+
+@contract
+def test_profile_limits_hold_tasks_back_until_they_allow_them(queue):
+    assert queue.limits("p") == {"concurrency": None, "rate": None}
+    assert queue.set_limits("p", concurrency=2) == {"concurrency": 2, "rate": None}
+    queue.add(*[Task("p", RecordingJob) for _ in range(5)])
+    first, second = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
+    assert second is not None and queue.fetch("p", timeout=0) is None
+    assert queue.find(first.identifier).status is Status.RUNNING and queue.count(status="waiting") == 3
+    finished_at = []
+    waiter = threading.Thread(target=lambda: finished_at.append((queue.fetch("p", timeout=5), time.monotonic())))
+    waiter.start()
+    time.sleep(0.2)
+    first.status, ended = Status.FINISHED, time.monotonic()
+    queue.complete(first)
+    waiter.join(6)
+    assert finished_at[0][0] is not None and finished_at[0][1] - ended < 0.6, "a finish lets a waiting fetch go"
+    assert queue.set_limits("p", rate="2/s") == {"concurrency": None, "rate": "2/s"}
+    started = time.monotonic()
+    taken = [queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)]
+    assert None not in taken and queue.fetch("p", timeout=0) is None
+    assert taken[0].identifier not in (first.identifier, second.identifier)
+    assert queue.limits("p") == {"concurrency": None, "rate": "2/s"}
+    assert queue.set_limits("p") == {"concurrency": None, "rate": None} and queue.fetch("p", timeout=0) is None
+    assert time.monotonic() - started < 1, "lifting the limits made nothing new appear"
+    for limits, message in (({"concurrency": 0}, "concurrency must be a whole number"),
+                            ({"concurrency": "2"}, "concurrency must be a whole number"),
+                            ({"rate": "10/d"}, 'rate must be N/s, N/m or N/h .* not "10/d"'),
+                            ({"rate": 10}, "rate must be N/s, N/m or N/h")):
+        with pytest.raises(ValidationError, match=message):
+            queue.set_limits("p", **limits)
+
+
+@contract
+def test_a_rate_lets_the_next_start_through_as_soon_as_its_window_allows(queue):
+    queue.set_limits("p", rate="3/s")
+    queue.add(*[Task("p", RecordingJob) for _ in range(4)])
+    starts = [queue.fetch("p", timeout=0).started_at for _ in range(3)]
+    fourth = queue.fetch("p", timeout=3)
+    assert fourth is not None
+    waited = (fourth.started_at - starts[0]).total_seconds()
+    assert 1.0 <= waited < 1.4, waited
+
+
 # == Queue: Redis ============================================================
 
 
@@ -2584,13 +2735,13 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     task, failed = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(task, failed)
     queue.update_status(failed, Status.FAILED)
-    bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}}
+    bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}, "put": {}}
     operations = 0
     for template, item in document["paths"].items():
-        for method in ("get", "post", "patch", "delete"):
+        for method in ("get", "post", "put", "patch", "delete"):
             if method in item:
                 target = failed if template.endswith("/retry") else task
-                path = template.replace("{identifier}", target.identifier)
+                path = template.replace("{identifier}", target.identifier).replace("{name}", "p")
                 answer = call(server, method.upper(), path, bodies.get(method))
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
                 assert answer.status < 400, (method, path, answer)
