@@ -98,6 +98,19 @@ def count_execution(task):
         log.write(f"{task.identifier} {os.getpid()}\n")
 
 
+@jobqueue.job
+def timed(task):
+    """Logs "identifier profile start end" to ``log`` after sleeping ``sleep`` seconds; first adds a task to the
+    profile ``add`` names, if any (on the queue the worker's environment configures)."""
+    start = time.time()
+    if task.has_parameter("add"):
+        extra = Task(task.get_parameter("add"), timed, {"log": task.get_parameter("log")})
+        ServiceContainer.get_instance().queue.add(extra)
+    time.sleep(task.get_parameter("sleep") if task.has_parameter("sleep") else 0)
+    with open(task.get_parameter("log"), "a") as log:
+        log.write(f"{task.identifier} {task.profile} {start!r} {time.time()!r}\n")
+
+
 class SlowJob(Job):
     """Touches the ``started`` file, then sleeps ``seconds``: a job to stop workers in."""
 
@@ -2353,6 +2366,46 @@ def test_a_blocked_fetch_takes_a_task_within_a_second_of_its_due_time(queue, dsn
     assert at - due_at < 1.0
 
 
+def test_a_worker_of_several_profiles_always_takes_the_first_that_has_a_task(queue, dsn, tmp_path):
+    log = tmp_path / "order.log"
+    queue.add(Task("default", timed, {"log": str(log), "add": "high"}),
+              *[Task("default", timed, {"log": str(log)}) for _ in range(2)])
+    queue.add(*[Task("high", timed, {"log": str(log)}) for _ in range(2)])
+    result = cli(dsn, "worker", "high,default", "--burst", "-q")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'handles "high,default" tasks', result.stdout)
+    profiles = [line.split()[1] for line in log.read_text().splitlines()]
+    assert profiles == ["high", "high", "default", "high", "default", "default"], "high waits for nothing"
+
+
+def _timed_runs(log: Path) -> list[tuple]:
+    return sorted((float(start), float(end)) for _, _, start, end in map(str.split, log.read_text().splitlines()))
+
+
+def test_a_concurrency_of_one_holds_across_two_worker_processes(queue, dsn, tmp_path, running):
+    log = tmp_path / "runs.log"
+    queue.set_limits("one", concurrency=1)
+    queue.add(*[Task("one", timed, {"log": str(log), "sleep": 0.1}) for _ in range(6)])
+    for _ in range(2):
+        running(dsn, "worker", "one", "-q")
+    wait_until(lambda: queue.count(profile="one", status="finished") == 6, 30)
+    runs = _timed_runs(log)
+    assert len(runs) == 6
+    assert all(end <= following for (_, end), (following, _) in zip(runs, runs[1:])), runs
+
+
+def test_a_rate_of_five_a_second_holds_across_two_worker_processes(queue, dsn, tmp_path, running):
+    log = tmp_path / "runs.log"
+    queue.set_limits("rated", rate="5/s")
+    queue.add(*[Task("rated", timed, {"log": str(log)}) for _ in range(8)])
+    for _ in range(2):
+        running(dsn, "worker", "rated", "-q")
+    wait_until(lambda: queue.count(profile="rated", status="finished") == 8, 30)
+    starts = sorted(task.started_at.timestamp() for task in queue.search(profile="rated"))
+    assert all(starts[i + 5] - starts[i] > 1.0 for i in range(len(starts) - 5)), "6 starts within 1 s"
+    assert starts[5] - starts[0] < 1.5, "the sixth start waited longer than the window asks"
+
+
 # == Configuration ===========================================================
 
 
@@ -2762,6 +2815,46 @@ def test_http_create_with_delay_and_options(serve, queue):
                              ({"timeout": [1]}, "timeout must be a number of seconds")):
         answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
         assert answer.status == 400 and answer.json["message"] == message
+
+
+def test_http_create_with_scheduling_options_answers_200_with_the_task_holding_the_key(serve, queue):
+    server = serve()
+    body = {"profile": "p", "job": "a.B", "priority": 7, "unique_key": "sync", "expires": 60}
+    created = call(server, "POST", "/tasks", body)
+    assert created.status == 201, created
+    assert (created.json["priority"], created.json["unique_key"]) == (7, "sync") and created.json["expires_at"]
+    again = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "unique_key": "sync"})
+    assert again.status == 200 and again.json["identifier"] == created.json["identifier"]
+    assert again.headers["Location"] == f"/task/{created.json['identifier']}" and queue.count() == 1
+    at = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "expires_at": "2030-01-02T03:04:05+01:00"})
+    assert at.status == 201 and queue.find(at.json["identifier"]).expires_at == datetime(2030, 1, 2, 2, 4, 5,
+                                                                                          tzinfo=timezone.utc)
+    for options, message in (({"priority": "high"}, "priority must be a whole number"),
+                             ({"unique_key": 3}, "unique_key must be a non-empty string"),
+                             ({"expires": -1}, "expires must be more than 0 seconds"),
+                             ({"expires_at": "soon"}, 'expires_at: "soon" is not a date'),
+                             ({"expires": 1, "expires_at": "2030-01-01T00:00:00Z"}, "Give expires or expires_at")):
+        answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
+        assert answer.status == 400 and answer.json["message"].startswith(message), answer
+    assert queue.count() == 2
+
+
+def test_http_profile_limits_read_and_set(serve, queue):
+    server = serve()
+    assert call(server, "GET", "/profile/mail/limits").json == {"concurrency": None, "rate": None}
+    put = call(server, "PUT", "/profile/mail/limits", {"concurrency": 3, "rate": "10/s"})
+    assert put.status == 200 and put.json == {"concurrency": 3, "rate": "10/s"}
+    assert queue.limits("mail") == put.json == call(server, "GET", "/profile/mail/limits").json
+    assert call(server, "PUT", "/profile/mail/limits", {"rate": "1000/h"}).json == {"concurrency": None,
+                                                                                    "rate": "1000/h"}
+    for body, message in (({"concurency": 3}, 'Unknown key "concurency"'),
+                          ({"rate": "10/d"}, "rate must be N/s, N/m or N/h"),
+                          ({"rate": 10}, "rate must be a string"),
+                          ({"concurrency": 0}, "concurrency must be a whole number")):
+        answer = call(server, "PUT", "/profile/mail/limits", body)
+        assert answer.status == 400 and answer.json["message"].startswith(message), answer
+    assert call(server, "GET", "/profile/Bad/limits").status == 400
+    assert queue.limits("mail") == {"concurrency": None, "rate": "1000/h"}
 
 
 def test_http_retry_route(serve, queue):
@@ -3308,6 +3401,10 @@ def test_cli_json_output_parses_back(dsn, queue):
     (["frobnicate"], "invalid choice"),
     (["worker", "Bad"], "Profile name only allows"),
     (["worker", "p", "--quantity", "0"], "not a whole number of 1 or more"),
+    (["manager", "add", "p", "a.B", "--priority", "high"], 'argument --priority: "high" is not a whole number'),
+    (["manager", "add", "p", "a.B", "--expires", "0"], "expires must be more than 0 seconds"),
+    (["manager", "limits", "p", "--rate", "10/d"], 'argument --rate: rate must be N/s, N/m or N/h'),
+    (["manager", "limits", "p", "--concurrency", "0"], "argument --concurrency: concurrency must be a whole number"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(dsn, queue, args, message):
     result = cli(dsn, *args)
@@ -3403,6 +3500,32 @@ def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
     assert queue.fetch("p", timeout=0) is None
     bad = cli(dsn, "manager", "add", "p", "a.B", "--delay", "soon")
     assert bad.returncode == 2 and 'Duration "soon" must be a number of seconds' in bad.stderr
+
+
+def test_cli_add_with_priority_unique_key_and_expiry(dsn, queue):
+    added = cli(dsn, "manager", "add", "p", "a.B", "--priority", "-3", "--unique-key", "nightly", "--expires", "1h")
+    identifier = added_identifier(added)
+    assert "Priority : -3" in added.stdout and "Unique key : nightly" in added.stdout and "Expires : " in added.stdout
+    task = queue.find(identifier)
+    assert (task.priority, task.unique_key) == (-3, "nightly")
+    assert 3590 < (task.expires_at - datetime.now(timezone.utc)).total_seconds() <= 3600
+    again = cli(dsn, "manager", "add", "p", "a.B", "--unique-key", "nightly")
+    assert added_identifier(again) == identifier and queue.count() == 1
+    assert f'Nothing added: task {identifier} holds unique key "nightly"' in again.stderr
+    shown = cli(dsn, "manager", "show", identifier, "--json")
+    assert json.loads(shown.stdout)["priority"] == -3 and json.loads(shown.stdout)["unique_key"] == "nightly"
+
+
+def test_cli_limits_change_only_what_they_name_and_show_in_stats(dsn, queue):
+    assert cli(dsn, "manager", "limits", "mail", "--concurrency", "2").stdout == "Profile mail: concurrency 2\n"
+    both = cli(dsn, "manager", "limits", "mail", "--rate", "600/m")
+    assert both.stdout == "Profile mail: concurrency 2, rate 600/m\n"
+    assert queue.limits("mail") == {"concurrency": 2, "rate": "600/m"}
+    queue.add(Task("mail", RecordingJob))
+    stats = cli(dsn, "manager", "stats").stdout
+    assert stats.endswith("Limits:\n  mail: concurrency 2, rate 600/m\n"), stats
+    assert cli(dsn, "manager", "limits", "mail", "--clear").stdout == "Profile mail: no limits\n"
+    assert queue.limits("mail") == {"concurrency": None, "rate": None}
 
 
 def test_cli_recover_returns_tasks_of_lost_workers(dsn, queue):
