@@ -5606,7 +5606,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <div class="scroll">
       <table id="counts">
         <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
-          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
+          <th class="number finished">finished</th><th class="number failed">failed</th><th>limits</th></tr></thead>
         <tbody></tbody>
       </table>
     </div>
@@ -5670,10 +5670,14 @@ function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
 
 async function refreshCounts() {
   const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const profiles = Object.keys(stats);
+  const limits = await Promise.all(profiles.map((profile) =>
+    api("GET", `/profile/${encodeURIComponent(profile)}/limits`).then(({ data }) => data)));
   const body = $("counts").tBodies[0];
-  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
+  body.replaceChildren(...profiles.map((profile, index) => element("tr", {},
     element("td", {}, profile),
-    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
+    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, stats[profile][s])),
+    element("td", { class: "limits" }, limitsText(limits[index])))));
   let executed = 0, failed = 0;
   for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
   const now = Date.now();
@@ -5682,6 +5686,13 @@ async function refreshCounts() {
   const first = state.history[0];
   $("throughput").textContent = `last minute: ${executed - first.executed} executed, ` +
     `${failed - first.failed} failed`;
+}
+
+function limitsText(limits) {
+  const parts = [];
+  if (limits.concurrency !== null) parts.push(`at most ${limits.concurrency} running`);
+  if (limits.rate !== null) parts.push(`${limits.rate} started`);
+  return parts.join(", ");
 }
 
 function query() {
@@ -5718,7 +5729,8 @@ async function show(identifier) {
     const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
+      ["Run at", when(task.run_at)], ["Priority", task.priority], ["Unique key", task.unique_key ?? "-"],
+      ["Expires", when(task.expires_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
       ["Parameters", element("pre", {}, JSON.stringify(task.parameters, null, 2))],
       ["Result", task.result === null ? "-" : element("pre", {}, JSON.stringify(task.result, null, 2))],

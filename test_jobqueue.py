@@ -4528,6 +4528,22 @@ def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboar
     assert board.errors == []
 
 
+def test_dashboard_shows_profile_limits_and_a_tasks_scheduling_options(dashboard):
+    board = dashboard()
+    board.queue.set_limits("mail", concurrency=2, rate="10/s")
+    task = Task("mail", RecordingJob, priority=4, unique_key="digest-7", expires=3600)
+    board.queue.add(task, Task("sms", RecordingJob))
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    counts = wait_until(lambda: [row for row in board.page.locator("#counts tbody tr").all_inner_texts()
+                                 if "running" in row or row.startswith("sms")] or None)
+    assert [row.split("\t")[-1].strip() for row in sorted(counts)] == ["at most 2 running, 10/s started", ""]
+    board.page.click(f"button:has-text('{task.identifier}')")
+    board.page.wait_for_selector("#detail", state="visible")
+    detail = board.page.locator("#detail-fields").inner_text()
+    assert re.search(r"Priority\s+4", detail) and re.search(r"Unique key\s+digest-7", detail)
+    assert re.search(r"Expires\s+\S", detail) and board.errors == []
+
+
 def test_dashboard_adds_a_task(dashboard):
     board = dashboard().open()
     board.page.fill("#add-profile", "web")
