@@ -4399,6 +4399,22 @@ def test_readme_first_run_commands_work(tmp_path, running):
 # == Assets ==================================================================
 
 
+def test_readme_scheduling_examples_run_as_written(tmp_path, monkeypatch):
+    """The setup and the five examples of README's Scheduling section (other subsections have their own tests)."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## Scheduling\n", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"^### (.+)$", section, flags=re.M)
+    chunks = {"setup": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for title in ("setup", "Priorities", "Unique tasks", "Expiry", "Several profiles per worker", "Limits"):
+        blocks = re.findall(r"```python\n(.*?)```", chunks[title], re.S)
+        assert blocks, f"no example under {title}"
+        for code in blocks:
+            exec(compile(code, f"README.md: {title}", "exec"), namespace)
+
+
+
 # -- The dashboard page (headless Chromium) ----------------------------------
 
 
