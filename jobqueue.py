@@ -449,6 +449,8 @@ def _parse_datetime(value: Any) -> datetime | None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str):
+        raise ValidationError(f"{json.dumps(value, default=repr)} is not a date")
     try:
         parsed = datetime.fromisoformat(value)
     except (TypeError, ValueError):
@@ -1082,6 +1084,8 @@ class Queue:
     def set_limits(self, profile: str, concurrency: int | None = None, rate: str | None = None) -> dict[str, Any]:
         """Set both limits of a profile (None lifts one); return them as ``limits`` shows them."""
         validate_profile(profile)
+        if isinstance(concurrency, float) and concurrency.is_integer():
+            concurrency = int(concurrency)
         if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                         or not 1 <= concurrency <= RETRIES_MAX):
             raise ValidationError(f"concurrency must be a whole number from 1 to {RETRIES_MAX}, or null")
@@ -4211,6 +4215,7 @@ def _dashboard_headers() -> dict[str, str]:
     }
 
 TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
+PATH_SCHEMAS = {"profile": PROFILE_SCHEMA}
 LIMITS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
     "concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": RETRIES_MAX},
     "rate": {"type": ["string", "null"], "pattern": f"^{RATE_PATTERN.pattern}$"}}}
@@ -4237,9 +4242,9 @@ ROUTES = (
     Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
     Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
           errors=(400, 404, 409)),
-    Route("GET", "/profile/{name}/limits", "show_limits", "A profile's limits",
+    Route("GET", "/profile/{profile}/limits", "show_limits", "A profile's limits",
           reply={"application/json": LIMITS_SCHEMA}, errors=(400,)),
-    Route("PUT", "/profile/{name}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
+    Route("PUT", "/profile/{profile}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
           reply={"application/json": LIMITS_SCHEMA}, errors=(400, 411, 413), body=LIMITS_SCHEMA),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
@@ -4285,8 +4290,8 @@ def openapi_document() -> dict[str, Any]:
         item = paths.setdefault(route.template, {})
         names = re.findall(r"\{(\w+)\}", route.template)
         if names:
-            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                  for name in names]
+            item["parameters"] = [{"name": name, "in": "path", "required": True,
+                                   "schema": PATH_SCHEMAS.get(name, {"type": "string"})} for name in names]
         item[route.method.lower()] = _operation(route)
     error = {"description": "An error",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -4303,7 +4308,9 @@ def openapi_document() -> dict[str, Any]:
                           "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
                 "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
                 "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
-                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS,
+                            "not": {"required": ["expires", "expires_at"], "properties": {
+                                "expires": {"type": "number"}, "expires_at": {"type": "string"}}}},
             },
             "responses": {"Error": error},
         },
@@ -4440,14 +4447,14 @@ class WebService:
         return Response(204)
 
     def show_limits(self, request: Request) -> Response:
-        return Response(200, self.queue.limits(request.params["name"]))
+        return Response(200, self.queue.limits(request.params["profile"]))
 
     def set_limits(self, request: Request) -> Response:
         data = request.json(("concurrency", "rate"))
         concurrency, rate = data.get("concurrency"), data.get("rate")
         if rate is not None and not isinstance(rate, str):
             raise ValidationError(f"rate must be a string such as \"10/s\" or null, not {json.dumps(rate)}")
-        return Response(200, self.queue.set_limits(request.params["name"], concurrency, rate))
+        return Response(200, self.queue.set_limits(request.params["profile"], concurrency, rate))
 
     def stats(self, request: Request) -> Response:
         return Response(200, self.queue.stats())

@@ -2794,7 +2794,7 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
         for method in ("get", "post", "put", "patch", "delete"):
             if method in item:
                 target = failed if template.endswith("/retry") else task
-                path = template.replace("{identifier}", target.identifier).replace("{name}", "p")
+                path = template.replace("{identifier}", target.identifier).replace("{profile}", "p")
                 answer = call(server, method.upper(), path, bodies.get(method))
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
                 assert answer.status < 400, (method, path, answer)
