@@ -2598,6 +2598,7 @@ CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     position INTEGER,
     lease_until REAL
 );
+DROP INDEX IF EXISTS jobqueue_fifo;
 CREATE INDEX IF NOT EXISTS jobqueue_ready ON jobqueue_tasks (profile, priority DESC, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobqueue_unique ON jobqueue_tasks (profile, unique_key) WHERE unique_key IS NOT NULL;
@@ -2700,6 +2701,16 @@ def _sql_value(column: dataclasses.Field, text: str) -> Any:
     return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
 
 
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """A file made by an older jobqueue gets the columns of fields added since: NULL (the field's default) in
+    the rows it has, or the column's own DEFAULT."""
+    have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+    for column in TASK_FIELDS if have else ():
+        if column.name not in have:
+            sql = column.metadata["sql"] if "DEFAULT" in column.metadata["sql"] else column.metadata["codec"].sql
+            connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {sql}")
+
+
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return {column[0]: value for column, value in zip(cursor.description, row)}
 
@@ -2764,6 +2775,7 @@ class SQLiteQueue(Queue):
                 if not self._schema_ready:
                     if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
                         connection.execute("PRAGMA journal_mode = WAL")
+                    _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
                     self._schema_ready = True
                 return connection
@@ -2884,17 +2896,25 @@ class SQLiteQueue(Queue):
         counting = self._limited(connection, profile, now)
         if counting is None:
             return None
-        row = connection.execute(
-            _SQLITE_CLAIM, {"profile": profile, "now": now, "worker": worker, "lease": lease}
-        ).fetchone()
+        claim = {"profile": profile, "now": now, "worker": worker, "lease": lease}
+        row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
+        while row is not None and self._expired(connection, row, now):
+            row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
         if row is not None and counting:
             connection.execute("INSERT INTO jobqueue_starts (profile, at) VALUES (?, ?)", (profile, now))
         return None if row is None else _decode_task(row)
 
+    def _expired(self, connection: sqlite3.Connection, row: dict, now: float) -> bool:
+        """Whether a task just claimed had expired before it ever started: then it is failed instead."""
+        if row["expires_at"] is None or row["expires_at"] > now or row["attempts"] != 1:
+            return False
+        connection.execute("UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, error = ?, finished_at = ?,"
+                           " attempts = 0, worker = NULL, started_at = NULL, lease_until = NULL WHERE seq = ?",
+                           (EXPIRED_ERROR, now, row["seq"]))
+        return True
+
     def _limited(self, connection: sqlite3.Connection, profile: str, now: float) -> bool | None:
-        """Before a claim: fail the tasks that expired before they started; then None if the profile's limits
-        hold every task back now, else whether its starts are counted (it has a rate)."""
-        connection.execute(_SQLITE_EXPIRE, {"profile": profile, "now": now})
+        """None if the profile's limits hold every task back now, else whether its starts are counted (a rate)."""
         limits = connection.execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
         if limits is None:
             return False
@@ -4215,7 +4235,6 @@ def _dashboard_headers() -> dict[str, str]:
     }
 
 TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
-PATH_SCHEMAS = {"profile": PROFILE_SCHEMA}
 LIMITS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
     "concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": RETRIES_MAX},
     "rate": {"type": ["string", "null"], "pattern": f"^{RATE_PATTERN.pattern}$"}}}
@@ -4243,9 +4262,9 @@ ROUTES = (
     Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
           errors=(400, 404, 409)),
     Route("GET", "/profile/{profile}/limits", "show_limits", "A profile's limits",
-          reply={"application/json": LIMITS_SCHEMA}, errors=(400,)),
+          reply={"application/json": LIMITS_SCHEMA}, errors=(404,)),
     Route("PUT", "/profile/{profile}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
-          reply={"application/json": LIMITS_SCHEMA}, errors=(400, 411, 413), body=LIMITS_SCHEMA),
+          reply={"application/json": LIMITS_SCHEMA}, errors=(400, 404, 411, 413), body=LIMITS_SCHEMA),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -4290,8 +4309,8 @@ def openapi_document() -> dict[str, Any]:
         item = paths.setdefault(route.template, {})
         names = re.findall(r"\{(\w+)\}", route.template)
         if names:
-            item["parameters"] = [{"name": name, "in": "path", "required": True,
-                                   "schema": PATH_SCHEMAS.get(name, {"type": "string"})} for name in names]
+            item["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                  for name in names]
         item[route.method.lower()] = _operation(route)
     error = {"description": "An error",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -4446,15 +4465,23 @@ class WebService:
         self.queue.delete(request.params["identifier"])
         return Response(204)
 
+    def _profile(self, request: Request) -> str:
+        """The profile a path names; a name no profile can have names nothing there (404)."""
+        try:
+            return validate_profile(request.params["profile"])
+        except ValidationError as error:
+            raise HTTPError(404, f"No such profile: {error}") from None
+
     def show_limits(self, request: Request) -> Response:
-        return Response(200, self.queue.limits(request.params["profile"]))
+        return Response(200, self.queue.limits(self._profile(request)))
 
     def set_limits(self, request: Request) -> Response:
+        profile = self._profile(request)
         data = request.json(("concurrency", "rate"))
         concurrency, rate = data.get("concurrency"), data.get("rate")
         if rate is not None and not isinstance(rate, str):
             raise ValidationError(f"rate must be a string such as \"10/s\" or null, not {json.dumps(rate)}")
-        return Response(200, self.queue.set_limits(request.params["profile"], concurrency, rate))
+        return Response(200, self.queue.set_limits(profile, concurrency, rate))
 
     def stats(self, request: Request) -> Response:
         return Response(200, self.queue.stats())

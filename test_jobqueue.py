@@ -2020,6 +2020,23 @@ def test_sqlite_works_without_redis_py_and_a_redis_dsn_says_what_to_install(tmp_
     assert "pip install redis" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_sqlite_file_from_before_the_scheduling_fields_opens_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "older.db"
+    old = SQLiteQueue(path)
+    old.add(Task("p", RecordingJob))
+    old.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for index in ("jobqueue_ready", "jobqueue_unique", "jobqueue_expires"):
+            db.execute(f"DROP INDEX {index}")
+        for column in ("priority", "unique_key", "expires_at"):
+            db.execute(f"ALTER TABLE jobqueue_tasks DROP COLUMN {column}")
+        db.commit()
+    queue = SQLiteQueue(path)
+    queue.add(Task("p", RecordingJob, priority=1, unique_key="k"))
+    fetched = [queue.fetch("p", timeout=0) for _ in range(2)]
+    assert [(task.priority, task.unique_key) for task in fetched] == [(1, "k"), (0, None)]
+
+
 # == DSN =====================================================================
 
 
@@ -2853,7 +2870,8 @@ def test_http_profile_limits_read_and_set(serve, queue):
                           ({"concurrency": 0}, "concurrency must be a whole number")):
         answer = call(server, "PUT", "/profile/mail/limits", body)
         assert answer.status == 400 and answer.json["message"].startswith(message), answer
-    assert call(server, "GET", "/profile/Bad/limits").status == 400
+    unknown = call(server, "GET", "/profile/Bad/limits")
+    assert unknown.status == 404 and "Profile name only allows lowercase" in unknown.json["message"]
     assert queue.limits("mail") == {"concurrency": None, "rate": "1000/h"}
 
 
