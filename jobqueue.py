@@ -567,7 +567,10 @@ class Task:
     (seconds before the first retry, doubling after each failure, with jitter),
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
-    ``run_at`` (a datetime). The other fields are filled in by queues and workers.
+    ``run_at`` (a datetime), ``priority`` (higher runs first within the profile, default 0), ``unique_key``
+    (nothing is added while a task of the profile with this key waits or runs), ``expires`` (seconds from
+    when the queue stores it) or ``expires_at`` (a datetime): not started by then, it fails unrun.
+    The other fields are filled in by queues and workers.
 
     The fields are the field table (``_column``): their order is the JSON form's, and their rows
     drive storage on both backends, the SQLite columns, ``manager show`` and the OpenAPI schema.
