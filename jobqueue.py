@@ -96,6 +96,10 @@ SQLITE_BUSY_TIMEOUT = 30.0
 DURATION_MAX = 100 * 365 * 86400.0
 RETRIES_MAX = 1_000_000
 SQLITE_MIN_VERSION = (3, 35, 0)
+PRIORITY_MAX = 1_000_000
+UNIQUE_KEY_MAX = 256
+EXPIRED_ERROR = "Expired before it started"
+RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -474,6 +478,8 @@ def _parse_datetime(value: Any) -> datetime | None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str):
+        raise ValidationError(f"{json.dumps(value, default=repr)} is not a date")
     try:
         parsed = datetime.fromisoformat(value)
     except (TypeError, ValueError):
@@ -591,7 +597,10 @@ class Task:
     (seconds before the first retry, doubling after each failure, with jitter),
     ``timeout`` (seconds a run may take), ``lease`` (seconds a worker holds the
     task without renewing it), ``delay`` (seconds before it may run, counted from when the queue stores it) or
-    ``run_at`` (a datetime), ``depends_on`` (identifiers of tasks that must finish first).
+    ``run_at`` (a datetime), ``depends_on`` (identifiers of tasks that must finish
+    first), ``priority`` (higher runs first within the profile, default 0), ``unique_key``
+    (nothing is added while a task of the profile with this key waits or runs), ``expires`` (seconds from
+    when the queue stores it) or ``expires_at`` (a datetime): not started by then, it fails unrun.
     The other fields are filled in by queues and workers.
 
     The fields are the field table (``_column``): their order is the JSON form's, and their rows
@@ -653,9 +662,18 @@ class Task:
         new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
         show=((21, "Depends on", lambda task: ", ".join(task.depends_on) or None),))  # type: ignore[arg-type]
     schedule: str | None = _column(TEXT, None, schema=NULLABLE, show=((13.5, "Schedule", _if_set("schedule")),))
+    priority: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", schema={"type": "integer"},
+                            new={"type": ["integer", "null"], "minimum": -PRIORITY_MAX, "maximum": PRIORITY_MAX},
+                            show=((8.1, "Priority", lambda task: f"{task.priority} (higher runs first)"),))
+    unique_key: str | None = _column(TEXT, None, schema=NULLABLE, show=((8.2, "Unique key", _if_set("unique_key")),),
+                                     new={"type": ["string", "null"], "minLength": 1, "maxLength": UNIQUE_KEY_MAX})
+    expires_at: datetime | None = _column(EPOCH, None, schema={**NULLABLE, "format": "date-time"},
+                                          new={**NULLABLE, "format": "date-time"},
+                                          show=((13.1, "Expires", _if_set("expires_at", _rfc2822)),))
     delay: InitVar[float | None] = None
+    expires: InitVar[float | None] = None
 
-    def __post_init__(self, delay: float | None) -> None:
+    def __post_init__(self, delay: float | None, expires: float | None) -> None:
         self.profile = validate_profile(self.profile)
         self.job = job_path(self.job)
         self.parameters = validate_parameters(self.parameters)
@@ -679,6 +697,28 @@ class Task:
             self.__dict__["_delay"] = delay
         elif self.run_at is not None:
             self.run_at = _parse_datetime(self.run_at)
+        self._check_scheduling(_seconds("expires", expires, allow_zero=False))
+
+    def _check_scheduling(self, expires: float | None) -> None:
+        """The scheduling options: priority, unique_key, expires (seconds from when it is stored), expires_at."""
+        if isinstance(self.priority, float) and self.priority.is_integer():
+            self.priority = int(self.priority)
+        if (isinstance(self.priority, bool) or not isinstance(self.priority, int)
+                or not -PRIORITY_MAX <= self.priority <= PRIORITY_MAX):
+            raise ValidationError(f"priority must be a whole number from {-PRIORITY_MAX} to {PRIORITY_MAX}")
+        if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key
+                                            or len(self.unique_key) > UNIQUE_KEY_MAX or not _is_text(self.unique_key)):
+            raise ValidationError(f"unique_key must be a non-empty string of at most {UNIQUE_KEY_MAX} characters")
+        if expires is not None:
+            if self.expires_at is not None:
+                raise ValidationError("Give expires or expires_at, not both")
+            self.expires_at = _utcnow() + timedelta(seconds=expires)
+            self.__dict__["_expires"] = expires
+        elif self.expires_at is not None:
+            try:
+                self.expires_at = _parse_datetime(self.expires_at)
+            except ValidationError as error:
+                raise ValidationError(f"expires_at: {error}") from None
 
     @property
     def job_name(self) -> str:
@@ -1151,10 +1191,22 @@ class Queue:
     - ``add(*tasks)``: enqueue as ``waiting``, FIFO per profile, one round trip per
       call. A task with a future ``run_at`` waits in a delayed set until then,
       and joins the back of its profile's queue when due, in ``run_at`` order.
-    - ``fetch(profile, timeout=None, worker=None, lease=30)``: claim the oldest
-      waiting task of the profile: it becomes ``running`` under a lease held by
-      ``worker`` for ``lease`` seconds (the task's own ``lease`` wins). Blocks up
-      to ``timeout`` seconds (forever if None); None on timeout. One task, one worker.
+      Returns the stored tasks in the given order: for a task whose
+      ``unique_key`` a waiting or running task of its profile holds, nothing is
+      stored and that task comes back instead.
+    - ``fetch(profile, timeout=None, worker=None, lease=30)``: claim the next
+      ready task of the profile, highest ``priority`` first, oldest first among
+      equals: it becomes ``running`` under a lease held by ``worker`` for
+      ``lease`` seconds (the task's own ``lease`` wins). Blocks up to ``timeout``
+      seconds (forever if None); None on timeout. One task, one worker. With a
+      list of profiles, the first of them that has a ready task gives it. A
+      task whose ``expires_at`` passed before it ever started is failed on the
+      way (``Expired before it started``), never handed out. The profile's
+      limits hold every task back while they are reached.
+    - ``set_limits(profile, concurrency=None, rate=None)``, ``limits(profile)``:
+      at most ``concurrency`` tasks of the profile running at once, at most
+      ``rate`` (``"10/s"``, ``"600/m"``, ``"1000/h"``) started in any window of
+      that period; decided where tasks are claimed, atomically.
     - ``renew(task, lease)``: extend the lease of a task its worker still holds.
     - ``complete(task)``: record how a run ended: ``finished`` (with result),
       ``failed`` (with error), or ``waiting`` with ``run_at`` (a retry later).
@@ -1165,7 +1217,8 @@ class Queue:
       (recorded, the next task or None). What keeps a busy worker fast.
     - ``recover(max_lost=3)``: tasks whose lease expired go back to waiting at
       the head of their queue, ``lost`` counting it, or fail once lost
-      ``max_lost`` times. Returns them.
+      ``max_lost`` times. Returns them. Waiting tasks past their ``expires_at``
+      fail here too, even with no worker fetching their profile.
     - ``find(identifier)``: the task, or TaskNotFound.
     - ``update_status(task, status)``: move a task by hand; ``running`` is refused;
       back to ``waiting`` re-enqueues it at the back of its profile, counters reset.
@@ -1203,7 +1256,7 @@ class Queue:
 
     clock: Callable[[], float] = staticmethod(time.time)
 
-    def add(self, *tasks: Task) -> None:
+    def add(self, *tasks: Task) -> list[Task]:
         for task in tasks:
             if not isinstance(task, Task):
                 raise ValidationError(f"Only Task objects can be added, not {type(task).__name__}")
@@ -1219,7 +1272,11 @@ class Queue:
                 for task in tasks:
                     if task.__dict__.get("_delay") is not None:
                         task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
-                self._add(tasks, now)
+                    if task.__dict__.get("_expires") is not None:
+                        task.expires_at = _from_timestamp(now + task.__dict__.pop("_expires"))
+                existing = self._add(tasks, now)
+            return [existing.get(index, task) for index, task in enumerate(tasks)]
+        return []
 
     def chain(self, *tasks: Task) -> list[Task]:
         """Add the tasks in one batch, each depending on the one before: they run in this order."""
@@ -1230,14 +1287,37 @@ class Queue:
         return list(tasks)
 
     def fetch(
-        self, profile: str, timeout: float | None = None, worker: str | None = None, lease: float = DEFAULT_LEASE
+        self, profile: str | Sequence[str], timeout: float | None = None, worker: str | None = None,
+        lease: float = DEFAULT_LEASE
     ) -> Task | None:
-        validate_profile(profile)
+        profiles = _profiles(profile)
         if timeout is not None and timeout < 0:
             raise ValidationError("timeout must be 0 or more seconds")
         _seconds("lease", lease, allow_zero=False)
         with self._errors():
-            return self._fetch(profile, timeout, worker or _default_worker_name(), float(lease))
+            if len(profiles) > 1:
+                return self._fetch_any(profiles, timeout, worker or _default_worker_name(), float(lease))
+            return self._fetch(profiles[0], timeout, worker or _default_worker_name(), float(lease))
+
+    def set_limits(self, profile: str, concurrency: int | None = None, rate: str | None = None) -> dict[str, Any]:
+        """Set both limits of a profile (None lifts one); return them as ``limits`` shows them."""
+        validate_profile(profile)
+        if isinstance(concurrency, float) and concurrency.is_integer():
+            concurrency = int(concurrency)
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                        or not 1 <= concurrency <= RETRIES_MAX):
+            raise ValidationError(f"concurrency must be a whole number from 1 to {RETRIES_MAX}, or null")
+        parsed = None if rate is None else parse_rate(rate)
+        with self._errors():
+            self._set_limits(profile, concurrency, parsed)
+        return self.limits(profile)
+
+    def limits(self, profile: str) -> dict[str, Any]:
+        """``{"concurrency": n or None, "rate": "10/s" or None}``."""
+        validate_profile(profile)
+        with self._errors():
+            concurrency, rate = self._limits(profile)
+        return {"concurrency": concurrency, "rate": None if rate is None else format_rate(*rate)}
 
     def renew(self, task: Task, lease: float = DEFAULT_LEASE) -> bool:
         with self._errors():
@@ -1248,9 +1328,15 @@ class Queue:
         with self._errors():
             return self._complete(task)
 
-    def complete_and_fetch(self, task: Task, worker: str, lease: float = DEFAULT_LEASE) -> tuple:
+    def complete_and_fetch(self, task: Task, worker: str, lease: float = DEFAULT_LEASE,
+                           profiles: Sequence[str] | None = None) -> tuple:
         self._check_outcome(task)
         with self._errors():
+            if profiles and list(profiles) != [task.profile]:
+                if profiles[0] != task.profile:
+                    return self._complete(task), self._fetch_any(list(profiles), 0, worker, float(lease))
+                recorded, following = self._complete_and_fetch(task, worker, float(lease))
+                return recorded, following or self._fetch_any(list(profiles[1:]), 0, worker, float(lease))
             return self._complete_and_fetch(task, worker, float(lease))
 
     def _check_outcome(self, task: Task) -> None:
@@ -1416,10 +1502,22 @@ class Queue:
     def _errors(self) -> Iterator[None]:
         yield
 
-    def _add(self, tasks: Sequence[Task], now: float) -> None:
+    def _add(self, tasks: Sequence[Task], now: float) -> dict[int, Task]:
+        """Store the tasks; return, by position, the existing task each one a unique_key made redundant."""
         raise NotImplementedError
 
     def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
+        raise NotImplementedError
+
+    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+        """Claim the next ready task of the first of ``profiles`` that has one, blocking like ``_fetch``."""
+        raise NotImplementedError
+
+    def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
+        raise NotImplementedError
+
+    def _limits(self, profile: str) -> tuple:
+        """(concurrency or None, (count, period seconds) or None)."""
         raise NotImplementedError
 
     def _renew(self, task: Task, until: float) -> bool:
@@ -1481,6 +1579,30 @@ class Queue:
         return []  # a backend that keeps no schedules has none due
 
 
+def _profiles(profile: str | Sequence[str]) -> list[str]:
+    """One profile or several, in the order a worker prefers them (``"high,default"`` works too)."""
+    names = profile.split(",") if isinstance(profile, str) else list(profile)
+    if not names or len(set(names)) != len(names):
+        raise ValidationError("Profiles must be one or more different names")
+    return [validate_profile(name) for name in names]
+
+
+RATE_PATTERN = re.compile(r"([1-9][0-9]{0,8})/([smh])")
+
+
+def parse_rate(text: object) -> tuple[int, float]:
+    """(count, period in seconds) from ``"10/s"``, ``"600/m"`` or ``"1000/h"``."""
+    match = RATE_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValidationError(f'rate must be N/s, N/m or N/h with N a whole number of 1 or more (such as "10/s"),'
+                              f" not {json.dumps(text) if isinstance(text, str) else type(text).__name__}")
+    return int(match[1]), RATE_PERIODS[match[2]]
+
+
+def format_rate(count: int, period: float) -> str:
+    return f"{count}/{next(unit for unit, seconds in RATE_PERIODS.items() if seconds == period)}"
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -1511,10 +1633,13 @@ local STATUSES = {'waiting', 'running', 'finished', 'failed'}
 local WAKE_MAX = 100
 -- The profile's key names, bound at the start of each call from KEYS[1], "{prefix:profile}".
 local base, QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED
+local LEVELS, UNIQUE, EXPIRES, LIMITS, STARTS
 local function bind(keys)
   base = keys[1]
   QUEUE, DELAYED, WAKE = base .. ':queue', base .. ':delayed', base .. ':wake'
   LEASES, ENDED, TAGS, COMPLETED = base .. ':leases', base .. ':ended', base .. ':tags', base .. ':completed'
+  LEVELS, UNIQUE, EXPIRES = base .. ':levels', base .. ':unique', base .. ':expires'
+  LIMITS, STARTS = base .. ':limits', base .. ':starts'
 end
 local function task_key(id) return base .. ':task:' .. id end
 local function status_key(s) return base .. ':status:' .. s end
@@ -1563,6 +1688,13 @@ local function plain(names, apply)
   end
 end
 
+local function fields(key)
+  local flat = redis.call('HGETALL', key)
+  local task = {}
+  for i = 1, #flat, 2 do task[flat[i]] = flat[i + 1] end
+  return task
+end
+
 -- The index moves every status change shares; the FIFO list is the callers'.
 local function move(id, score, old, new, now)
   local key = task_key(id)
@@ -1586,16 +1718,80 @@ local function wake(count)
   if redis.call('LPUSH', WAKE, unpack(tokens)) > WAKE_MAX then redis.call('LTRIM', WAKE, 0, WAKE_MAX - 1) end
 end
 
+-- Ready tasks: priority 0 in the FIFO list QUEUE (pushed left, popped right), any other priority in a list
+-- of its own, QUEUE .. ':' .. priority; LEVELS holds those priorities, scored -priority (highest first).
+-- ready() is the one way a waiting task becomes ready; head (a recovered task) puts it before its equals.
+local function ready(id, priority, head)
+  priority = tonumber(priority) or tonumber(redis.call('HGET', task_key(id), 'priority')) or 0
+  local list = QUEUE
+  if priority ~= 0 then
+    list = QUEUE .. ':' .. priority
+    redis.call('ZADD', LEVELS, -priority, priority)
+  end
+  redis.call(head and 'RPUSH' or 'LPUSH', list, id)
+end
+
+-- The next ready id (false if none): highest priority first, oldest first among equals.
+local function pop_ready()
+  while true do
+    local level = redis.call('ZRANGE', LEVELS, 0, 0)[1]
+    if not level or tonumber(level) < 0 then
+      local id = redis.call('RPOP', QUEUE)
+      if id or not level then return id end
+    end
+    local id = redis.call('RPOP', QUEUE .. ':' .. level)
+    if id then return id end
+    redis.call('ZREM', LEVELS, level)
+  end
+end
+
 local function unqueue(id)
-  redis.call('LREM', QUEUE, 0, id)
+  local priority = tonumber(redis.call('HGET', task_key(id), 'priority')) or 0
+  redis.call('LREM', priority == 0 and QUEUE or QUEUE .. ':' .. priority, 0, id)
   redis.call('ZREM', DELAYED, id)
+end
+
+-- unique_key -> the task holding it while that task waits or runs (an entry left by another status is stale).
+local function holder(unique_key)
+  local id = redis.call('HGET', UNIQUE, unique_key)
+  local status = id and redis.call('HGET', task_key(id), 'status')
+  if status == 'waiting' or status == 'running' then return id end
+  return nil
+end
+
+-- The tasks of an add that no unique_key makes redundant; each redundant one adds to existing {its position
+-- in the call, the holder's id, the holder's fields (none when the holder comes earlier in the same call)}.
+-- A kept task takes its key, and its place in EXPIRES.
+local function kept(tasks, existing)
+  local taken, stored = {}, {}
+  for position, task in ipairs(tasks) do
+    local key = task.unique_key
+    local held = key ~= '' and (taken[key] or holder(key))
+    if held then
+      existing[#existing + 1] = {position - 1, held, taken[key] and {} or fields(task_key(held))}
+    else
+      if key ~= '' then
+        taken[key] = task.identifier
+        redis.call('HSET', UNIQUE, key, task.identifier)
+      end
+      if task.expires_at ~= '' then redis.call('ZADD', EXPIRES, task.expires_at, task.identifier) end
+      stored[#stored + 1] = task
+    end
+  end
+  return stored
+end
+
+local function release(id, unique_key)
+  if unique_key and redis.call('HGET', UNIQUE, unique_key) == id then redis.call('HDEL', UNIQUE, unique_key) end
 end
 
 local function requeue(id, score, old, now)
   move(id, score, old, 'waiting', now)
   redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at')
   redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
-  redis.call('LPUSH', QUEUE, id)
+  local unique_key = redis.call('HGET', task_key(id), 'unique_key')
+  if unique_key and not holder(unique_key) then redis.call('HSET', UNIQUE, unique_key, id) end
+  ready(id)
   wake(1)
 end
 
@@ -1603,39 +1799,94 @@ local function promote(now)
   local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, 100)
   for _, id in ipairs(due) do
     redis.call('ZREM', DELAYED, id)
-    redis.call('LPUSH', QUEUE, id)
+    ready(id)
   end
   if #due > 0 then wake(#due) end
 end
 
-local function fields(key)
-  local flat = redis.call('HGETALL', key)
-  local task = {}
-  for i = 1, #flat, 2 do task[flat[i]] = flat[i + 1] end
-  return task
+-- What waits for a task that ended hears of it (defined with the dependencies, below).
+local settle
+
+-- A waiting task that never started fails once its expires_at passes (f: status, created_at, unique_key).
+local function expire(id, f, now)
+  move(id, f[2], 'waiting', 'failed', now)
+  redis.call('HSET', task_key(id), 'error', 'Expired before it started')
+  redis.call('ZREM', EXPIRES, id)
+  release(id, f[3])
+  settle(id, 'failed', now)
+end
+
+local function expire_due(now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXPIRES, '-inf', now, 'LIMIT', 0, 1000)) do
+    local f = redis.call('HMGET', task_key(id), 'status', 'created_at', 'unique_key', 'attempts')
+    redis.call('ZREM', EXPIRES, id)
+    if f[1] == 'waiting' and not f[4] then
+      unqueue(id)
+      expire(id, f, now)
+    end
+  end
+end
+
+-- The profile's limits. limited(now) says whether they hold every task back now: nil if not, else the claim's
+-- reply ({due = when the rate lets the next one start}; a concurrency limit opens when a task ends, which
+-- wakes a waiter). It notes whether starts are counted, for started().
+local counting = false
+local function limited(now)
+  local l = redis.call('HMGET', LIMITS, 'concurrency', 'rate', 'period')
+  counting = l[2] and true or false
+  if not l[1] and not l[2] then return nil end
+  if l[1] and redis.call('ZCARD', status_key('running')) >= tonumber(l[1]) then
+    redis.call('DEL', WAKE)
+    return {held = 'concurrency'}
+  end
+  if l[2] then
+    local period = tonumber(l[3])
+    redis.call('ZREMRANGEBYSCORE', STARTS, '-inf', '(' .. (tonumber(now) - period))
+    if redis.call('ZCARD', STARTS) >= tonumber(l[2]) then
+      redis.call('DEL', WAKE)
+      return {due = tonumber(redis.call('ZRANGE', STARTS, 0, 0, 'WITHSCORES')[2]) + period + 0.001}
+    end
+  end
+  return nil
+end
+
+local function started(id, now)
+  if counting then redis.call('ZADD', STARTS, now, id .. '@' .. now) end
+end
+
+-- A running task ended or left: under a concurrency limit, a waiting worker may go.
+local function freed()
+  if redis.call('HEXISTS', LIMITS, 'concurrency') == 1 then wake(1) end
 end
 
 local function claim(id, worker, now, lease)
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'created_at', 'lease')
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'lease', 'expires_at', 'unique_key', 'attempts')
   if f[1] ~= 'waiting' then return false end
+  if f[4] and not f[6] then
+    redis.call('ZREM', EXPIRES, id)
+    if tonumber(f[4]) <= tonumber(now) then expire(id, {f[1], f[2], f[5]}, now) return false end
+  end
   move(id, f[2], 'waiting', 'running', now)
   local expiry = tonumber(now) + (tonumber(f[3]) or tonumber(lease))
   redis.call('HSET', key, 'worker', worker, 'started_at', now, 'lease_until', expiry)
   redis.call('HINCRBY', key, 'attempts', 1)
   redis.call('ZADD', LEASES, expiry, id)
   redis.call('LPOP', WAKE)
+  started(id, now)
   return fields(key)
 end
 
 -- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {}.
 local function claim_next(now, worker, lease)
   promote(now)
-  local id = redis.call('RPOP', QUEUE)
+  local held = limited(now)
+  if held then return held end
+  local id = pop_ready()
   while id do
     local task = claim(id, worker, now, lease)
     if task then return {task = task} end
-    id = redis.call('RPOP', QUEUE)
+    id = pop_ready()
   end
   local next_due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
   return {due = next_due[2]}
@@ -1649,11 +1900,6 @@ end
 -- {'link', profile, dependency, dependent's profile, dependent}: note a dependent, or answer at once if ended;
 -- {'release', profile, dependent, dependency} and {'fail', profile, dependent, dependency, why}.
 local function outbox() return base .. ':outbox' end
-
-local function ready(id)
-  redis.call('LPUSH', QUEUE, id)
-  wake(1)
-end
 
 local function news(now)
   return {work = {}, posted = 0, now = now, here = string.match(base, ':([^:]+)}$')}
@@ -1706,9 +1952,12 @@ local function handle(ctx, m)
       wake(1)
     else
       ready(id)
+      wake(1)
     end
   else
     move(id, f[3], 'waiting', 'failed', ctx.now)
+    release(id, redis.call('HGET', key, 'unique_key'))
+    redis.call('ZREM', EXPIRES, id)
     redis.call('HDEL', key, 'waits')
     redis.call('HSET', key, 'error', 'Dependency ' .. m[4] .. ' ' .. m[5])
     tell_dependents(ctx, id, 'fail', 'failed')
@@ -1738,7 +1987,7 @@ end
 
 -- A task ended (finished, failed, or deleted: status nil) and what waits for it hears so now.
 -- Returns 1, or 2 if the outbox holds news (this call's, or some a client left behind) to deliver.
-local function settle(id, status, now)
+function settle(id, status, now)
   if status == 'waiting' or status == 'running' or not redis.call('HEXISTS', task_key(id), 'dependents') then
     return 1
   end
@@ -1754,9 +2003,11 @@ end
 local function complete(a)
   local now, id, new, err, result = a.now, a.id, a.status, a.error, a.result
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts')
+  local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts', 'unique_key')
   if f[2] ~= 'running' or f[4] ~= a.attempts then return 0 end
   move(id, f[3], 'running', new, now)
+  if new ~= 'waiting' then release(id, f[5]) end
+  freed()
   redis.call('HSET', key, 'failures', a.failures)
   if err ~= '' then redis.call('HSET', key, 'error', err) else redis.call('HDEL', key, 'error') end
   if result ~= '' then redis.call('HSET', key, 'result', result) end
@@ -1772,9 +2023,12 @@ end
 
 local function remove(id)
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'tags')
+  local f = redis.call('HMGET', key, 'status', 'tags', 'unique_key')
   if not f[1] then return 0 end
   if f[1] == 'waiting' then unqueue(id) end
+  if f[1] == 'running' then freed() end
+  release(id, f[3])
+  redis.call('ZREM', EXPIRES, id)
   for _, index in ipairs({status_key(f[1]), LEASES, ENDED}) do redis.call('ZREM', index, id) end
   for _, tag in ipairs(cjson.decode(f[2])) do
     redis.call('ZREM', tag_key(tag), id)
@@ -1786,7 +2040,7 @@ end
 
 -- Each task comes as its stored fields, a JSON object of strings.
 H.add = change({'now', '...tasks'}, function(a)
-  local now, tasks = tonumber(a.now), {}
+  local now, tasks, existing = tonumber(a.now), {}, {}
   for _, text in ipairs(a.tasks) do
     local task = cjson.decode(text)
     if redis.call('EXISTS', task_key(task.identifier)) == 1 then
@@ -1794,7 +2048,8 @@ H.add = change({'now', '...tasks'}, function(a)
     end
     tasks[#tasks + 1] = task
   end
-  local ready, delayed = 0, 0
+  tasks = kept(tasks, existing)
+  local ready_count, delayed = 0, 0
   for _, task in ipairs(tasks) do
     local id, hash = task.identifier, {'status', 'waiting'}
     for name, value in pairs(task) do
@@ -1811,17 +2066,26 @@ H.add = change({'now', '...tasks'}, function(a)
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
     else
-      redis.call('LPUSH', QUEUE, id)
-      ready = ready + 1
+      ready(id, tonumber(task.priority) or 0)
+      ready_count = ready_count + 1
     end
   end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
-  if ready + delayed > 0 then wake(math.max(ready, 1)) end
+  if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
   hold(tasks, now)
-  return #tasks
+  return {#tasks, existing}
 end)
 
 H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
+
+-- Both limits at once ('' lifts one); period is the rate's, in seconds.
+H.limits = plain({'concurrency', 'rate', 'period'}, function(a)
+  redis.call('DEL', LIMITS)
+  if a.concurrency ~= '' then redis.call('HSET', LIMITS, 'concurrency', a.concurrency) end
+  if a.rate ~= '' then redis.call('HSET', LIMITS, 'rate', a.rate, 'period', a.period) else redis.call('DEL', STARTS) end
+  wake(math.max(redis.call('ZCARD', status_key('waiting')), 1))
+  return 1
+end)
 
 H.complete = change({'now', 'id', 'attempts', 'status', 'error', 'result', 'failures', 'run_at'}, complete)
 
@@ -1859,18 +2123,20 @@ H.recover = change({'now', 'max_lost'}, function(a)
       local worker = f[3] or '?'
       if lost >= max_lost then
         move(id, f[2], 'running', 'failed', now)
+        release(id, redis.call('HGET', key, 'unique_key'))
         redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
         redis.call('HINCRBY', COMPLETED, 'failed', 1)
         settle(id, 'failed', now)
       else
         move(id, f[2], 'running', 'waiting', now)
         redis.call('HDEL', key, 'started_at')
-        redis.call('RPUSH', QUEUE, id)
+        ready(id, nil, true)
         wake(1)
       end
       recovered[#recovered + 1] = {task = fields(key), worker = worker}
     end
   end
+  expire_due(now)
   return recovered
 end)
 
@@ -1878,12 +2144,14 @@ end)
 H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
   local now, id, new = a.now, a.id, a.status
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'created_at')
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'unique_key')
   if not f[1] then return {} end
   local old, score = f[1], f[2]
   if a.only_failed == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
   if old ~= new then
     if old == 'waiting' then unqueue(id) end
+    if old == 'running' then freed() end
+    if ended(new) then release(id, f[3]) end
     if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
     redis.call('HDEL', key, 'waits')
     return {task = fields(key), posted = settle(id, new, now)}
@@ -1951,7 +2219,9 @@ H.flush = change({'now', 'batch'}, function(a)
     if removed >= budget then return {removed, 1} end
   end
   for _, tag in ipairs(redis.call('SMEMBERS', TAGS)) do redis.call('DEL', tag_key(tag)) end
-  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED, outbox())
+  for _, level in ipairs(redis.call('ZRANGE', LEVELS, 0, -1)) do redis.call('DEL', QUEUE .. ':' .. level) end
+  redis.call('DEL', QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED, LEVELS, UNIQUE, EXPIRES, LIMITS, STARTS,
+             outbox())
   return {removed, 0}
 end)
 
@@ -2252,6 +2522,60 @@ def _score_pairs(reply: Any) -> list[tuple]:
     return [(float(score), _text(member)) for member, score in reply]
 
 
+class _Waker:
+    """Waits on the wake lists of several profiles of a Redis Cluster: a thread per list, each blocking in
+    BLPOP (at most 1 s at a time) while someone waits on that list. A token taken when nobody waits any more
+    is pushed back, for another worker."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self._condition = threading.Condition()
+        self._tokens: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    def wait(self, keys: list[str], block: float) -> None:
+        deadline = time.monotonic() + block
+        with self._condition:
+            for key in keys:
+                self._waiting[key] = self._waiting.get(key, 0) + 1
+                if key not in self._threads:
+                    self._threads[key] = threading.Thread(target=self._listen, args=(key,), daemon=True,
+                                                          name=f"jobqueue-wake-{key}")
+                    self._threads[key].start()
+            try:
+                while not any(self._tokens.get(key) for key in keys):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._condition.wait(left)
+                key = next(key for key in keys if self._tokens.get(key))
+                self._tokens[key] -= 1
+            finally:
+                for key in keys:
+                    self._waiting[key] -= 1
+
+    def _listen(self, key: str) -> None:
+        while True:
+            with self._condition:
+                if not self._waiting.get(key):
+                    del self._threads[key]
+                    return
+            try:
+                token = self.client.blpop([key], timeout=1)
+            except Exception:  # noqa: BLE001 - an outage: the fetch loop sees it on its own calls
+                token = None
+                time.sleep(0.5)
+            if token:
+                with self._condition:
+                    if self._waiting.get(key):
+                        self._tokens[key] = self._tokens.get(key, 0) + 1
+                        self._condition.notify_all()
+                        continue
+                with contextlib.suppress(Exception):
+                    self.client.lpush(key, 1)
+
+
 class RedisQueue(Queue):
     """A queue in Redis through redis-py: every state change is one script on its profile's slot.
 
@@ -2284,6 +2608,8 @@ class RedisQueue(Queue):
         self._registered: set[str] = set()
         self._offset, self._offset_due = 0.0, 0.0
         self._block_limit = _socket_timeout(client)
+        self._lock = threading.Lock()
+        self._waker: _Waker | None = None
 
     def describe(self) -> str:
         return f"{self._description} (prefix {self.prefix})"
@@ -2502,19 +2828,24 @@ class RedisQueue(Queue):
 
     # -- the contract ---------------------------------------------------------
 
-    def _add(self, tasks: Sequence[Task], now: float) -> None:
+    def _add(self, tasks: Sequence[Task], now: float) -> dict[int, Task]:
         where = self._dependencies(tasks)
-        batches: dict[str, list[str]] = {}
-        for task in tasks:
+        batches: dict[str, list[tuple]] = {}
+        for index, task in enumerate(tasks):
             encoded = _encode_task(task)
             if task.depends_on:
                 encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
-            batches.setdefault(task.profile, []).append(json.dumps(encoded))
-        for profile, encoded in batches.items():
+            batches.setdefault(task.profile, []).append((index, json.dumps(encoded)))
+        given = {task.identifier: task for task in tasks}
+        existing: dict[int, Task] = {}
+        for profile, entries in batches.items():
             self._register(profile)
-            self._call(profile, "add", now=repr(now), tasks=encoded)
+            _, redundant = self._call(profile, "add", now=repr(now), tasks=[encoded for _, encoded in entries])
+            for position, holder, fields in redundant or ():
+                existing[entries[position][0]] = given.get(holder) or self._task(fields)  # type: ignore[assignment]
         if where:
             self._deliver({task.profile for task in tasks if task.depends_on})
+        return existing
 
     # -- dependencies: the library's outboxes carry news between slots --------------
 
@@ -2570,21 +2901,51 @@ class RedisQueue(Queue):
         return float(reply["due"]) if "due" in reply else None
 
     def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
+        return self._fetch_any([profile], timeout, worker, lease)
+
+    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+        """Claim from each profile in turn; idle, block on their wake lists until a token or the next due time."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            now = self.clock()
-            claimed = self._claim_reply(self._call(profile, "claim", now=repr(now), worker=worker, lease=repr(lease)))
-            if isinstance(claimed, Task):
-                return claimed
+            now, due = self.clock(), math.inf
+            for profile in profiles:
+                claimed = self._claim_reply(self._call(profile, "claim", now=repr(now), worker=worker,
+                                                       lease=repr(lease)))
+                if isinstance(claimed, Task):
+                    return claimed
+                due = min(due, math.inf if claimed is None else claimed)
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 return None
-            block = 5.0 if remaining is None else remaining
-            if claimed is not None:
-                block = min(block, max(claimed - now, 0.01))
+            block = min(5.0 if remaining is None else remaining, max(due - now, 0.01))
             if self._block_limit:
                 block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
-            self.client.blpop([f"{self._base(profile)}:wake"], timeout=max(block, 0.01))
+            self._wait([f"{self._base(profile)}:wake" for profile in profiles], max(block, 0.01))
+
+    def _wait(self, keys: list[str], block: float) -> None:
+        """Block until a wake token on one of ``keys``, or ``block`` seconds.
+
+        One BLPOP over them all, but on a cluster, where each profile is a slot
+        of its own (a BLPOP over several would be CROSSSLOT): there, a thread
+        per key waits (``_Waker``), each on a connection to its key's master.
+        """
+        if len(keys) == 1 or not self._cluster:
+            self.client.blpop(keys, timeout=block)
+            return
+        with self._lock:
+            if self._waker is None:
+                self._waker = _Waker(self.client)
+        self._waker.wait(keys, block)
+
+    def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
+        self._register(profile)
+        self._call(profile, "limits", concurrency="" if concurrency is None else concurrency,
+                   rate="" if rate is None else rate[0], period="" if rate is None else repr(rate[1]))
+
+    def _limits(self, profile: str) -> tuple:
+        concurrency, rate, period = self.client.hmget(f"{self._base(profile)}:limits", "concurrency", "rate", "period")
+        return (None if concurrency is None else int(concurrency),
+                None if rate is None else (int(rate), float(period)))
 
     def _renew(self, task: Task, until: float) -> bool:
         return bool(self._call(task.profile, "renew", until=repr(until), held=[task.identifier, task.attempts]))
@@ -2874,8 +3235,12 @@ CREATE TABLE IF NOT EXISTS jobqueue_tasks (
     lease_until REAL,
     waits INTEGER
 );
-CREATE INDEX IF NOT EXISTS jobqueue_fifo ON jobqueue_tasks (profile, position)
+DROP INDEX IF EXISTS jobqueue_fifo;
+CREATE INDEX IF NOT EXISTS jobqueue_ready ON jobqueue_tasks (profile, priority DESC, position)
     WHERE status = 'waiting' AND position IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobqueue_unique ON jobqueue_tasks (profile, unique_key) WHERE unique_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobqueue_expires ON jobqueue_tasks (profile, expires_at)
+    WHERE status = 'waiting' AND expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobqueue_delayed ON jobqueue_tasks (profile, run_at)
     WHERE status = 'waiting' AND position IS NULL;
 CREATE INDEX IF NOT EXISTS jobqueue_leases ON jobqueue_tasks (lease_until) WHERE status = 'running';
@@ -2909,6 +3274,17 @@ CREATE TABLE IF NOT EXISTS jobqueue_schedules (
     last_run_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobqueue_schedules_due ON jobqueue_schedules (next_run_at);
+CREATE TABLE IF NOT EXISTS jobqueue_limits (
+    profile TEXT PRIMARY KEY,
+    concurrency INTEGER,
+    rate INTEGER,
+    period REAL
+);
+CREATE TABLE IF NOT EXISTS jobqueue_starts (
+    profile TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobqueue_starts_by_profile ON jobqueue_starts (profile, at);
 """
 
 # Columns a file made by an older version may lack: every field's, and the dependency count.
@@ -2935,9 +3311,16 @@ SET status = 'running', status_rank = 1, attempts = attempts + 1, worker = :work
 WHERE seq = (
     SELECT seq FROM jobqueue_tasks
     WHERE status = 'waiting' AND position IS NOT NULL AND profile = :profile
-    ORDER BY position LIMIT 1
+    ORDER BY priority DESC, position LIMIT 1
 )
 RETURNING *
+"""
+
+_SQLITE_EXPIRE = f"""
+UPDATE jobqueue_tasks
+SET status = 'failed', status_rank = 3, error = '{EXPIRED_ERROR}', finished_at = :now, position = NULL, waits = NULL
+WHERE status = 'waiting' AND expires_at <= :now AND attempts = 0 AND profile = :profile
+RETURNING identifier
 """
 
 _SQLITE_REQUEUE = """
@@ -2970,6 +3353,16 @@ def _sql_value(column: dataclasses.Field, text: str) -> Any:
     if text == "" and column.default is not MISSING:
         text = None if column.default is None else column.metadata["codec"].store(column.default)
     return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """A file made by an older jobqueue gets the columns of fields added since: NULL (the field's default) in
+    the rows it has, or the column's own DEFAULT."""
+    have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+    for column in TASK_FIELDS if have else ():
+        if column.name not in have:
+            sql = column.metadata["sql"] if "DEFAULT" in column.metadata["sql"] else column.metadata["codec"].sql
+            connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {sql}")
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -3116,10 +3509,12 @@ class SQLiteQueue(Queue):
         ).fetchone()["first"]
         return self._positions(connection, 1)[0] if first is None else first - 1
 
-    def _add(self, tasks: Sequence[Task], now: float) -> None:
-        rows = [_encode_task(task) for task in tasks]
-        delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
+    def _add(self, tasks: Sequence[Task], now: float) -> dict[int, Task]:
         with self._write() as connection:
+            existing = self._redundant(connection, tasks)
+            tasks = [task for index, task in enumerate(tasks) if index not in existing]
+            rows = [_encode_task(task) for task in tasks]
+            delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
                 connection.executemany(_SQLITE_INSERT, [
@@ -3133,6 +3528,24 @@ class SQLiteQueue(Queue):
                 [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
             )
             self._hold(connection, [task for task in tasks if task.depends_on], now)
+        return existing
+
+    def _redundant(self, connection: sqlite3.Connection, tasks: Sequence[Task]) -> dict[int, Task]:
+        """By position, the task holding the unique_key of each task that one makes redundant."""
+        existing: dict[int, Task] = {}
+        taken: dict[tuple, Task] = {}
+        for index, task in enumerate(tasks):
+            if task.unique_key is None:
+                continue
+            key = (task.profile, task.unique_key)
+            held = taken.get(key) or connection.execute(
+                "SELECT * FROM jobqueue_tasks WHERE profile = ? AND unique_key = ? AND status_rank < 2 LIMIT 1",
+                key).fetchone()
+            if held is None:
+                taken[key] = task
+            else:
+                existing[index] = held if isinstance(held, Task) else _decode_task(held)
+        return existing
 
     def _promote(self, connection: sqlite3.Connection, profile: str, now: float) -> None:
         """Due delayed tasks join the back of the FIFO, in run_at order."""
@@ -3209,25 +3622,79 @@ class SQLiteQueue(Queue):
             if failed is not None:
                 pending += [(d, dependent, "failed") for d in self._dependents(connection, dependent)]
 
-    def _claim(self, profile: str, worker: str, lease: float) -> Task | None:
-        """Claim without taking the write lock when a cheap read shows nothing is ready."""
-        now = self.clock()
-        ready = self._connection().execute(_SQLITE_READY, {"profile": profile, "now": now}).fetchone()["ready"]
-        if not ready:
-            return None
-        with self._write() as connection:
-            return self._claim_next(connection, profile, worker, lease, now)
+    def _claim(self, profile: str | list[str], worker: str, lease: float) -> Task | None:
+        """Claim without taking the write lock when a cheap read shows nothing is ready; several profiles in turn."""
+        for name in [profile] if isinstance(profile, str) else profile:
+            now = self.clock()
+            ready = self._connection().execute(_SQLITE_READY, {"profile": name, "now": now}).fetchone()["ready"]
+            if ready:
+                with self._write() as connection:
+                    task = self._claim_next(connection, name, worker, lease, now)
+                if task is not None:
+                    return task
+        return None
 
     def _claim_next(self, connection: sqlite3.Connection, profile: str, worker: str, lease: float,
                     now: float) -> Task | None:
         """Promote due delayed tasks, then claim the oldest ready one (inside the caller's transaction)."""
         self._promote(connection, profile, now)
-        row = connection.execute(
-            _SQLITE_CLAIM, {"profile": profile, "now": now, "worker": worker, "lease": lease}
-        ).fetchone()
+        counting = self._limited(connection, profile, now)
+        if counting is None:
+            return None
+        claim = {"profile": profile, "now": now, "worker": worker, "lease": lease}
+        row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
+        while row is not None and self._expired(connection, row, now):
+            row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
+        if row is not None and counting:
+            connection.execute("INSERT INTO jobqueue_starts (profile, at) VALUES (?, ?)", (profile, now))
         return None if row is None else _decode_task(row)
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
+    def _expired(self, connection: sqlite3.Connection, row: dict, now: float) -> bool:
+        """Whether a task just claimed had expired before it ever started: then it is failed instead."""
+        if row["expires_at"] is None or row["expires_at"] > now or row["attempts"] != 1:
+            return False
+        connection.execute("UPDATE jobqueue_tasks SET status = 'failed', status_rank = 3, error = ?, finished_at = ?,"
+                           " attempts = 0, worker = NULL, started_at = NULL, lease_until = NULL WHERE seq = ?",
+                           (EXPIRED_ERROR, now, row["seq"]))
+        self._settle(connection, row["identifier"], Status.FAILED, now)
+        return True
+
+    def _limited(self, connection: sqlite3.Connection, profile: str, now: float) -> bool | None:
+        """None if the profile's limits hold every task back now, else whether its starts are counted (a rate)."""
+        limits = connection.execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
+        if limits is None:
+            return False
+        if limits["concurrency"] is not None and connection.execute(
+                "SELECT COUNT(*) AS n FROM jobqueue_tasks WHERE profile = ? AND status_rank = 1",
+                (profile,)).fetchone()["n"] >= limits["concurrency"]:
+            return None
+        if limits["rate"] is None:
+            return False
+        connection.execute("DELETE FROM jobqueue_starts WHERE profile = ? AND at < ?",
+                           (profile, now - limits["period"]))
+        started = connection.execute("SELECT COUNT(*) AS n FROM jobqueue_starts WHERE profile = ?",
+                                     (profile,)).fetchone()["n"]
+        return None if started >= limits["rate"] else True
+
+    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+        return self._fetch(profiles, timeout, worker, lease)  # type: ignore[arg-type]
+
+    def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
+        with self._write() as connection:
+            connection.execute("DELETE FROM jobqueue_limits WHERE profile = ?", (profile,))
+            if rate is None:
+                connection.execute("DELETE FROM jobqueue_starts WHERE profile = ?", (profile,))
+            if concurrency is not None or rate is not None:
+                connection.execute("INSERT INTO jobqueue_limits (profile, concurrency, rate, period)"
+                                   " VALUES (?, ?, ?, ?)", (profile, concurrency, *(rate or (None, None))))
+
+    def _limits(self, profile: str) -> tuple:
+        row = self._connection().execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
+        if row is None:
+            return None, None
+        return row["concurrency"], None if row["rate"] is None else (row["rate"], row["period"])
+
+    def _fetch(self, profile: str | list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
@@ -3276,6 +3743,10 @@ class SQLiteQueue(Queue):
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         recovered = []
         with self._write() as connection:
+            for row in connection.execute("SELECT DISTINCT profile FROM jobqueue_tasks WHERE status = 'waiting'"
+                                          " AND expires_at <= ? AND attempts = 0", (now,)).fetchall():
+                for gone in connection.execute(_SQLITE_EXPIRE, {"profile": row["profile"], "now": now}).fetchall():
+                    self._settle(connection, gone["identifier"], Status.FAILED, now)
             expired = connection.execute(
                 "SELECT * FROM jobqueue_tasks WHERE status = 'running' AND lease_until <= ?"
                 " ORDER BY lease_until LIMIT 1000", (now,)
@@ -3382,6 +3853,8 @@ class SQLiteQueue(Queue):
             connection.execute("DELETE FROM jobqueue_tags")
             connection.execute("DELETE FROM jobqueue_dependents")
             connection.execute("DELETE FROM jobqueue_counters WHERE name LIKE 'completed:%'")
+            connection.execute("DELETE FROM jobqueue_limits")
+            connection.execute("DELETE FROM jobqueue_starts")
             return connection.execute("DELETE FROM jobqueue_tasks").rowcount
 
     def _restore(self, now: float, include_leased: bool) -> int:
@@ -3960,7 +4433,10 @@ class _Watchdog:
 
 
 class Worker:
-    """Takes tasks of one profile from a queue and runs them.
+    """Takes tasks of one profile, or of several, from a queue and runs them.
+
+    With several profiles (a list, or ``"high,default"``) it always takes the
+    next ready task of the first profile in the list that has one.
 
     ``consume(quantity)`` loops until ``quantity`` tasks ran (forever if None),
     or until the profile is empty with ``burst=True``, or until ``stop()``.
@@ -3988,7 +4464,7 @@ class Worker:
         self,
         name: str | None,
         queue: Queue,
-        profile: str,
+        profile: str | Sequence[str],
         dispatcher: EventDispatcher | None = None,
         *,
         poll: float = 1.0,
@@ -4001,7 +4477,8 @@ class Worker:
     ):
         self.name = name or _default_worker_name()
         self.queue = queue
-        self.profile = validate_profile(profile)
+        self.profiles = _profiles(profile)
+        self.profile = ",".join(self.profiles)
         self.dispatcher = dispatcher if dispatcher is not None else EventDispatcher()
         self.poll = poll
         self.lease = _seconds("lease", lease, allow_zero=False)
@@ -4118,7 +4595,7 @@ class Worker:
                     self.maintain()
                     following = self._backend(
                         lambda: self.queue.fetch(
-                            self.profile, timeout=0 if burst else self.poll, worker=self.name, lease=self.lease
+                            self.profiles, timeout=0 if burst else self.poll, worker=self.name, lease=self.lease
                         ),
                         give_up_when_stopping=True,
                     )
@@ -4165,7 +4642,8 @@ class Worker:
         task.finished_at = None if task.status is Status.WAITING else self._now()
         following = None
         if fetch_next:
-            recorded, following = self._backend(lambda: self.queue.complete_and_fetch(task, self.name, self.lease))
+            recorded, following = self._backend(
+                lambda: self.queue.complete_and_fetch(task, self.name, self.lease, self.profiles))
         else:
             recorded = self._backend(lambda: self.queue.complete(task))
         if not recorded:
@@ -4562,7 +5040,8 @@ class Response:
 @dataclass(frozen=True)
 class Route:
     """A row of the routing table: what it matches, the WebService method that answers, and what
-    /openapi.json says of it (``reply``: media type -> schema; ``errors``: codes besides 401 and 503)."""
+    /openapi.json says of it (``reply``: media type -> schema; ``errors``: codes besides 401 and 503;
+    ``also``: other success codes, with the same reply, and what each means)."""
 
     method: str
     template: str
@@ -4575,6 +5054,7 @@ class Route:
     body: dict | None = None
     query: tuple[tuple[str, dict, str], ...] = ()
     headers: Mapping[str, str] = field(default_factory=dict)
+    also: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def pattern(self) -> re.Pattern:
@@ -4582,7 +5062,7 @@ class Route:
 
 
 NEW_TASK_SCHEMAS = {**{column.name: column.metadata["new"] for column in TASK_FIELDS if column.metadata["new"]},
-                    "delay": SECONDS_SCHEMA}
+                    "delay": SECONDS_SCHEMA, "expires": POSITIVE_SECONDS}
 NEW_TASK_KEYS = tuple(NEW_TASK_SCHEMAS)
 
 
@@ -4646,6 +5126,9 @@ def _dashboard_headers() -> dict[str, str]:
 
 TASK_REPLY = {"application/json": {"$ref": "#/components/schemas/Task"}}
 PATH_SCHEMAS = {"name": SCHEDULE_NAME_SCHEMA}
+LIMITS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "concurrency": {"type": ["integer", "null"], "minimum": 1, "maximum": RETRIES_MAX},
+    "rate": {"type": ["string", "null"], "pattern": f"^{RATE_PATTERN.pattern}$"}}}
 STATUS_COUNTS = {s.value: {"type": "integer"} for s in Status}
 ROUTES = (
     Route("GET", "/", "dashboard", "The dashboard page (HTML; holds no data)", public=True,
@@ -4660,7 +5143,8 @@ ROUTES = (
         ("offset", {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}, "tasks to skip")),
           headers={"X-Total-Count": "how many match"}),
     Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 409, 411, 413),
-          body={"$ref": "#/components/schemas/NewTask"}),
+          body={"$ref": "#/components/schemas/NewTask"},
+          also={200: "Nothing created: the task that holds the unique_key, waiting or running"}),
     Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
     Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
           body={"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
@@ -4675,6 +5159,10 @@ ROUTES = (
           body={"$ref": "#/components/schemas/NewSchedule"}),
     Route("DELETE", "/schedule/{name}", "delete_schedule", "Delete a schedule (its tasks stay)", ok=204, reply={},
           errors=(404,)),
+    Route("GET", "/profile/{profile}/limits", "show_limits", "A profile's limits",
+          reply={"application/json": LIMITS_SCHEMA}, errors=(404,)),
+    Route("PUT", "/profile/{profile}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
+          reply={"application/json": LIMITS_SCHEMA}, errors=(400, 404, 411, 413), body=LIMITS_SCHEMA),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -4693,6 +5181,7 @@ def _operation(route: Route) -> dict[str, Any]:
         answer["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
                              for name, text in route.headers.items()}
     answers = {str(route.ok): answer}
+    answers.update({str(code): {**answer, "description": text} for code, text in route.also.items()})
     for code in (*route.errors, *(() if route.public else (401,)), 503):
         answers[str(code)] = {"$ref": "#/components/responses/Error"}
     operation = {"summary": route.summary, "operationId": re.sub(r"_(\w)", lambda m: m[1].upper(), route.handler),
@@ -4736,7 +5225,9 @@ def openapi_document() -> dict[str, Any]:
                           "properties": {"message": {"type": "string"}, "code": {"type": "integer"}}},
                 "Task": {"type": "object", "required": list(task_properties), "properties": task_properties},
                 "NewTask": {"type": "object", "required": [c.name for c in TASK_FIELDS if _is_required(c)],
-                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS},
+                            "additionalProperties": False, "properties": NEW_TASK_SCHEMAS,
+                            "not": {"required": ["expires", "expires_at"], "properties": {
+                                "expires": {"type": "number"}, "expires_at": {"type": "string"}}}},
                 "Schedule": {"type": "object", "required": [
                     "name", "profile", "job", "parameters", "tags", "timezone", "next_run_at", "last_run_at"],
                     "properties": {"name": {"type": "string"}, **new_schedule_schemas(), "cron": {"type": "string"},
@@ -4861,8 +5352,8 @@ class WebService:
             raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
         options = {name: value for name, value in data.items() if value is not None}
         task = Task(**{**options, "job": self.config.check_job(data["job"])})
-        self.queue.add(task)
-        return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
+        stored = self.queue.add(task)[0]
+        return Response(201 if stored is task else 200, stored.to_json(), {"Location": f"/task/{stored.identifier}"})
 
     def show_task(self, request: Request) -> Response:
         return Response(200, self.queue.find(request.params["identifier"]).to_json())
@@ -4904,6 +5395,23 @@ class WebService:
     def delete_schedule(self, request: Request) -> Response:
         self.queue.remove_schedule(request.params["name"])
         return Response(204)
+    def _profile(self, request: Request) -> str:
+        """The profile a path names; a name no profile can have names nothing there (404)."""
+        try:
+            return validate_profile(request.params["profile"])
+        except ValidationError as error:
+            raise HTTPError(404, f"No such profile: {error}") from None
+
+    def show_limits(self, request: Request) -> Response:
+        return Response(200, self.queue.limits(self._profile(request)))
+
+    def set_limits(self, request: Request) -> Response:
+        profile = self._profile(request)
+        data = request.json(("concurrency", "rate"))
+        concurrency, rate = data.get("concurrency"), data.get("rate")
+        if rate is not None and not isinstance(rate, str):
+            raise ValidationError(f"rate must be a string such as \"10/s\" or null, not {json.dumps(rate)}")
+        return Response(200, self.queue.set_limits(profile, concurrency, rate))
 
     def stats(self, request: Request) -> Response:
         return Response(200, self.queue.stats())
@@ -5242,11 +5750,29 @@ def cmd_add(args: argparse.Namespace) -> int:
     parameters = dict(parse_parameter(text) for text in words)
     tags = [tag for tag in args.tags if ":" not in tag]
     options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay",
-                                                      "depends_on") if getattr(args, name) is not None}
+                                                      "depends_on", "priority", "unique_key", "expires")
+               if getattr(args, name) is not None}
     task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
-    _queue().add(task)
-    print(format_task(task))
+    stored = _queue().add(task)[0]
+    if stored is not task:
+        print(f'Nothing added: task {stored.identifier} holds unique key "{task.unique_key}"', file=sys.stderr)
+    print(format_task(stored))
     return 0
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    queue = _queue()
+    limits = {} if args.clear else queue.limits(args.profile)
+    named = {name: getattr(args, name) for name in ("concurrency", "rate") if getattr(args, name) is not None}
+    if named or args.clear:
+        limits = queue.set_limits(args.profile, **{**limits, **named})
+    print(f"Profile {args.profile}: {_limits_shown(limits)}")
+    return 0
+
+
+def _limits_shown(limits: Mapping[str, Any]) -> str:
+    shown = [f"{name} {value}" for name, value in limits.items() if value is not None]
+    return ", ".join(shown) or "no limits"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -5337,7 +5863,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = _queue(reading=True).stats()
+    queue = _queue(reading=True)
+    stats = queue.stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -5351,6 +5878,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lines = [header, *rows[:-1], ["-" * width for width in widths], rows[-1]]
     for line in lines:
         print("  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]))
+    limited = {profile: limits for profile in stats if any((limits := queue.limits(profile)).values())}
+    if limited:
+        print("\nLimits:")
+        for profile, limits in limited.items():
+            print(f"  {profile}: {_limits_shown(limits)}")
     return 0
 
 
@@ -5620,7 +6152,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     services = ServiceContainer.get_instance()
-    validate_profile(args.profile)
+    _profiles(args.profile)
     _import_modules([*services.config.imports, *args.imports])
     queue = services.queue
     if args.concurrency > 1:
@@ -5718,6 +6250,23 @@ def _whole(text: str) -> int:
     return int(text)
 
 
+def _integer(text: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,18}", text.strip()):
+        raise ValidationError(f'"{text}" is not a whole number')
+    return int(text)
+
+
+def _positive_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValidationError(f'concurrency must be a whole number of 1 or more, not "{text}"')
+    return int(text)
+
+
+def _rate(text: str) -> str:
+    parse_rate(text)
+    return text.strip()
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -5769,13 +6318,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     worker = _command(
-        commands, "worker", cmd_worker, "Run tasks of one profile until stopped.",
+        commands, "worker", cmd_worker,
+        "Run tasks of one profile, or of several (the first listed first), until stopped.",
         "jobqueue worker mail",
         "jobqueue worker mail --name mailer-1 --quantity 100",
         "jobqueue worker mail --burst                 # stop when 'mail' has no waiting task",
         "jobqueue worker mail --concurrency 4 --import myapp.listeners",
+        "jobqueue worker high,default           # a task of 'high' whenever there is one",
     )
-    worker.add_argument("profile", help="the profile whose tasks to run")
+    worker.add_argument("profile", help="the profile whose tasks to run, or several: high,default")
     worker.add_argument("--name", help="worker name (default: host-pid)")
     worker.add_argument("--quantity", type=_positive, metavar="N", help="stop after N tasks")
     worker.add_argument("--burst", action="store_true", help="stop when the profile has no waiting task")
@@ -5835,6 +6386,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
     add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
                      help="how long a worker holds it without a heartbeat")
+    add.add_argument("--priority", type=_checked(_integer), metavar="N",
+                     help="higher runs first within the profile (default 0; negative runs after)")
+    add.add_argument("--unique-key", metavar="KEY",
+                     help="add nothing while a task of the profile with this key waits or runs")
+    add.add_argument("--expires", type=_checked(parse_duration), metavar="DURATION",
+                     help="fail it, unrun, if no worker started it within this time")
     add.add_argument("--depends-on", nargs="+", action="extend", metavar="ID",
                      help="run only once these tasks have finished (fails if one of them fails)")
 
@@ -5905,6 +6462,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "jobqueue manager flush", "jobqueue manager flush --force     # no question")
     flush.add_argument("--force", "--yes", "-y", dest="force", action="store_true",
                        help="do not ask for confirmation")
+
+    limits = _command(actions, "limits", cmd_limits,
+                      "Show or change a profile's limits: at most N tasks running at once, at most N started per"
+                      " second, minute or hour. Only the limits named change.",
+                      "jobqueue manager limits mail",
+                      "jobqueue manager limits mail --concurrency 2 --rate 10/s",
+                      "jobqueue manager limits mail --clear")
+    limits.add_argument("profile", type=_checked(validate_profile), help="the profile")
+    limits.add_argument("--concurrency", type=_checked(_positive_number), metavar="N",
+                        help="at most N of its tasks running at once, across all workers")
+    limits.add_argument("--rate", type=_checked(_rate), metavar="N/PERIOD",
+                        help="at most N started per s, m or h (10/s, 600/m, 1000/h)")
+    limits.add_argument("--clear", action="store_true", help="lift both limits (then apply those named)")
 
     stats = _command(actions, "stats", cmd_stats, "Count tasks per profile and status.",
                      "jobqueue manager stats", "jobqueue manager stats --json")
@@ -6103,7 +6673,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <div class="scroll">
       <table id="counts">
         <thead><tr><th>Profile</th><th class="number waiting">waiting</th><th class="number running">running</th>
-          <th class="number finished">finished</th><th class="number failed">failed</th></tr></thead>
+          <th class="number finished">finished</th><th class="number failed">failed</th><th>limits</th></tr></thead>
         <tbody></tbody>
       </table>
     </div>
@@ -6177,10 +6747,14 @@ function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
 
 async function refreshCounts() {
   const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const profiles = Object.keys(stats);
+  const limits = await Promise.all(profiles.map((profile) =>
+    api("GET", `/profile/${encodeURIComponent(profile)}/limits`).then(({ data }) => data)));
   const body = $("counts").tBodies[0];
-  body.replaceChildren(...Object.entries(stats).map(([profile, counts]) => element("tr", {},
+  body.replaceChildren(...profiles.map((profile, index) => element("tr", {},
     element("td", {}, profile),
-    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, counts[s])))));
+    ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, stats[profile][s])),
+    element("td", { class: "limits" }, limitsText(limits[index])))));
   let executed = 0, failed = 0;
   for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
   const now = Date.now();
@@ -6201,6 +6775,13 @@ async function refreshSchedules() {
     element("td", {}, when(schedule.next_run_at)),
     element("td", {}, when(schedule.last_run_at)))));
   $("no-schedule").hidden = schedules.length > 0;
+}
+
+function limitsText(limits) {
+  const parts = [];
+  if (limits.concurrency !== null) parts.push(`at most ${limits.concurrency} running`);
+  if (limits.rate !== null) parts.push(`${limits.rate} started`);
+  return parts.join(", ");
 }
 
 function query() {
@@ -6237,8 +6818,9 @@ async function show(identifier) {
     const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
-      ["Run at", when(task.run_at)], ["Schedule", task.schedule || "-"], ["Worker", task.worker || "-"],
-      ["Attempts", task.attempts],
+      ["Run at", when(task.run_at)], ["Schedule", task.schedule || "-"], ["Priority", task.priority],
+      ["Unique key", task.unique_key ?? "-"],
+      ["Expires", when(task.expires_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
       ["Failures", `${task.failures} (retries allowed: ${task.retries})`], ["Tags", task.tags.join(", ") || "(none)"],
       ["Depends on", task.depends_on.length ? element("span", { class: "dependencies" }, ...task.depends_on.map(
         (id) => element("button", { type: "button", title: id, onclick: () => show(id) }, id.slice(0, 8)))) : "(none)"],

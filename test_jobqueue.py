@@ -98,6 +98,19 @@ def count_execution(task):
         log.write(f"{task.identifier} {os.getpid()}\n")
 
 
+@jobqueue.job
+def timed(task):
+    """Logs "identifier profile start end" to ``log`` after sleeping ``sleep`` seconds; first adds a task to the
+    profile ``add`` names, if any (on the queue the worker's environment configures)."""
+    start = time.time()
+    if task.has_parameter("add"):
+        extra = Task(task.get_parameter("add"), timed, {"log": task.get_parameter("log")})
+        ServiceContainer.get_instance().queue.add(extra)
+    time.sleep(task.get_parameter("sleep") if task.has_parameter("sleep") else 0)
+    with open(task.get_parameter("log"), "a") as log:
+        log.write(f"{task.identifier} {task.profile} {start!r} {time.time()!r}\n")
+
+
 class SlowJob(Job):
     """Touches the ``started`` file, then sleeps ``seconds``: a job to stop workers in."""
 
@@ -1669,6 +1682,20 @@ def test_dependencies_follow_changes_by_hand_and_lost_workers(queue):
 
 
 @contract
+def test_an_expired_dependency_fails_what_waits_and_a_failed_dependent_frees_its_unique_key(queue):
+    short = Task("deps", RecordingJob, expires=5)
+    waiting = Task("deps", RecordingJob, depends_on=[short], unique_key="report")
+    queue.add(short, waiting)
+    later(queue, 10)
+    assert queue.fetch("deps", timeout=0) is None, "the expired task is not handed out, its dependent is held"
+    queue.recover()
+    assert queue.find(short.identifier).error == "Expired before it started"
+    assert queue.find(waiting.identifier).error == f"Dependency {short.identifier} failed"
+    again = Task("deps", RecordingJob, unique_key="report")
+    assert queue.add(again)[0].identifier == again.identifier, "the failed dependent let go of its key"
+
+
+@contract
 def test_dependencies_must_exist_and_not_loop(queue):
     with pytest.raises(ValidationError, match="Unknown dependency nope"):
         queue.add(Task("deps", RecordingJob), Task("deps", RecordingJob, depends_on=["nope"]))
@@ -1690,6 +1717,157 @@ def test_chain_runs_tasks_in_order_across_profiles(queue):
     assert queue.fetch("left", timeout=0) is None
     assert run_next(queue, "right").identifier == tasks[1].identifier
     assert run_next(queue, "left").identifier == tasks[2].identifier
+
+
+# -- Scheduling: priority, unique tasks, expiry, several profiles, limits (SPEC 11) --
+
+
+@contract
+def test_higher_priority_runs_first_and_equals_keep_their_order(queue):
+    tasks = [Task("p", RecordingJob, priority=priority) for priority in (0, 5, 0, -1, 5, -1, 0, 2)]
+    stored = queue.add(*tasks)
+    assert stored == tasks and [task.priority for task in stored] == [0, 5, 0, -1, 5, -1, 0, 2]
+    queue.add(Task("p", RecordingJob, priority=9, delay=30))
+    order = [queue.fetch("p", timeout=0, lease=100).identifier for _ in tasks]
+    expected = [tasks[i].identifier for i in (1, 4, 7, 0, 2, 6, 3, 5)]
+    assert order == expected and queue.fetch("p", timeout=0) is None
+    later(queue, 31)
+    queue.add(Task("p", RecordingJob, priority=1))
+    assert queue.fetch("p", timeout=0, lease=100).priority == 9, "a due delayed task keeps its priority"
+    lost = queue.fetch("p", timeout=0, lease=1)
+    queue.add(Task("p", RecordingJob, priority=1))
+    later(queue, 40)
+    assert [task.identifier for task in queue.recover()] == [lost.identifier]
+    assert queue.fetch("p", timeout=0).identifier == lost.identifier, "a recovered task goes first among its equals"
+
+
+@contract
+def test_a_unique_key_yields_the_task_holding_it_until_that_task_ends(queue):
+    first = Task("p", RecordingJob, unique_key="report-42")
+    copy = Task("p", RecordingJob, unique_key="report-42")
+    other_profile = Task("q", RecordingJob, unique_key="report-42")
+    stored = queue.add(first, copy, other_profile)
+    assert [task.identifier for task in stored] == [first.identifier, first.identifier, other_profile.identifier]
+    assert queue.count(profile="p") == 1 and queue.find(first.identifier).unique_key == "report-42"
+    running = queue.fetch("p", timeout=0)
+    again = queue.add(Task("p", RecordingJob, unique_key="report-42"))[0]
+    assert again.identifier == first.identifier and again.status is Status.RUNNING
+    running.status = Status.FINISHED
+    assert queue.complete(running)
+    fresh = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(fresh) == [fresh] and queue.count(profile="p") == 2
+    queue.delete(fresh.identifier)
+    failed = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(failed) == [failed]
+    queue.update_status(failed, Status.FAILED)
+    last = Task("p", RecordingJob, unique_key="report-42")
+    assert queue.add(last) == [last] and queue.count(profile="p", status="waiting") == 1
+
+
+@contract
+def test_a_task_not_started_before_it_expires_fails_without_running(queue):
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    expired, fine = Task("p", RecordingJob, expires_at=past, unique_key="k"), Task("p", RecordingJob, expires=60)
+    assert fine.expires_at is not None
+    queue.add(expired, fine)
+    assert queue.fetch("p", timeout=0).identifier == fine.identifier
+    gone = queue.find(expired.identifier)
+    assert (gone.status, gone.error, gone.attempts, gone.started_at) == (Status.FAILED, "Expired before it started",
+                                                                         0, None)
+    assert queue.add(Task("p", RecordingJob, unique_key="k"))[0].identifier != expired.identifier
+    unattended = Task("nobody-fetches", RecordingJob, expires=0.01)
+    queue.add(unattended)
+    time.sleep(0.05)
+    queue.recover()
+    assert queue.find(unattended.identifier).status is Status.FAILED
+    with pytest.raises(ValidationError, match="Give expires or expires_at, not both"):
+        Task("p", RecordingJob, expires=1, expires_at=past)
+    for options, message in (({"priority": "high"}, "priority must be a whole number"),
+                             ({"priority": 10**7}, "priority must be a whole number"),
+                             ({"unique_key": ""}, "unique_key must be a non-empty string"),
+                             ({"expires": 0}, "expires must be more than 0 seconds"),
+                             ({"expires_at": "soon"}, 'expires_at: "soon" is not a date')):
+        with pytest.raises(ValidationError, match=message):
+            Task("p", RecordingJob, **options)
+
+
+def _profiles_apart(queue, count: int) -> list[str]:
+    """Profile names whose slots live on different masters of a cluster (any names elsewhere)."""
+    if not getattr(queue, "_cluster", False):
+        return [f"profile-{n}" for n in range(count)]
+    names, masters = [], set()
+    for n in range(1000):
+        node = queue.client.get_node_from_key(queue._base(f"profile-{n}")).name
+        if node not in masters:
+            masters.add(node)
+            names.append(f"profile-{n}")
+        if len(names) == count:
+            return names
+    raise AssertionError("the cluster has fewer masters than profiles asked for")
+
+
+@contract
+def test_fetch_over_several_profiles_takes_the_first_that_has_a_task_and_wakes_for_any(queue):
+    high, low = _profiles_apart(queue, 2)
+    queue.add(Task(low, RecordingJob), Task(high, RecordingJob), Task(low, RecordingJob))
+    assert [queue.fetch([high, low], timeout=0).profile for _ in range(3)] == [high, low, low]
+    assert queue.fetch([high, low], timeout=0) is None
+    for profile in (low, high):
+        fetched: list = []
+        waiter = threading.Thread(target=lambda box=fetched: box.append(queue.fetch([high, low], timeout=5)))
+        waiter.start()
+        time.sleep(0.3)
+        added_at = time.monotonic()
+        queue.add(Task(profile, RecordingJob))
+        waiter.join(6)
+        woke = time.monotonic() - added_at
+        assert fetched[0] is not None and fetched[0].profile == profile
+        assert woke < (0.6 if isinstance(queue, SQLiteQueue) else 0.25), f"woke {woke:.3f}s after the add"
+    with pytest.raises(ValidationError):
+        queue.fetch([high, high], timeout=0)
+
+
+@contract
+def test_profile_limits_hold_tasks_back_until_they_allow_them(queue):
+    assert queue.limits("p") == {"concurrency": None, "rate": None}
+    assert queue.set_limits("p", concurrency=2) == {"concurrency": 2, "rate": None}
+    queue.add(*[Task("p", RecordingJob) for _ in range(5)])
+    first, second = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
+    assert second is not None and queue.fetch("p", timeout=0) is None
+    assert queue.find(first.identifier).status is Status.RUNNING and queue.count(status="waiting") == 3
+    finished_at = []
+    waiter = threading.Thread(target=lambda: finished_at.append((queue.fetch("p", timeout=5), time.monotonic())))
+    waiter.start()
+    time.sleep(0.2)
+    first.status, ended = Status.FINISHED, time.monotonic()
+    queue.complete(first)
+    waiter.join(6)
+    assert finished_at[0][0] is not None and finished_at[0][1] - ended < 0.6, "a finish lets a waiting fetch go"
+    assert queue.set_limits("p", rate="2/s") == {"concurrency": None, "rate": "2/s"}
+    started = time.monotonic()
+    taken = [queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)]
+    assert None not in taken and queue.fetch("p", timeout=0) is None
+    assert taken[0].identifier not in (first.identifier, second.identifier)
+    assert queue.limits("p") == {"concurrency": None, "rate": "2/s"}
+    assert queue.set_limits("p") == {"concurrency": None, "rate": None} and queue.fetch("p", timeout=0) is None
+    assert time.monotonic() - started < 1, "lifting the limits made nothing new appear"
+    for limits, message in (({"concurrency": 0}, "concurrency must be a whole number"),
+                            ({"concurrency": "2"}, "concurrency must be a whole number"),
+                            ({"rate": "10/d"}, 'rate must be N/s, N/m or N/h .* not "10/d"'),
+                            ({"rate": 10}, "rate must be N/s, N/m or N/h")):
+        with pytest.raises(ValidationError, match=message):
+            queue.set_limits("p", **limits)
+
+
+@contract
+def test_a_rate_lets_the_next_start_through_as_soon_as_its_window_allows(queue):
+    queue.set_limits("p", rate="3/s")
+    queue.add(*[Task("p", RecordingJob) for _ in range(4)])
+    starts = [queue.fetch("p", timeout=0).started_at for _ in range(3)]
+    fourth = queue.fetch("p", timeout=3)
+    assert fourth is not None
+    waited = (fourth.started_at - starts[0]).total_seconds()
+    assert 1.0 <= waited < 1.4, waited
 
 
 # == Queue: Redis ============================================================
@@ -2269,6 +2447,23 @@ def test_sqlite_works_without_redis_py_and_a_redis_dsn_says_what_to_install(tmp_
     assert "pip install redis" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_sqlite_file_from_before_the_scheduling_fields_opens_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "older.db"
+    old = SQLiteQueue(path)
+    old.add(Task("p", RecordingJob))
+    old.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for index in ("jobqueue_ready", "jobqueue_unique", "jobqueue_expires"):
+            db.execute(f"DROP INDEX {index}")
+        for column in ("priority", "unique_key", "expires_at"):
+            db.execute(f"ALTER TABLE jobqueue_tasks DROP COLUMN {column}")
+        db.commit()
+    queue = SQLiteQueue(path)
+    queue.add(Task("p", RecordingJob, priority=1, unique_key="k"))
+    fetched = [queue.fetch("p", timeout=0) for _ in range(2)]
+    assert [(task.priority, task.unique_key) for task in fetched] == [(1, "k"), (0, None)]
+
+
 # == DSN =====================================================================
 
 
@@ -2653,6 +2848,46 @@ def test_a_worker_process_runs_an_every_second_schedule_by_itself(queue, dsn, tm
     # schedule was added, the next a second later.
     assert timedelta(0) <= tasks[0].created_at - schedule.next_run_at < timedelta(seconds=1.2)
     assert tasks[1].created_at - tasks[0].created_at < timedelta(seconds=2)
+
+
+def test_a_worker_of_several_profiles_always_takes_the_first_that_has_a_task(queue, dsn, tmp_path):
+    log = tmp_path / "order.log"
+    queue.add(Task("default", timed, {"log": str(log), "add": "high"}),
+              *[Task("default", timed, {"log": str(log)}) for _ in range(2)])
+    queue.add(*[Task("high", timed, {"log": str(log)}) for _ in range(2)])
+    result = cli(dsn, "worker", "high,default", "--burst", "-q")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'handles "high,default" tasks', result.stdout)
+    profiles = [line.split()[1] for line in log.read_text().splitlines()]
+    assert profiles == ["high", "high", "default", "high", "default", "default"], "high waits for nothing"
+
+
+def _timed_runs(log: Path) -> list[tuple]:
+    return sorted((float(start), float(end)) for _, _, start, end in map(str.split, log.read_text().splitlines()))
+
+
+def test_a_concurrency_of_one_holds_across_two_worker_processes(queue, dsn, tmp_path, running):
+    log = tmp_path / "runs.log"
+    queue.set_limits("one", concurrency=1)
+    queue.add(*[Task("one", timed, {"log": str(log), "sleep": 0.1}) for _ in range(6)])
+    for _ in range(2):
+        running(dsn, "worker", "one", "-q")
+    wait_until(lambda: queue.count(profile="one", status="finished") == 6, 30)
+    runs = _timed_runs(log)
+    assert len(runs) == 6
+    assert all(end <= following for (_, end), (following, _) in zip(runs, runs[1:])), runs
+
+
+def test_a_rate_of_five_a_second_holds_across_two_worker_processes(queue, dsn, tmp_path, running):
+    log = tmp_path / "runs.log"
+    queue.set_limits("rated", rate="5/s")
+    queue.add(*[Task("rated", timed, {"log": str(log)}) for _ in range(8)])
+    for _ in range(2):
+        running(dsn, "worker", "rated", "-q")
+    wait_until(lambda: queue.count(profile="rated", status="finished") == 8, 30)
+    starts = sorted(task.started_at.timestamp() for task in queue.search(profile="rated"))
+    assert all(starts[i + 5] - starts[i] > 1.0 for i in range(len(starts) - 5)), "6 starts within 1 s"
+    assert starts[5] - starts[0] < 1.5, "the sixth start waited longer than the window asks"
 
 
 # == Configuration ===========================================================
@@ -3147,8 +3382,10 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
         for method in ("get", "post", "put", "patch", "delete"):
             if method in item:
                 target = failed if template.endswith("/retry") else task
-                path = template.replace("{identifier}", target.identifier).replace("{name}", "nightly")
-                answer = call(server, method.upper(), path, bodies.get(method))
+                path = (template.replace("{identifier}", target.identifier).replace("{name}", "nightly")
+                        .replace("{profile}", "p"))
+                body = {} if template.endswith("/limits") and method == "put" else bodies.get(method)
+                answer = call(server, method.upper(), path, body)
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
                 assert answer.status < 400, (method, path, answer)
                 operations += 1
@@ -3168,6 +3405,47 @@ def test_http_create_with_delay_and_options(serve, queue):
                              ({"timeout": [1]}, "timeout must be a number of seconds")):
         answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
         assert answer.status == 400 and answer.json["message"] == message
+
+
+def test_http_create_with_scheduling_options_answers_200_with_the_task_holding_the_key(serve, queue):
+    server = serve()
+    body = {"profile": "p", "job": "a.B", "priority": 7, "unique_key": "sync", "expires": 60}
+    created = call(server, "POST", "/tasks", body)
+    assert created.status == 201, created
+    assert (created.json["priority"], created.json["unique_key"]) == (7, "sync") and created.json["expires_at"]
+    again = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "unique_key": "sync"})
+    assert again.status == 200 and again.json["identifier"] == created.json["identifier"]
+    assert again.headers["Location"] == f"/task/{created.json['identifier']}" and queue.count() == 1
+    at = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", "expires_at": "2030-01-02T03:04:05+01:00"})
+    assert at.status == 201 and queue.find(at.json["identifier"]).expires_at == datetime(2030, 1, 2, 2, 4, 5,
+                                                                                          tzinfo=timezone.utc)
+    for options, message in (({"priority": "high"}, "priority must be a whole number"),
+                             ({"unique_key": 3}, "unique_key must be a non-empty string"),
+                             ({"expires": -1}, "expires must be more than 0 seconds"),
+                             ({"expires_at": "soon"}, 'expires_at: "soon" is not a date'),
+                             ({"expires": 1, "expires_at": "2030-01-01T00:00:00Z"}, "Give expires or expires_at")):
+        answer = call(server, "POST", "/tasks", {"profile": "p", "job": "a.B", **options})
+        assert answer.status == 400 and answer.json["message"].startswith(message), answer
+    assert queue.count() == 2
+
+
+def test_http_profile_limits_read_and_set(serve, queue):
+    server = serve()
+    assert call(server, "GET", "/profile/mail/limits").json == {"concurrency": None, "rate": None}
+    put = call(server, "PUT", "/profile/mail/limits", {"concurrency": 3, "rate": "10/s"})
+    assert put.status == 200 and put.json == {"concurrency": 3, "rate": "10/s"}
+    assert queue.limits("mail") == put.json == call(server, "GET", "/profile/mail/limits").json
+    assert call(server, "PUT", "/profile/mail/limits", {"rate": "1000/h"}).json == {"concurrency": None,
+                                                                                    "rate": "1000/h"}
+    for body, message in (({"concurency": 3}, 'Unknown key "concurency"'),
+                          ({"rate": "10/d"}, "rate must be N/s, N/m or N/h"),
+                          ({"rate": 10}, "rate must be a string"),
+                          ({"concurrency": 0}, "concurrency must be a whole number")):
+        answer = call(server, "PUT", "/profile/mail/limits", body)
+        assert answer.status == 400 and answer.json["message"].startswith(message), answer
+    unknown = call(server, "GET", "/profile/Bad/limits")
+    assert unknown.status == 404 and "Profile name only allows lowercase" in unknown.json["message"]
+    assert queue.limits("mail") == {"concurrency": None, "rate": "1000/h"}
 
 
 def test_http_retry_route(serve, queue):
@@ -3719,6 +3997,10 @@ def test_cli_json_output_parses_back(dsn, queue):
     (["frobnicate"], "invalid choice"),
     (["worker", "Bad"], "Profile name only allows"),
     (["worker", "p", "--quantity", "0"], "not a whole number of 1 or more"),
+    (["manager", "add", "p", "a.B", "--priority", "high"], 'argument --priority: "high" is not a whole number'),
+    (["manager", "add", "p", "a.B", "--expires", "0"], "expires must be more than 0 seconds"),
+    (["manager", "limits", "p", "--rate", "10/d"], 'argument --rate: rate must be N/s, N/m or N/h'),
+    (["manager", "limits", "p", "--concurrency", "0"], "argument --concurrency: concurrency must be a whole number"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(dsn, queue, args, message):
     result = cli(dsn, *args)
@@ -3765,7 +4047,7 @@ def test_cli_schedule_add_list_and_delete(dsn, queue, monkeypatch, capsys):
             assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
         code, _, err = run("delete", "nope")
         assert code == 2 and err.strip() == 'jobqueue: Schedule "nope" does not exist'
-        (task,) = queue.run_schedules(now=tick.next_run_at)
+        (task,) = [task for task in queue.run_schedules(now=tick.next_run_at) if task.schedule == "tick"]
         assert jobqueue.main(["manager", "show", task.identifier]) == 0
         assert "\nSchedule : tick\n" in capsys.readouterr().out
         assert run("delete", "tick")[0] == 0 and [s.name for s in queue.schedules()] == ["nightly"]
@@ -3889,6 +4171,32 @@ def test_a_chain_runs_in_order_through_worker_processes(dsn, queue, tmp_path, ru
     performed = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("perform")]
     assert performed == [task.identifier for task in chain]
     assert queue.count(status="finished") == 4
+
+
+def test_cli_add_with_priority_unique_key_and_expiry(dsn, queue):
+    added = cli(dsn, "manager", "add", "p", "a.B", "--priority", "-3", "--unique-key", "nightly", "--expires", "1h")
+    identifier = added_identifier(added)
+    assert "Priority : -3" in added.stdout and "Unique key : nightly" in added.stdout and "Expires : " in added.stdout
+    task = queue.find(identifier)
+    assert (task.priority, task.unique_key) == (-3, "nightly")
+    assert 3590 < (task.expires_at - datetime.now(timezone.utc)).total_seconds() <= 3600
+    again = cli(dsn, "manager", "add", "p", "a.B", "--unique-key", "nightly")
+    assert added_identifier(again) == identifier and queue.count() == 1
+    assert f'Nothing added: task {identifier} holds unique key "nightly"' in again.stderr
+    shown = cli(dsn, "manager", "show", identifier, "--json")
+    assert json.loads(shown.stdout)["priority"] == -3 and json.loads(shown.stdout)["unique_key"] == "nightly"
+
+
+def test_cli_limits_change_only_what_they_name_and_show_in_stats(dsn, queue):
+    assert cli(dsn, "manager", "limits", "mail", "--concurrency", "2").stdout == "Profile mail: concurrency 2\n"
+    both = cli(dsn, "manager", "limits", "mail", "--rate", "600/m")
+    assert both.stdout == "Profile mail: concurrency 2, rate 600/m\n"
+    assert queue.limits("mail") == {"concurrency": 2, "rate": "600/m"}
+    queue.add(Task("mail", RecordingJob))
+    stats = cli(dsn, "manager", "stats").stdout
+    assert stats.endswith("Limits:\n  mail: concurrency 2, rate 600/m\n"), stats
+    assert cli(dsn, "manager", "limits", "mail", "--clear").stdout == "Profile mail: no limits\n"
+    assert queue.limits("mail") == {"concurrency": None, "rate": None}
 
 
 def test_cli_recover_returns_tasks_of_lost_workers(dsn, queue):
@@ -4772,6 +5080,22 @@ def test_readme_first_run_commands_work(tmp_path, running):
 # == Assets ==================================================================
 
 
+def test_readme_scheduling_examples_run_as_written(tmp_path, monkeypatch):
+    """The setup and the five examples of README's Scheduling section (other subsections have their own tests)."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## Scheduling\n", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"^### (.+)$", section, flags=re.M)
+    chunks = {"setup": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for title in ("setup", "Priorities", "Unique tasks", "Expiry", "Several profiles per worker", "Limits"):
+        blocks = re.findall(r"```python\n(.*?)```", chunks[title], re.S)
+        assert blocks, f"no example under {title}"
+        for code in blocks:
+            exec(compile(code, f"README.md: {title}", "exec"), namespace)
+
+
+
 # -- The dashboard page (headless Chromium) ----------------------------------
 
 
@@ -4915,6 +5239,22 @@ def test_dashboard_detail_shows_dependencies(dashboard):
     board.page.locator("#detail-fields dd", has_text=first.identifier).wait_for()
     assert re.search(r"Depends on\s+\(none\)", board.page.locator("#detail-fields").inner_text())
     assert board.errors == []
+
+
+def test_dashboard_shows_profile_limits_and_a_tasks_scheduling_options(dashboard):
+    board = dashboard()
+    board.queue.set_limits("mail", concurrency=2, rate="10/s")
+    task = Task("mail", RecordingJob, priority=4, unique_key="digest-7", expires=3600)
+    board.queue.add(task, Task("sms", RecordingJob))
+    board.open().page.wait_for_selector(f"text={task.identifier}")
+    counts = wait_until(lambda: [row for row in board.page.locator("#counts tbody tr").all_inner_texts()
+                                 if "running" in row or row.startswith("sms")] or None)
+    assert [row.split("\t")[-1].strip() for row in sorted(counts)] == ["at most 2 running, 10/s started", ""]
+    board.page.click(f"button:has-text('{task.identifier}')")
+    board.page.wait_for_selector("#detail", state="visible")
+    detail = board.page.locator("#detail-fields").inner_text()
+    assert re.search(r"Priority\s+4", detail) and re.search(r"Unique key\s+digest-7", detail)
+    assert re.search(r"Expires\s+\S", detail) and board.errors == []
 
 
 def test_dashboard_adds_a_task(dashboard):
