@@ -4,8 +4,10 @@
     git show d127ffd:jobqueue.py > /tmp/old_jobqueue.py
     python bench/compare.py /tmp/old_jobqueue.py jobqueue.py            # 5 rounds of 2,000 tasks
     python bench/compare.py OLD NEW --rounds 9 --tasks 5000
+    python bench/compare.py OLD NEW --sqlite                            # a SQLite file each instead
 
-Both run in this process, against one redis-server it starts on a free port,
+Both run in this process, against one redis-server it starts on a free port
+(or, with ``--sqlite``, each on a new SQLite file in a temporary folder),
 in turns (old, new, old, new...), so that a busy machine slows both alike.
 Enqueue is one ``add`` per task; drain is what a worker's loop does, in
 process: ``fetch`` once, then ``complete_and_fetch`` until the queue is empty.
@@ -61,6 +63,7 @@ def main() -> int:
     parser.add_argument("second", help="another jobqueue.py")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--sqlite", action="store_true", help="compare on SQLite files instead of Redis")
     args = parser.parse_args()
     versions = {"first": load(args.first, "jobqueue_first"), "second": load(args.second, "jobqueue_second")}
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
@@ -69,7 +72,8 @@ def main() -> int:
         try:
             for _ in range(args.rounds):
                 for name, module in versions.items():
-                    dsn = f"redis://127.0.0.1:{redis.port}/0?prefix=compare-{name}"
+                    dsn = (f"sqlite:///{tmp}/{name}.db" if args.sqlite
+                           else f"redis://127.0.0.1:{redis.port}/0?prefix=compare-{name}")
                     figures[name].append(one_round(module, dsn, args.tasks))
         finally:
             redis.stop()
@@ -77,8 +81,10 @@ def main() -> int:
     for name, path in (("first", args.first), ("second", args.second)):
         enqueue, drain = ([round_[index] for round_ in figures[name]] for index in (0, 1))
         medians[name] = (statistics.median(enqueue), statistics.median(drain))
-        print(f"{name} ({path}): enqueue {medians[name][0]:,.0f}/s ({min(enqueue):,.0f}-{max(enqueue):,.0f}),"
-              f" drain {medians[name][1]:,.0f}/s ({min(drain):,.0f}-{max(drain):,.0f})")
+        backend = "SQLite" if args.sqlite else "Redis"
+        print(f"{name} ({path}, {backend}): enqueue {medians[name][0]:,.0f}/s"
+              f" ({min(enqueue):,.0f}-{max(enqueue):,.0f}), drain {medians[name][1]:,.0f}/s"
+              f" ({min(drain):,.0f}-{max(drain):,.0f})")
     change = [100 * (medians["second"][index] / medians["first"][index] - 1) for index in (0, 1)]
     load_average = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"second vs first: enqueue {change[0]:+.0f}%, drain {change[1]:+.0f}%  ({load_average})")
