@@ -66,7 +66,7 @@ __all__ = [
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
-    "TASK_RECOVERED", "JobTimeout",
+    "TASK_RECOVERED", "JobTimeout", "JobCancelled",
     "Queue", "RedisQueue", "RedisDSN", "SQLiteQueue", "queue_from_dsn",
     "Worker", "Config", "ServiceContainer", "WebService", "main",
 ]
@@ -94,6 +94,10 @@ SQLITE_BUSY_TIMEOUT = 30.0
 DURATION_MAX = 100 * 365 * 86400.0
 RETRIES_MAX = 1_000_000
 SQLITE_MIN_VERSION = (3, 35, 0)
+CANCELLED = "Cancelled"  # the error of a cancelled task
+CANCEL_CHECK_INTERVAL = 0.5  # how often a worker asks whether a task in hand was cancelled
+WAIT_MAX = 60.0  # the longest GET /task/{id}?wait=S
+PROGRESS_MESSAGE_MAX = 1000
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -161,6 +165,10 @@ class JobTimeout(BaseException):
     """
 
 
+class JobCancelled(BaseException):
+    """Raised inside a job whose task was cancelled (``queue.cancel``) while it ran; a BaseException like JobTimeout."""
+
+
 class UsageError(JobQueueError):
     """A command used in a way it refuses, such as ``flush`` with nobody to confirm it."""
 
@@ -212,6 +220,7 @@ class Status(str, Enum):
 
 
 _STATUS_RANKS = {status: rank for rank, status in enumerate(Status)}
+ENDED_STATUSES = frozenset({Status.FINISHED, Status.FAILED})
 
 
 def validate_profile(name: object) -> str:
@@ -547,6 +556,27 @@ def _if_set(name: str, render: Callable[[Any], str] = str) -> Callable[[Task], s
     return lambda task: None if getattr(task, name) is None else render(getattr(task, name))
 
 
+def make_progress(fraction: Any, message: Any = None, at: float | None = None) -> dict[str, Any]:
+    """A task's progress as stored and shown: ``{"fraction": 0..1, "message": text or None, "at": ISO 8601}``."""
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction)
+            or not 0 <= fraction <= 1):
+        raise ValidationError(f"Progress is a fraction from 0 to 1, not {fraction!r}")
+    if message is not None and (not isinstance(message, str) or not _is_text(message)):
+        raise ValidationError("A progress message is a string")
+    if message is not None and len(message) > PROGRESS_MESSAGE_MAX:
+        raise ValidationError(f"A progress message is at most {PROGRESS_MESSAGE_MAX} characters")
+    when = _utcnow() if at is None else _from_timestamp(at)
+    return {"fraction": float(fraction), "message": message, "at": _iso(when)}
+
+
+def _progress_shown(task: Task) -> str | None:
+    progress = task.progress
+    if not progress:
+        return None
+    message = f" {progress['message']}" if progress.get("message") else ""
+    return f"{progress['fraction']:.0%}{message} (at {progress['at']})"
+
+
 def _is_required(column: dataclasses.Field) -> bool:
     return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
 
@@ -617,6 +647,11 @@ class Task:
     failures: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"})
     lost: int = _column(COUNT, 0, sql="NOT NULL DEFAULT 0", state=True, schema={"type": "integer"},
                         show=((15, "Lost", lambda task: str(task.lost) if task.lost else None),))
+    progress: dict[str, Any] | None = _column(
+        JSON_TEXT, None, state=True, show=((6.5, "Progress", _progress_shown),), schema={
+            "type": ["object", "null"], "properties": {
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1}, "message": NULLABLE,
+                "at": {"type": "string", "format": "date-time"}}})
     delay: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None) -> None:
@@ -663,6 +698,16 @@ class Task:
 
     def has_tag(self, tag: str) -> bool:
         return tag in self.tags  # type: ignore[operator]
+
+    def set_progress(self, fraction: float, message: str | None = None) -> None:
+        """Inside a job: how far it got, from 0 to 1, and what it does now; the worker stores it at once.
+
+        A fraction outside 0..1 or a message that is not a string raises ValidationError (a ValueError).
+        """
+        self.progress = make_progress(fraction, message)
+        report = self.__dict__.get("_report_progress")
+        if report is not None:
+            report(fraction, message)
 
     def to_json(self) -> dict[str, Any]:
         """The task as the API and ``--json`` show it: the seed's fields, then ours."""
@@ -977,6 +1022,14 @@ class Queue:
     - ``update_status(task, status)``: move a task by hand; ``running`` is refused;
       back to ``waiting`` re-enqueues it at the back of its profile, counters reset.
     - ``retry(identifier)``: a failed task back to waiting, counters reset.
+    - ``wait(identifier, timeout=None)``: the task once it is finished or failed;
+      TimeoutError after ``timeout`` seconds. Redis tells waiters when a task
+      ends (within 50 ms); SQLite is polled (within 200 ms).
+    - ``cancel(identifier)``: a waiting or running task ends failed with the
+      error ``Cancelled`` and is never retried; TaskConflict if it had ended.
+    - ``cancelled(tasks)``: which of these runs were cancelled since they were
+      fetched, so their worker interrupts them.
+    - ``set_progress(task, fraction, message=None)``: store a run's progress.
     - ``search(...)`` and ``count(...)``: tasks matching every filter given
       (``tags``: at least one of them), served from indexes.
     - ``delete(identifier)``, ``flush()``: remove one task, or all of this queue's data.
@@ -1006,6 +1059,7 @@ class Queue:
         for task in tasks:
             task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
             task.started_at = task.finished_at = task.error = task.result = None
+            task.progress = None
         if tasks:
             with self._errors():
                 now = self.clock()
@@ -1064,6 +1118,47 @@ class Queue:
     def retry(self, task: Task | str) -> Task:
         """Put a failed task back to waiting; ValidationError if it is not failed."""
         return self._change(task, Status.WAITING, only_failed=True)
+
+    def wait(self, identifier: str, timeout: float | None = None) -> Task:
+        """The task once it is finished or failed (at once if it is); TimeoutError after ``timeout`` seconds."""
+        timeout = _seconds("timeout", timeout)
+        identifier = str(identifier)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._errors():
+            task = self._wait(identifier, deadline)
+        if task is None:
+            raise TaskNotFound(identifier)
+        if task.status not in ENDED_STATUSES:
+            raise TimeoutError(f"Task {identifier} is still {task.status.value} after {timeout:g} s")
+        return task
+
+    def cancel(self, task: Task | str) -> Task:
+        """End a waiting or running task as failed with the error ``Cancelled``; it is never retried.
+
+        A running task's worker learns of it within a second and interrupts the
+        job. A task that has ended is left as it is: TaskConflict.
+        """
+        identifier = task.identifier if isinstance(task, Task) else str(task)
+        with self._errors():
+            cancelled = self._cancel(identifier, self.clock())
+        if cancelled is None:
+            raise TaskNotFound(identifier)
+        return cancelled
+
+    def cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        """The identifiers of those runs (tasks as their worker fetched them) that were cancelled since."""
+        if not tasks:
+            return set()
+        with self._errors():
+            return self._cancelled(tasks)
+
+    def set_progress(self, task: Task, fraction: float, message: str | None = None) -> bool:
+        """Store how far a run got (``task`` as its worker fetched it); False if that run no longer holds it."""
+        progress = make_progress(fraction, message, self.clock())
+        with self._errors():
+            stored = self._set_progress(task, json.dumps(progress))
+        task.progress = progress
+        return stored
 
     def _change(self, task: Task | str, status: Status, only_failed: bool) -> Task:
         identifier = task.identifier if isinstance(task, Task) else str(task)
@@ -1186,6 +1281,27 @@ class Queue:
         """Move the task (only a failed one if ``only_failed``); return it as it now is, or None."""
         raise NotImplementedError
 
+    def _wait(self, identifier: str, deadline: float | None) -> Task | None:
+        """The task once it ended, else as it is at the deadline; None if there is none. Here: polled."""
+        pause = 0.005
+        while True:
+            task = self._find(identifier)
+            remaining = _remaining(deadline)
+            if task is None or task.status in ENDED_STATUSES or remaining == 0:
+                return task
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, 0.1)
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        """Cancel the task (TaskConflict if it ended); return it as it now is, or None if there is none."""
+        raise NotImplementedError
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        raise NotImplementedError
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        raise NotImplementedError
+
     def _search(self, query: Filter) -> list[Task]:
         raise NotImplementedError
 
@@ -1216,6 +1332,16 @@ class Queue:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _not_cancellable(identifier: str, status: str) -> TaskConflict:
+    return TaskConflict(f"Task {identifier} is {status}: only waiting and running tasks can be cancelled")
+
+
+def _cancelled_runs(tasks: Sequence[Task], stored: Iterable[tuple]) -> set[str]:
+    """The runs among ``tasks`` whose stored (status, attempts, error) say they were cancelled."""
+    return {task.identifier for task, (status, attempts, error) in zip(tasks, stored)
+            if status == Status.FAILED.value and error == CANCELLED and str(attempts) == str(task.attempts)}
 
 
 # == Queue: Redis ============================================================
@@ -1294,6 +1420,19 @@ local function plain(names, apply)
   end
 end
 
+-- Waiting for a task's end (queue.wait): each waiter adds itself to the set ':waiting:<id>' and blocks on
+-- the list ':done:<id>'; whatever ends or removes the task pushes one token per waiter there. Both expire.
+local DONE_SECONDS = 60
+local function tell_waiters(id)
+  local waiters = redis.call('SCARD', base .. ':waiting:' .. id)
+  if waiters > 0 then
+    local done, tokens = base .. ':done:' .. id, {}
+    for i = 1, math.min(waiters, WAKE_MAX) do tokens[i] = 1 end
+    redis.call('LPUSH', done, unpack(tokens))
+    redis.call('EXPIRE', done, DONE_SECONDS)
+  end
+end
+
 -- The index moves every status change shares; the FIFO list is the callers'.
 local function move(id, score, old, new, now)
   local key = task_key(id)
@@ -1308,6 +1447,7 @@ local function move(id, score, old, new, now)
   if ended(new) then
     redis.call('ZADD', ENDED, now, id)
     redis.call('HSET', key, 'finished_at', now)
+    tell_waiters(id)
   end
 end
 
@@ -1324,7 +1464,7 @@ end
 
 local function requeue(id, score, old, now)
   move(id, score, old, 'waiting', now)
-  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at')
+  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at', 'progress')
   redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
   redis.call('LPUSH', QUEUE, id)
   wake(1)
@@ -1403,6 +1543,7 @@ local function remove(id)
     if redis.call('EXISTS', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
   end
   redis.call('DEL', key)
+  tell_waiters(id)
   return 1
 end
 
@@ -1509,6 +1650,36 @@ H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
 end)
 
 H.delete = change({'now', 'id'}, function(a) return remove(a.id) end)
+
+-- A waiter's turn (queue.wait): count it among the task's waiters for a while, then the task's fields.
+H.watch = plain({'id', 'waiter', 'seconds'}, function(a)
+  local waiting = base .. ':waiting:' .. a.id
+  redis.call('SADD', waiting, a.waiter)
+  redis.call('EXPIRE', waiting, a.seconds)
+  return cjson.encode(fields(task_key(a.id)))
+end)
+
+-- A waiting or running task ends failed with a.error ('Cancelled'); its worker sees it and stops the job.
+H.cancel = change({'now', 'id', 'error'}, function(a)
+  local key = task_key(a.id)
+  local f = redis.call('HMGET', key, 'status', 'created_at')
+  if not f[1] then return {} end
+  if ended(f[1]) then return redis.error_reply('ENDED ' .. a.id .. ' ' .. f[1]) end
+  if f[1] == 'waiting' then unqueue(a.id) end
+  move(a.id, f[2], f[1], 'failed', a.now)
+  redis.call('HSET', key, 'error', a.error)
+  redis.call('HDEL', key, 'result')
+  return {task = fields(key)}
+end)
+
+-- A run's progress (JSON), stored if that run (its attempt number) still holds the task.
+H.progress = plain({'id', 'attempts', 'progress'}, function(a)
+  local key = task_key(a.id)
+  local f = redis.call('HMGET', key, 'status', 'attempts')
+  if f[1] ~= 'running' or f[2] ~= a.attempts then return 0 end
+  redis.call('HSET', key, 'progress', a.progress)
+  return 1
+end)
 
 -- Tasks of the statuses that ended before a.now, a page at a time. Returns {removed, scanned}.
 H.purge = change({'now', 'offset', 'limit', '...statuses'}, function(a)
@@ -1858,6 +2029,8 @@ class RedisQueue(Queue):
             return ConfigurationError(f"{self.describe()} refused the credentials: {error}")
         if code == "EXISTS":
             return ValidationError(f"Task {str(error).split()[1]} already exists")
+        if code == "ENDED":
+            return _not_cancellable(*str(error).split()[1:3])
         if code == "NOTFAILED":
             _, identifier, status = str(error).split()[:3]
             return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
@@ -2073,6 +2246,39 @@ class RedisQueue(Queue):
     def _delete(self, identifier: str) -> bool:
         profile = self._locate(identifier)[0]
         return profile is not None and bool(self._call(profile, "delete", now=repr(self.clock()), id=identifier))
+
+    def _wait(self, identifier: str, deadline: float | None) -> Task | None:
+        """Block on the task's ``done`` list, in slices the client's socket timeout allows, re-reading the
+        task between them; the script that ends the task pushes a token there (``tell_waiters``)."""
+        profile = self._locate(identifier)[0]
+        if profile is None:
+            return None
+        waiter, done = uuid.uuid4().hex, f"{self._base(profile)}:done:{identifier}"
+        while True:
+            remaining = _remaining(deadline)
+            block = 5.0 if remaining is None else remaining
+            if self._block_limit:
+                block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
+            task = self._task(self._call(profile, "watch", id=identifier, waiter=waiter, seconds=math.ceil(block) + 5))
+            if task is None or task.status in ENDED_STATUSES or remaining == 0:
+                return task
+            self.client.blpop([done], timeout=max(block, 0.01))
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        profile = self._locate(identifier)[0]
+        if profile is None:
+            return None
+        return self._task(self._call(profile, "cancel", now=repr(now), id=identifier, error=CANCELLED).get("task"))
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        replies = self._read([("HMGET", f"{self._base(task.profile)}:task:{task.identifier}", "status", "attempts",
+                               "error") for task in tasks])
+        return _cancelled_runs(tasks, [[None if value is None else _text(value) for value in reply]
+                                       for reply in replies])
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        return bool(self._call(task.profile, "progress", id=task.identifier, attempts=task.attempts,
+                               progress=progress))
 
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
@@ -2296,7 +2502,8 @@ RETURNING *
 _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
 SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
-    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL
+    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL,
+    progress = NULL
 WHERE seq = ?
 """
 
@@ -2584,6 +2791,35 @@ class SQLiteQueue(Queue):
                     )
             updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
         return _decode_task(updated)
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
+            ).fetchone()
+            if row is None:
+                return None
+            if Status(row["status"]) in ENDED_STATUSES:
+                raise _not_cancellable(identifier, row["status"])
+            updated = connection.execute(
+                "UPDATE jobqueue_tasks SET status = 'failed', status_rank = ?, error = ?, result = NULL,"
+                " finished_at = ?, position = NULL, lease_until = NULL WHERE seq = ? RETURNING *",
+                (Status.FAILED.rank, CANCELLED, now, row["seq"])).fetchone()
+        return _decode_task(updated)
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        rows = self._connection().execute(
+            f"SELECT identifier, status, attempts, error FROM jobqueue_tasks"
+            f" WHERE identifier IN ({', '.join('?' * len(tasks))})", [task.identifier for task in tasks]).fetchall()
+        stored = {row["identifier"]: (row["status"], row["attempts"], row["error"]) for row in rows}
+        return _cancelled_runs(tasks, [stored.get(task.identifier, (None, None, None)) for task in tasks])
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE jobqueue_tasks SET progress = ? WHERE identifier = ? AND status = 'running' AND attempts = ?",
+                (progress, task.identifier, task.attempts))
+        return cursor.rowcount == 1
 
     def _where(self, query: Filter) -> tuple:
         clauses, args = [], []
@@ -2931,15 +3167,18 @@ class _Child:
     """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
 
     The worker sends each task as a JSON line and reads the outcome back as
-    one; meanwhile its watchdog renews the lease. At the timeout the child
-    is killed (SIGKILL) and the next task starts a new one, as it does after a
-    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
-    the measurement that chose this over a fork per task.
+    one; meanwhile its watchdog renews the lease. At the timeout, or when the
+    task is cancelled, the child is killed (SIGKILL) and the next task starts
+    a new one, as it does after a child died (a signal, an exit, memory
+    exhausted). The job's progress comes back as lines of its own, which the
+    worker stores. bench/RESULTS.md has the measurement that chose this over
+    a fork per task.
     """
 
     def __init__(self, worker: Worker):
         self.worker = worker
         self.process: Any = None
+        self.cancelled = False
         self._buffer = b""
 
     def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
@@ -2949,16 +3188,16 @@ class _Child:
         try:
             self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
             self.process.stdin.flush()
-            line = self._read_line(deadline)
+            while (line := self._read_line(deadline)) and "progress" in (outcome := json.loads(line)):
+                self.worker._store_progress(task, *outcome["progress"])
         except BaseException:
             self.close()
             raise
         if line is None:
             self.close()
-            return None, f"Timed out after {timeout:g} s (job process killed)\n"
+            return None, CANCELLED if self.cancelled else f"Timed out after {timeout:g} s (job process killed)\n"
         if not line:
             return None, self._death()
-        outcome = json.loads(line)
         return outcome.get("result"), outcome.get("error")
 
     def _start(self) -> None:
@@ -2975,14 +3214,16 @@ class _Child:
         self._buffer = b""
 
     def _read_line(self, deadline: float | None) -> bytes | None:
-        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
+        """One line from the child, b"" if it died, None at the deadline or once cancelled (the child still runs)."""
         import select
 
         fd = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
             if self.worker._aborting:
                 raise _JobAbandoned
-            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
+            if self.cancelled:
+                return None
+            wait = 0.25 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.25)
             if not select.select([fd], [], [], wait)[0]:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
@@ -3033,7 +3274,22 @@ class _Slot:
         main = threading.current_thread() is threading.main_thread()
         self.guard = _Guard(worker.wake_signal if main else None)
         self.child = _Child(worker) if worker.isolation == "process" else None
+        self.cancelled = False
         worker._guards[self.guard.thread] = self.guard
+
+    def prepare(self) -> None:
+        """Before a task: nothing cancelled yet."""
+        self.cancelled = False
+        if self.child is not None:
+            self.child.cancelled = False
+
+    def cancel(self) -> None:
+        """From the watchdog: the task in hand was cancelled; kill its child, or raise JobCancelled in its job."""
+        self.cancelled = True
+        if self.child is not None:
+            self.child.cancelled = True
+        else:
+            self.guard.fire(JobCancelled)
 
     def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
         """Run the job; return (result, None) or (None, the error text to record)."""
@@ -3043,9 +3299,13 @@ class _Slot:
             target = self.worker._target(task)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
             return None, format_error(error)
+        task.__dict__["_report_progress"] = functools.partial(self.worker._store_progress, task)
         value, error = self.guard.call(lambda: self.worker._execute(target, task))
+        task.__dict__.pop("_report_progress", None)
         if isinstance(error, JobTimeout):
             return None, f"Timed out after {timeout:g} s\n"
+        if isinstance(error, JobCancelled):
+            return None, CANCELLED
         if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
             raise error
         return value, None if error is None else format_error(error)
@@ -3070,8 +3330,13 @@ def _serve_isolated(log_level: int, worker_pid: int) -> None:
     os.dup2(2, 1)
     targets: dict[str, Any] = {}
     loop = None
+    def report(fraction: float, message: str | None) -> None:
+        replies.write(json.dumps({"progress": [fraction, message]}) + "\n")
+        replies.flush()
+
     for line in sys.stdin:
         task = Task.from_json(json.loads(line))
+        task.__dict__["_report_progress"] = report
         try:
             target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
             if _is_coroutine_job(target):
@@ -3094,6 +3359,12 @@ class _WatchedRun:
     guard: _Guard | None
     deadline: float | None
     renew_at: float
+    on_cancel: Callable[[], None] | None = None
+    check_at: float = math.inf
+
+    @property
+    def due(self) -> float:
+        return min(self.renew_at, self.deadline or math.inf, self.check_at)
 
 
 class _Watchdog:
@@ -3112,9 +3383,12 @@ class _Watchdog:
         self._runs: dict[int, _WatchedRun] = {}
 
     @contextlib.contextmanager
-    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+    def watching(self, task: Task, guard: _Guard | None, timeout: float | None,
+                 on_cancel: Callable[[], None] | None = None) -> Iterator[None]:
+        """Renew the task's lease and fire its timeout meanwhile; call ``on_cancel`` if it gets cancelled."""
         now = time.monotonic()
-        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
+        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3,
+                          on_cancel, math.inf if on_cancel is None else now + CANCEL_CHECK_INTERVAL)
         with self._condition:
             self._runs[id(run)] = run
             if self._thread is None or not self._thread.is_alive():
@@ -3141,8 +3415,7 @@ class _Watchdog:
             with self._condition:
                 while not self._closed:
                     now = time.monotonic()
-                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
-                              default=math.inf)
+                    due = min((run.due for run in self._runs.values()), default=math.inf)
                     if now >= due:
                         break
                     self._condition.wait(None if due == math.inf else due - now)
@@ -3157,8 +3430,28 @@ class _Watchdog:
                     if now >= run.renew_at:
                         run.renew_at = now + self._lease(run.task) / 3
                         renewals.append(run.task)
+                checks = [run for run in self._runs.values() if now >= run.check_at]
+                for run in checks:
+                    run.check_at = now + CANCEL_CHECK_INTERVAL
             for task in renewals:
                 self._renew(task)
+            if checks:
+                self._stop_cancelled(checks)
+
+    def _stop_cancelled(self, runs: list[_WatchedRun]) -> None:
+        """Ask the queue which runs were cancelled (one read); stop those still in hand, once."""
+        try:
+            cancelled = self.worker.queue.cancelled([run.task for run in runs])
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+            self.worker.logger.debug("Cancellations not checked: %s", error)
+            return
+        with self._condition:
+            for run in runs:
+                if run.task.identifier in cancelled and self._runs.get(id(run)) is run and run.on_cancel:
+                    self.worker.logger.warning("%s %s cancelled: stopping its job", run.task.identifier,
+                                               run.task.job_name)
+                    run.on_cancel()
+                    run.on_cancel, run.check_at = None, math.inf
 
     def _renew(self, task: Task) -> None:
         try:
@@ -3334,13 +3627,16 @@ class Worker:
         self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
         started = time.monotonic()
         timeout = task.timeout or self.timeout
+        slot.prepare()
         try:
-            with self.watchdog.watching(task, slot.guard, timeout):
+            with self.watchdog.watching(task, slot.guard, timeout, slot.cancel):
                 result, error = slot.execute(task, timeout)
         except BaseException:
             self._give_back(task, "interrupted")
             raise
-        if error is None:
+        if slot.cancelled:
+            task.status, task.error, task.result = Status.FAILED, CANCELLED, None
+        elif error is None:
             try:
                 task.result, task.error = _encode_result(result), None
                 task.status = Status.FINISHED
@@ -3354,7 +3650,7 @@ class Worker:
             recorded, following = self._backend(lambda: self.queue.complete_and_fetch(task, self.name, self.lease))
         else:
             recorded = self._backend(lambda: self.queue.complete(task))
-        if not recorded:
+        if not recorded and not slot.cancelled:
             self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
                                 task.identifier, task.job_name)
         self._report(task, time.monotonic() - started)
@@ -3458,6 +3754,13 @@ class Worker:
         if not isinstance(error, BackendUnavailable):
             error = BackendUnavailable(f"{self.queue.describe()} is unavailable: {type(error).__name__}: {error}")
         self.logger.error("%s; worker %s keeps trying", error, self.name)
+
+    def _store_progress(self, task: Task, fraction: float, message: str | None) -> None:
+        """Store a job's progress at once; a backend that cannot take it now costs a log line, not the job."""
+        try:
+            self.queue.set_progress(task, fraction, message)
+        except (JobQueueError, OSError) as error:
+            self.logger.warning("%s %s: progress not stored: %s", task.identifier, task.job_name, error)
 
     def _target(self, task: Task) -> Any:
         target = self._targets.get(task.job)
@@ -3778,13 +4081,18 @@ ROUTES = (
           headers={"X-Total-Count": "how many match"}),
     Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 411, 413),
           body={"$ref": "#/components/schemas/NewTask"}),
-    Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
+    Route("GET", "/task/{identifier}", "show_task", "Show a task; with wait=S, once it ends or after S seconds",
+          reply=TASK_REPLY, errors=(400, 404), query=(
+              ("wait", {"type": "number", "minimum": 0, "maximum": WAIT_MAX},
+               f"seconds (up to {WAIT_MAX:g}) to wait for the task to end; it is answered as it is then"),)),
     Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
           body={"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
               "status": {"type": "string", "enum": [s for s in STATUS_COUNTS if s != Status.RUNNING]}}}),
     Route("DELETE", "/task/{identifier}", "delete_task", "Delete a task", ok=204, reply={}, errors=(404,)),
     Route("POST", "/task/{identifier}/retry", "retry_task", "Put a failed task back to waiting", reply=TASK_REPLY,
           errors=(400, 404, 409)),
+    Route("POST", "/task/{identifier}/cancel", "cancel_task", "Cancel a waiting or running task (it ends failed)",
+          reply=TASK_REPLY, errors=(404, 409)),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -3863,6 +4171,7 @@ class WebService:
         self.config = config if config is not None else Config()
         self.insecure = insecure
         self.requests: dict[tuple, int] = {}
+        self.closing = threading.Event()  # set by Server.stop: long polls answer at once
         self._lock = threading.Lock()
         self._routes = [(route, route.pattern) for route in ROUTES]
 
@@ -3965,7 +4274,24 @@ class WebService:
         return Response(201, task.to_json(), {"Location": f"/task/{task.identifier}"})
 
     def show_task(self, request: Request) -> Response:
-        return Response(200, self.queue.find(request.params["identifier"]).to_json())
+        identifier, wait = request.params["identifier"], self._wait_seconds(request)
+        deadline = time.monotonic() + wait
+        while wait and (remaining := deadline - time.monotonic()) > 0 and not self.closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                return Response(200, self.queue.wait(identifier, min(remaining, 1.0)).to_json())
+        return Response(200, self.queue.find(identifier).to_json())
+
+    @staticmethod
+    def _wait_seconds(request: Request) -> float:
+        text = request.arg("wait")
+        if text is None:
+            return 0.0
+        if not re.fullmatch(r"\d{1,3}(\.\d{1,6})?", text, re.ASCII) or float(text) > WAIT_MAX:
+            raise ValidationError(f"wait must be a number of seconds from 0 to {WAIT_MAX:g}")
+        return float(text)
+
+    def cancel_task(self, request: Request) -> Response:
+        return Response(200, self.queue.cancel(request.params["identifier"]).to_json())
 
     def patch_task(self, request: Request) -> Response:
         data = request.json(("status",))
@@ -4206,6 +4532,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def stop(self) -> None:
         """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
         self.stopping = True
+        self.service.closing.set()
         self.shutdown()
         with self._handlers_lock:
             idle = [handler for handler in self._handlers if not handler.busy]
@@ -4321,8 +4648,44 @@ def cmd_add(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay")
                if getattr(args, name) is not None}
     task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
-    _queue().add(task)
-    print(format_task(task))
+    if args.wait_timeout is not None and not args.wait:
+        raise UsageError("--wait-timeout goes with --wait")
+    queue = _queue()
+    queue.add(task)
+    print(format_task(task), flush=True)
+    return _print_outcome(queue, task.identifier, args.wait_timeout) if args.wait else 0
+
+
+def _print_outcome(queue: Queue, identifier: str, timeout: float | None) -> int:
+    """Wait for the task to end and print its result: 0 finished, 1 failed (its error on stderr), 124 timed out.
+
+    An outage meanwhile is waited out like any manager command's, without adding the task again.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outage_since = None
+    while True:
+        try:
+            task = queue.wait(identifier, _remaining(deadline))
+            break
+        except TimeoutError as error:
+            print(f"jobqueue: {error}", file=sys.stderr)
+            return 124
+        except BackendUnavailable as error:
+            outage_since = outage_since or time.monotonic()
+            if time.monotonic() - outage_since >= Config.from_env().outage_wait:
+                raise JobQueueError(f"{error} (while waiting for task {identifier})") from error
+            time.sleep(0.5)
+    print(f"Status : {task.status.value}")
+    if task.status is Status.FINISHED:
+        print(f"Result : {json.dumps(task.result)}")
+        return 0
+    print(f"jobqueue: task {identifier} failed: {(task.error or '').splitlines()[0] if task.error else '-'}",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(format_task(_queue().cancel(args.identifier)))
     return 0
 
 
@@ -4837,6 +5200,7 @@ def build_parser() -> argparse.ArgumentParser:
         actions, "add", cmd_add, "Add a task. Parameters are name:value (a string) or name:=JSON (3, true, null).",
         "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
         "jobqueue manager add reports myapp.jobs:BuildJob --tags nightly finance year:=2024 draft:=true",
+        "jobqueue manager add reports myapp.jobs.BuildJob --wait --wait-timeout 5m   # print its result",
     )
     add.add_argument("profile", help="the profile whose workers run it")
     add.add_argument("job", help="import path of a Job subclass or @job function (myapp.jobs.SendMailJob)")
@@ -4851,6 +5215,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--timeout", type=_checked(parse_duration), metavar="DURATION", help="interrupt a longer run")
     add.add_argument("--lease", type=_checked(parse_duration), metavar="DURATION",
                      help="how long a worker holds it without a heartbeat")
+    add.add_argument("--wait", action="store_true",
+                     help="wait for it to end and print its result: exit 0 finished, 1 failed, 124 wait ran out")
+    add.add_argument("--wait-timeout", type=_checked(parse_duration), metavar="DURATION",
+                     help="with --wait: stop waiting after this long (exit 124); --timeout limits the run itself")
 
     show = _command(actions, "show", cmd_show, "Show one task.",
                     "jobqueue manager show 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 --json")
@@ -4875,6 +5243,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "jobqueue manager edit 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 waiting")
     edit.add_argument("identifier", help="the task's identifier (a UUID)")
     edit.add_argument("status", type=_checked(Status), help="waiting, finished or failed")
+
+    cancel = _command(actions, "cancel", cmd_cancel,
+                      "Cancel a waiting or running task: it ends failed (Cancelled), its job stops, never retried.",
+                      "jobqueue manager cancel 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
+    cancel.add_argument("identifier", help="the task's identifier (a UUID)")
 
     delete = _command(actions, "delete", cmd_delete, "Delete a task.",
                       "jobqueue manager delete 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")

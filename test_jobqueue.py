@@ -211,6 +211,26 @@ class AsyncNapJob(Job):
         return "napped"
 
 
+class StepsJob(Job):
+    """Reports progress, touches ``started`` with its pid, then waits for the ``release`` file (60 s at most).
+
+    If something stops it meanwhile (a cancel), it says what in ``started``.stopped, if it still can.
+    """
+
+    def perform(self, task):
+        task.set_progress(0.5, "half way")
+        started = Path(task.get_parameter("started"))
+        started.write_text(str(os.getpid()))
+        try:
+            deadline = time.monotonic() + 60
+            while not Path(task.get_parameter("release")).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except BaseException as error:
+            started.with_suffix(".stopped").write_text(type(error).__name__)
+            raise
+        return "released"
+
+
 class CrashJob(Job):
     """Ends its process, or wedges it, in the way ``how`` names; ``fine`` returns."""
 
@@ -1311,6 +1331,123 @@ def test_a_retry_waits_in_the_delayed_set(queue):
     later(queue, 31)
     again = queue.fetch("p", timeout=0)
     assert again.attempts == 2 and again.failures == 1
+
+
+@contract
+def test_wait_answers_ended_tasks_at_once_and_times_out_on_others(queue):
+    finished, failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(finished, failed, waiting)
+    queue.update_status(finished, Status.FINISHED)
+    queue.update_status(failed, Status.FAILED)
+    started = time.monotonic()
+    assert queue.wait(finished.identifier).status is Status.FINISHED
+    assert queue.wait(failed.identifier, timeout=5).status is Status.FAILED
+    assert time.monotonic() - started < 1
+    with pytest.raises(TaskNotFound):
+        queue.wait("nope", timeout=5)
+    for timeout in (0, 0.3):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"Task {waiting.identifier} is still waiting after"):
+            queue.wait(waiting.identifier, timeout=timeout)
+        assert timeout <= time.monotonic() - started < timeout + 0.5
+    with pytest.raises(ValidationError):
+        queue.wait(waiting.identifier, timeout=-1)
+
+
+@contract
+@pytest.mark.parametrize("end", ["complete", "cancel", "delete"])
+def test_wait_is_woken_when_the_task_ends(queue, dsn, end):
+    """On Redis the script that ends (or removes) the task wakes the waiter; SQLite is polled."""
+    queue.add(Task("p", RecordingJob))
+    run = queue.fetch("p", timeout=0)
+    waited = []
+
+    def waiter():
+        try:
+            waited.append((queue_from_dsn(dsn).wait(run.identifier, timeout=10), time.monotonic()))
+        except TaskNotFound as error:
+            waited.append((error, time.monotonic()))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.3)
+    assert not waited
+    ended = time.monotonic()
+    if end == "complete":
+        run.status, run.result = Status.FINISHED, 42
+        assert queue.complete(run)
+    elif end == "cancel":
+        queue.cancel(run.identifier)
+    else:
+        queue.delete(run.identifier)
+    thread.join(10)
+    outcome, at = waited[0]
+    assert at - ended < (0.05 if dsn.startswith("redis") else 0.2)
+    if end == "complete":
+        assert (outcome.status, outcome.result) == (Status.FINISHED, 42)
+    elif end == "cancel":
+        assert (outcome.status, outcome.error) == (Status.FAILED, "Cancelled")
+    else:
+        assert isinstance(outcome, TaskNotFound)
+
+
+@contract
+def test_cancel_ends_a_waiting_task_that_then_never_runs(queue):
+    ready, delayed, done = Task("p", RecordingJob, retries=3), Task("p", RecordingJob, delay=0.2), Task("p", RecordingJob)
+    queue.add(ready, delayed, done)
+    queue.update_status(done, Status.FINISHED)
+    for task in (ready, delayed):
+        cancelled = queue.cancel(task.identifier)
+        assert (cancelled.status, cancelled.error, cancelled.finished_at is not None) == (Status.FAILED, "Cancelled", True)
+    time.sleep(0.25)
+    assert queue.fetch("p", timeout=0) is None
+    assert queue.find(ready.identifier).error == "Cancelled" and queue.count(status=Status.FAILED) == 2
+    for ended in (done, ready):
+        with pytest.raises(jobqueue.TaskConflict, match="only waiting and running tasks can be cancelled"):
+            queue.cancel(ended.identifier)
+    assert queue.find(done.identifier).status is Status.FINISHED
+    with pytest.raises(TaskNotFound):
+        queue.cancel("nope")
+
+
+@contract
+def test_cancel_of_a_running_task_fences_its_run_and_tells_its_worker(queue):
+    queue.add(Task("p", RecordingJob, retries=3), Task("p", RecordingJob))
+    run, other = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
+    assert queue.cancelled([run, other]) == set()
+    assert queue.cancel(run).status is Status.FAILED
+    assert queue.cancelled([run, other]) == {run.identifier}
+    run.status, run.result = Status.FINISHED, "too late"
+    assert not queue.complete(run)
+    run.status, run.failures, run.run_at = Status.WAITING, 1, datetime.now(timezone.utc)
+    assert not queue.complete(run)
+    stored = queue.find(run.identifier)
+    assert (stored.status, stored.error, stored.result) == (Status.FAILED, "Cancelled", None)
+    assert queue.fetch("p", timeout=0) is None and queue.completed() == {}
+
+
+@contract
+def test_progress_of_a_run_is_stored_and_shown(queue, dsn):
+    queue.add(Task("p", RecordingJob))
+    assert queue.find(queue.search()[0].identifier).progress is None
+    run = queue.fetch("p", timeout=0)
+    assert queue.set_progress(run, 0.25, "a quarter")
+    seen = queue_from_dsn(dsn).find(run.identifier).to_json()["progress"]
+    assert (seen["fraction"], seen["message"]) == (0.25, "a quarter")
+    assert abs(datetime.fromisoformat(seen["at"]).timestamp() - time.time()) < 5
+    assert "Progress : 25% a quarter (at " in jobqueue.format_task(queue.find(run.identifier))
+    for fraction, message in ((1.5, None), (-0.1, None), (True, None), ("half", None), (0.5, 3)):
+        with pytest.raises(ValueError):
+            queue.set_progress(run, fraction, message)
+    assert queue.set_progress(run, 1)
+    run.status = Status.FINISHED
+    assert queue.complete(run)
+    assert queue.find(run.identifier).progress["fraction"] == 1.0
+    assert not queue.set_progress(run, 0.5)
+    queue.add(Task("p", RecordingJob))
+    again = queue.fetch("p", timeout=0)
+    assert queue.set_progress(again, 0.5) and queue.cancel(again).progress["fraction"] == 0.5
+    assert queue.retry(again.identifier).progress is None, "a task back to waiting starts without progress"
 
 
 @contract
