@@ -3858,6 +3858,56 @@ def test_cli_timeout_interrupts_a_sleeping_job(dsn, queue, tmp_path):
     assert f"{task.identifier} slow failed in 1." in result.stderr
 
 
+def steps_task(tmp_path: Path, **options) -> Task:
+    return Task("steps", StepsJob, {"started": str(tmp_path / "started"), "release": str(tmp_path / "release")},
+                **options)
+
+
+def test_wait_returns_within_bounds_once_a_worker_process_finishes_the_task(dsn, queue, tmp_path, running):
+    task = steps_task(tmp_path)
+    queue.add(task)
+    running(dsn, "worker", "steps")
+    wait_for_file(tmp_path / "started")
+    waited = []
+    other = queue_from_dsn(dsn)
+    waiter = threading.Thread(target=lambda: waited.append((other.wait(task.identifier, 20), time.time())))
+    waiter.start()
+    progress = queue.find(task.identifier).progress
+    assert (progress["fraction"], progress["message"]) == (0.5, "half way"), "progress is stored while the job runs"
+    (tmp_path / "release").write_text("go")
+    waiter.join(20)
+    ended, returned_at = waited[0]
+    assert (ended.status, ended.result) == (Status.FINISHED, "released") and ended.progress["message"] == "half way"
+    assert returned_at - ended.finished_at.timestamp() < (0.05 if dsn.startswith("redis") else 0.2)
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_cancel_stops_a_running_job_in_a_worker_process_and_it_is_never_retried(dsn, queue, tmp_path, running,
+                                                                                 isolation):
+    task = steps_task(tmp_path, retries=3)
+    queue.add(task)
+    worker = running(dsn, "worker", "steps", "--isolation", isolation)
+    wait_for_file(tmp_path / "started")
+    assert queue.find(task.identifier).progress["message"] == "half way", "the job's progress reached the queue"
+    job_pid = int((tmp_path / "started").read_text())
+    cancelled_at = time.monotonic()
+    assert queue.cancel(task.identifier).status is Status.FAILED
+    if isolation == "thread":
+        wait_for_file(tmp_path / "started.stopped", timeout=2)
+        assert (tmp_path / "started.stopped").read_text() == "JobCancelled"
+    else:
+        assert job_pid != worker.process.pid
+        wait_until(lambda: process_gone(job_pid), timeout=2)
+    assert time.monotonic() - cancelled_at < 2
+    following = Task("steps", add_numbers, {"a": 1, "b": 2})
+    queue.add(following)
+    assert queue.wait(following.identifier, timeout=20).result == 3, "the worker goes on (a new child if need be)"
+    stopped = queue.find(task.identifier)
+    assert (stopped.status, stopped.error, stopped.attempts, stopped.result) == (Status.FAILED, "Cancelled", 1, None)
+    worker.wait_for(f"{task.identifier} steps cancelled: stopping its job", "err")
+    assert not (tmp_path / "release").exists() and queue.count(status=Status.WAITING) == 0
+
+
 def test_cli_timeouts_at_the_edge_never_wedge_the_worker(tmp_path):
     """The same stress as above through a CLI worker, where timeouts arrive as SIGALRM in the main thread."""
     queue = SQLiteQueue(tmp_path / "edge.db")
