@@ -4667,8 +4667,8 @@ def _print_outcome(queue: Queue, identifier: str, timeout: float | None) -> int:
         try:
             task = queue.wait(identifier, _remaining(deadline))
             break
-        except TimeoutError as error:
-            print(f"jobqueue: {error}", file=sys.stderr)
+        except TimeoutError:
+            print(f"jobqueue: task {identifier} did not end within {timeout:g} s", file=sys.stderr)
             return 124
         except BackendUnavailable as error:
             outage_since = outage_since or time.monotonic()

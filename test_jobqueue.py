@@ -2719,15 +2719,15 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     document = call(server, "GET", "/openapi.json").json
     validate(document)
     assert document["openapi"].startswith("3.1")
-    task, failed = Task("p", RecordingJob), Task("p", RecordingJob)
-    queue.add(task, failed)
+    task, failed, cancellable = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(task, failed, cancellable)
     queue.update_status(failed, Status.FAILED)
     bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"}}
     operations = 0
     for template, item in document["paths"].items():
         for method in ("get", "post", "patch", "delete"):
             if method in item:
-                target = failed if template.endswith("/retry") else task
+                target = {"/retry": failed, "/cancel": cancellable}.get(template[template.rfind("/"):], task)
                 path = template.replace("{identifier}", target.identifier)
                 answer = call(server, method.upper(), path, bodies.get(method))
                 assert answer.status in {int(code) for code in item[method]["responses"]}, (method, path, answer)
@@ -2762,6 +2762,63 @@ def test_http_retry_route(serve, queue):
     assert refused.status == 409 and "only failed tasks can be retried" in refused.json["message"]
     assert call(server, "POST", "/task/nope/retry").status == 404
     assert call(server, "GET", f"/task/{failed.identifier}/retry").headers["Allow"] == "POST"
+
+
+def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_served(serve, queue):
+    server = serve()
+    slow, never = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(slow, never)
+    answers = {}
+
+    def poll(name, path):
+        started = time.monotonic()
+        answers[name] = (call(server, "GET", path), time.monotonic() - started)
+
+    def finish_later():
+        time.sleep(0.4)
+        run = queue.fetch("p", timeout=0)
+        run.status, run.result = Status.FINISHED, "done"
+        assert queue.complete(run)
+
+    polls = [threading.Thread(target=poll, args=("slow", f"/task/{slow.identifier}?wait=10")),
+             threading.Thread(target=poll, args=("never", f"/task/{never.identifier}?wait=0.8")),
+             threading.Thread(target=finish_later)]
+    for thread in polls:
+        thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert call(server, "GET", "/stats").status == 200 and call(server, "GET", "/health").status == 200
+    assert time.monotonic() - started < 0.3, "other requests are served while two requests wait"
+    for thread in polls:
+        thread.join(15)
+    answer, seconds = answers["slow"]
+    assert answer.status == 200 and answer.json["status"] == "finished" and answer.json["result"] == "done"
+    assert 0.25 < seconds < 0.9
+    answer, seconds = answers["never"]
+    assert answer.status == 200 and answer.json["status"] == "waiting" and 0.75 < seconds < 1.5
+    started = time.monotonic()
+    assert call(server, "GET", f"/task/{never.identifier}?wait=0").json["status"] == "waiting"
+    assert time.monotonic() - started < 0.3
+    assert call(server, "GET", "/task/nope?wait=5").status == 404
+    for bad in ("-1", "abc", "61", "1e3", "0x10", "nan", "1,5"):
+        refused = call(server, "GET", f"/task/{never.identifier}?wait={bad}")
+        assert refused.status == 400 and refused.json["message"] == "wait must be a number of seconds from 0 to 60"
+
+
+def test_http_cancel_route(serve, queue):
+    server = serve()
+    waiting, running = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(running, waiting)
+    queue.fetch("p", timeout=0)
+    for task in (running, waiting):
+        answer = raw_exchange(server, f"POST /task/{task.identifier}/cancel HTTP/1.1\r\nHost: localhost\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"error": "Cancelled"' in answer
+        assert queue.find(task.identifier).status is Status.FAILED
+    refused = call(server, "POST", f"/task/{waiting.identifier}/cancel")
+    assert refused.status == 409 and "only waiting and running tasks can be cancelled" in refused.json["message"]
+    assert call(server, "POST", "/task/nope/cancel").status == 404
+    assert call(server, "GET", f"/task/{waiting.identifier}/cancel").headers["Allow"] == "POST"
 
 
 def test_http_a_request_without_a_body_needs_none(serve, queue):
@@ -3377,6 +3434,32 @@ def test_cli_follow_redraws_until_ctrl_c(dsn, running):
     follow.signal(signal.SIGINT)
     assert follow.wait() == 0
     assert identifier in "".join(follow.out) and "Traceback" not in "".join(follow.err)
+
+
+def test_cli_add_wait_exits_0_1_or_124_and_cancel_exits_2_when_it_cannot(dsn, queue):
+    worker = threading.Thread(target=Worker("w", queue, "p").consume, kwargs={"quantity": 2}, daemon=True)
+    worker.start()
+    finished = cli(dsn, "manager", "add", "p", "test_jobqueue.add_numbers", "a:=1", "b:=2", "--wait")
+    assert finished.returncode == 0, finished.stderr
+    assert added_identifier(finished) and finished.stdout.endswith("Status : finished\nResult : 3\n")
+    failed = cli(dsn, "manager", "add", "p", "test_jobqueue.FailingJob", "--wait", "--wait-timeout", "20s")
+    assert failed.returncode == 1 and failed.stderr.endswith("failed: RuntimeError: boom\n"), failed.stderr
+    worker.join(10)
+    started = time.monotonic()
+    idle = cli(dsn, "manager", "add", "idle", "test_jobqueue.RecordingJob", "--wait", "--wait-timeout", "0.5",
+               "--timeout", "30")
+    assert idle.returncode == 124 and idle.stderr.endswith(" did not end within 0.5 s\n"), idle.stderr
+    assert time.monotonic() - started < 5
+    identifier = re.search(rf"^Identifier : ({UUID.pattern})$", idle.stdout, re.M).group(1)
+    assert queue.find(identifier).timeout == 30, "--timeout stays the task's own time limit"
+    cancelled = cli(dsn, "manager", "cancel", identifier)
+    assert cancelled.returncode == 0 and "Status : failed" in cancelled.stdout
+    assert "Error : Cancelled" in cancelled.stdout
+    for args in ((identifier,), (str(uuid.uuid4()),)):
+        refused = cli(dsn, "manager", "cancel", *args)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    alone = cli(dsn, "manager", "add", "p", "test_jobqueue.RecordingJob", "--wait-timeout", "5")
+    assert alone.returncode == 2 and "--wait-timeout goes with --wait" in alone.stderr
 
 
 def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
