@@ -5395,6 +5395,8 @@ button.danger { border-color: #c0392b; color: #c0392b; }
 .mark { font-size: 1.1em; }
 .waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
 .identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
+.progress { display: inline-flex; gap: .3rem; align-items: center; margin-left: .4rem; font-size: .8rem; }
+.progress progress { width: 5rem; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
 dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
@@ -5460,6 +5462,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <dl id="detail-fields"></dl>
     <div class="pager">
       <button type="button" id="retry" hidden>Retry</button>
+      <button type="button" id="cancel" class="danger" hidden>Cancel</button>
       <button type="button" id="delete" class="danger">Delete</button>
       <button type="button" id="close">Close</button>
     </div>
@@ -5512,6 +5515,15 @@ function say(text) { $("message").textContent = text || ""; }
 
 function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
 
+function progressOf(task) {
+  const progress = task.progress;
+  if (!progress) return "";
+  const percent = Math.round(progress.fraction * 100) + "%";
+  return element("span", { class: "progress" },
+    element("progress", { max: "1", value: String(progress.fraction), "aria-label": "progress " + percent }),
+    percent + (progress.message ? " " + progress.message : ""));
+}
+
 async function refreshCounts() {
   const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
   const body = $("counts").tBodies[0];
@@ -5541,7 +5553,8 @@ async function refreshTasks() {
   const { data: tasks, response } = await api("GET", "/tasks?" + query());
   state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
   $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
-    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
+    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status,
+      task.status === "running" ? progressOf(task) : ""),
     element("td", {}, task.job_name),
     element("td", {}, task.profile),
     element("td", {}, when(task.created_at)),
@@ -5559,7 +5572,8 @@ async function show(identifier) {
   try {
     const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
     state.selected = task;
-    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
+    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Progress", progressOf(task) || "-"],
+      ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
       ["Run at", when(task.run_at)], ["Worker", task.worker || "-"], ["Attempts", task.attempts],
@@ -5570,6 +5584,7 @@ async function show(identifier) {
     $("detail-fields").replaceChildren(
       ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
     $("retry").hidden = task.status !== "failed";
+    $("cancel").hidden = !["waiting", "running"].includes(task.status);
     $("detail").hidden = false;
     $("detail-title").focus();
   } catch (error) { say(error.message); }
@@ -5597,6 +5612,8 @@ $("next").addEventListener("click", () => { state.offset += state.limit; refresh
 $("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
 $("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
   `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
+$("cancel").addEventListener("click", () => act(`Cancel task ${state.selected.identifier}?`, "POST",
+  `/task/${encodeURIComponent(state.selected.identifier)}/cancel`, () => show(state.selected.identifier)));
 $("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
   `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
 $("add").addEventListener("submit", async (event) => {

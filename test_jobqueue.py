@@ -4525,6 +4525,29 @@ def test_dashboard_detail_shows_the_traceback_and_retry_and_delete_work(dashboar
     assert board.errors == []
 
 
+def test_dashboard_shows_progress_and_cancels_waiting_and_running_tasks_only(dashboard):
+    board = dashboard()
+    running, waiting, done = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    board.queue.add(running, waiting, done)
+    board.queue.set_progress(board.queue.fetch("p", timeout=0), 0.42, "copying files")
+    board.queue.update_status(done, Status.FINISHED)
+    rows = board.open().wait_for_rows(lambda rows: any("42% copying files" in row for row in rows))
+    assert "running" in next(row for row in rows if "42%" in row)
+    assert board.page.locator("#tasks progress").get_attribute("value") == "0.42"
+    for task in (running, waiting):
+        board.page.click(f"button:has-text('{task.identifier}')")
+        board.page.wait_for_selector(f"#detail-fields >> text={task.identifier}")
+        assert board.page.locator("#cancel").is_visible()
+        board.page.click("#cancel")
+        wait_until(lambda task=task: board.queue.find(task.identifier).error == "Cancelled")
+        board.page.wait_for_selector("#detail-fields >> text=failed")
+        assert board.page.locator("#cancel").is_hidden() and board.page.locator("#retry").is_visible()
+    assert board.dialogs == [f"Cancel task {running.identifier}?", f"Cancel task {waiting.identifier}?"]
+    board.page.click(f"button:has-text('{done.identifier}')")
+    board.page.wait_for_selector(f"#detail-fields >> text={done.identifier}")
+    assert board.page.locator("#cancel").is_hidden() and board.errors == []
+
+
 def test_dashboard_adds_a_task(dashboard):
     board = dashboard().open()
     board.page.fill("#add-profile", "web")
