@@ -4379,6 +4379,21 @@ def test_code_is_ruff_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("title", ["Waiting for a result", "Cancel", "Progress"])
+def test_readme_flow_examples_run_and_print_what_they_say(tmp_path, title):
+    """Each Python example of these Flows subsections runs; each ``print(...)  # text`` prints that text."""
+    section = re.split(r"\n##+ ", (HERE / "README.md").read_text().split(f"\n### {title}\n", 1)[1], maxsplit=1)[0]
+    examples = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "print(" in block]
+    assert examples
+    for example in examples:
+        result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for said in re.findall(r"print\(.*\)\s+# (.*)", example):
+            for piece in said.split("\u2026"):
+                assert piece.strip() in result.stdout, (piece, result.stdout)
+
+
 def test_readme_first_run_commands_work(tmp_path, running):
     """README's "Run it": add the example task, then the worker runs it."""
     env = {"JOBQUEUE_DB": str(tmp_path / "first.db")}
