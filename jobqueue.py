@@ -1990,6 +1990,9 @@ class RedisQueue(Queue):
         self._registered: set[str] = set()
         self._offset, self._offset_due = 0.0, 0.0
         self._block_limit = _socket_timeout(client)
+        # Waits that may block a connection at once (BLPOP), so that many waiters (long polls) leave the
+        # connection pool to everyone else; a waiter beyond them reads the task every 20 ms instead.
+        self._blocking_waits = threading.BoundedSemaphore(_REDIS_CONNECTIONS // 2)
 
     def describe(self) -> str:
         return f"{self._description} (prefix {self.prefix})"
@@ -2262,7 +2265,13 @@ class RedisQueue(Queue):
             task = self._task(self._call(profile, "watch", id=identifier, waiter=waiter, seconds=math.ceil(block) + 5))
             if task is None or task.status in ENDED_STATUSES or remaining == 0:
                 return task
-            self.client.blpop([done], timeout=max(block, 0.01))
+            if not self._blocking_waits.acquire(blocking=False):
+                time.sleep(min(block, 0.02))
+                continue
+            try:
+                self.client.blpop([done], timeout=max(block, 0.01))
+            finally:
+                self._blocking_waits.release()
 
     def _cancel(self, identifier: str, now: float) -> Task | None:
         profile = self._locate(identifier)[0]
@@ -2597,6 +2606,7 @@ class SQLiteQueue(Queue):
                     if connection.execute("PRAGMA journal_mode").fetchone()["journal_mode"] != "wal":
                         connection.execute("PRAGMA journal_mode = WAL")
                     connection.executescript(_SQLITE_SCHEMA)
+                    self._add_missing_columns(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -2607,6 +2617,15 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
+
+    @staticmethod
+    def _add_missing_columns(connection: sqlite3.Connection) -> None:
+        """A file made by an older release gets the columns of the fields added since (nullable: '' is default)."""
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+        for column in TASK_FIELDS:
+            if column.name not in present:
+                kind = column.metadata["codec"].sql
+                connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {kind}")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

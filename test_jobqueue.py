@@ -1670,8 +1670,33 @@ def test_every_change_sent_twice_acts_once(redis_server):
     assert twice.update_status(following.identifier, Status.FAILED).status is Status.FAILED
     twice.delete(first.identifier)
     assert twice.count() == 1 and twice.restore() == 1
+    again = twice.fetch("p", timeout=0, worker="w")
+    assert twice.set_progress(again, 0.5, "half") and twice.find(again.identifier).progress["message"] == "half"
+    assert twice.cancel(again.identifier).error == "Cancelled", "a cancel sent twice answers as the first did"
+    assert twice.wait(again.identifier, timeout=1).status is Status.FAILED
     assert "FCALL" in twice.client.sent
     assert twice.flush() == 1
+
+
+def test_many_waiters_on_one_queue_leave_connections_to_others_and_all_wake_in_time(redis_server):
+    """Past the waiters that may block a connection (here one), waiters read the task every 20 ms."""
+    queue = queue_from_dsn(f"redis://127.0.0.1:{redis_server.port}/0?prefix=waiters")
+    queue._blocking_waits = threading.BoundedSemaphore(1)
+    queue.add(Task("p", RecordingJob))
+    run = queue.fetch("p", timeout=0)
+    woken = []
+    waiters = [threading.Thread(target=lambda: woken.append((queue.wait(run.identifier, 10), time.monotonic())))
+               for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)
+    assert queue.count(status=Status.RUNNING) == 1 and not woken
+    ended = time.monotonic()
+    run.status = Status.FINISHED
+    assert queue.complete(run)
+    for waiter in waiters:
+        waiter.join(10)
+    assert len(woken) == 4 and all(task.status is Status.FINISHED and at - ended < 0.05 for task, at in woken)
 
 
 def test_the_library_is_loaded_again_when_the_server_lost_it_and_runs_as_a_script_without_functions(redis_server):
@@ -1942,6 +1967,17 @@ def test_sqlite_older_than_3_35_is_refused_clearly(tmp_path, monkeypatch, capsys
         ServiceContainer.reset()
     assert "3.35.0 or newer" in capsys.readouterr().err
     assert not (tmp_path / "old.db").exists()
+
+
+def test_a_file_of_an_older_release_gets_the_columns_added_since(tmp_path):
+    path = tmp_path / "old.db"
+    SQLiteQueue(path).add(Task("p", RecordingJob))
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("ALTER TABLE jobqueue_tasks DROP COLUMN progress")
+    queue = SQLiteQueue(path)
+    run = queue.fetch("p", timeout=0)
+    assert run.progress is None and queue.set_progress(run, 0.5)
+    assert queue.find(run.identifier).progress["fraction"] == 0.5
 
 
 def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, monkeypatch):
