@@ -4305,9 +4305,13 @@ class WebService:
         text = request.arg("wait")
         if text is None:
             return 0.0
-        if not re.fullmatch(r"\d{1,3}(\.\d{1,6})?", text, re.ASCII) or float(text) > WAIT_MAX:
+        try:
+            seconds = float(text) if re.fullmatch(r"[0-9.eE+-]{1,40}", text, re.ASCII) else -1.0
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= WAIT_MAX:
             raise ValidationError(f"wait must be a number of seconds from 0 to {WAIT_MAX:g}")
-        return float(text)
+        return seconds
 
     def cancel_task(self, request: Request) -> Response:
         return Response(200, self.queue.cancel(request.params["identifier"]).to_json())
