@@ -2625,7 +2625,11 @@ class SQLiteQueue(Queue):
         for column in TASK_FIELDS:
             if column.name not in present:
                 kind = column.metadata["codec"].sql
-                connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {kind}")
+                try:
+                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {kind}")
+                except _sqlite3().OperationalError as error:
+                    if "duplicate column" not in str(error):  # another process added it meanwhile
+                        raise
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -3349,6 +3353,7 @@ def _serve_isolated(log_level: int, worker_pid: int) -> None:
     os.dup2(2, 1)
     targets: dict[str, Any] = {}
     loop = None
+
     def report(fraction: float, message: str | None) -> None:
         replies.write(json.dumps({"progress": [fraction, message]}) + "\n")
         replies.flush()
@@ -4702,8 +4707,7 @@ def _print_outcome(queue: Queue, identifier: str, timeout: float | None) -> int:
     if task.status is Status.FINISHED:
         print(f"Result : {json.dumps(task.result)}")
         return 0
-    print(f"jobqueue: task {identifier} failed: {(task.error or '').splitlines()[0] if task.error else '-'}",
-          file=sys.stderr)
+    print(f"jobqueue: task {identifier} failed: {(task.error or '-').splitlines()[0]}", file=sys.stderr)
     return 1
 
 
