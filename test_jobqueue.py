@@ -2840,6 +2840,13 @@ def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_s
     for bad in ("-1", "abc", "61", "1e3", "0x10", "nan", "inf", "1,5", "1e", "1..2", "-0.5", "%D9%A1"):
         refused = call(server, "GET", f"/task/{never.identifier}?wait={bad}")
         assert refused.status == 400 and refused.json["message"] == "wait must be a number of seconds from 0 to 60"
+    last = threading.Thread(target=poll, args=("last", f"/task/{never.identifier}?wait=30"))
+    last.start()
+    time.sleep(0.2)
+    server.stop()
+    last.join(5)
+    answer, seconds = answers["last"]
+    assert answer.status == 200 and answer.json["status"] == "waiting" and seconds < 2, "a stopping server ends waits"
 
 
 def test_http_cancel_route(serve, queue):
