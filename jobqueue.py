@@ -3402,8 +3402,7 @@ class _Watchdog:
     def __init__(self, worker: Worker):
         self.worker = worker
         self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._thread: threading.Thread | None = None  # the watchdog thread; one that is no longer it ends
         self._runs: dict[int, _WatchedRun] = {}
 
     @contextlib.contextmanager
@@ -3416,7 +3415,6 @@ class _Watchdog:
         with self._condition:
             self._runs[id(run)] = run
             if self._thread is None or not self._thread.is_alive():
-                self._closed = False
                 self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
                 self._thread.start()
             self._condition.notify()
@@ -3428,22 +3426,23 @@ class _Watchdog:
 
     def close(self) -> None:
         with self._condition:
-            self._closed = True
-            self._condition.notify()
+            self._thread = None  # a closing thread that a new consume() finds still alive is not reused
+            self._condition.notify_all()
 
     def _lease(self, task: Task) -> float:
         return task.lease or self.worker.lease  # type: ignore[return-value]
 
     def _loop(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._condition:
-                while not self._closed:
+                while self._thread is me:
                     now = time.monotonic()
                     due = min((run.due for run in self._runs.values()), default=math.inf)
                     if now >= due:
                         break
                     self._condition.wait(None if due == math.inf else due - now)
-                if self._closed:
+                if self._thread is not me:
                     return
                 renewals = []
                 for run in self._runs.values():
