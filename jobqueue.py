@@ -68,7 +68,7 @@ __all__ = [
     "JobError", "JobNotAllowed", "BackendUnavailable", "ConfigurationError",
     "EventDispatcher", "WorkerEvent", "TaskEvent",
     "WORKER_START", "WORKER_FINISHED", "TASK_FETCHED", "TASK_EXECUTED", "TASK_FAILED", "TASK_RETRIED",
-    "TASK_RECOVERED", "JobTimeout",
+    "TASK_RECOVERED", "JobTimeout", "JobCancelled",
     "Queue", "RedisQueue", "RedisDSN", "SQLiteQueue", "queue_from_dsn",
     "Worker", "Config", "ServiceContainer", "WebService", "main",
 ]
@@ -100,6 +100,10 @@ PRIORITY_MAX = 1_000_000
 UNIQUE_KEY_MAX = 256
 EXPIRED_ERROR = "Expired before it started"
 RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+CANCELLED = "Cancelled"  # the error of a cancelled task
+CANCEL_CHECK_INTERVAL = 0.5  # how often a worker asks whether a task in hand was cancelled
+WAIT_MAX = 60.0  # the longest GET /task/{id}?wait=S
+PROGRESS_MESSAGE_MAX = 1000
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -175,6 +179,10 @@ class JobTimeout(BaseException):
     """
 
 
+class JobCancelled(BaseException):
+    """Raised inside a job whose task was cancelled (``queue.cancel``) while it ran; a BaseException like JobTimeout."""
+
+
 class UsageError(JobQueueError):
     """A command used in a way it refuses, such as ``flush`` with nobody to confirm it."""
 
@@ -227,6 +235,7 @@ class Status(str, Enum):
 
 
 _STATUS_RANKS = {status: rank for rank, status in enumerate(Status)}
+ENDED_STATUSES = frozenset({Status.FINISHED, Status.FAILED})
 
 
 def validate_profile(name: object) -> str:
@@ -583,6 +592,27 @@ def _if_set(name: str, render: Callable[[Any], str] = str) -> Callable[[Task], s
     return lambda task: None if getattr(task, name) is None else render(getattr(task, name))
 
 
+def make_progress(fraction: Any, message: Any = None, at: float | None = None) -> dict[str, Any]:
+    """A task's progress as stored and shown: ``{"fraction": 0..1, "message": text or None, "at": ISO 8601}``."""
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction)
+            or not 0 <= fraction <= 1):
+        raise ValidationError(f"Progress is a fraction from 0 to 1, not {fraction!r}")
+    if message is not None and (not isinstance(message, str) or not _is_text(message)):
+        raise ValidationError("A progress message is a string")
+    if message is not None and len(message) > PROGRESS_MESSAGE_MAX:
+        raise ValidationError(f"A progress message is at most {PROGRESS_MESSAGE_MAX} characters")
+    when = _utcnow() if at is None else _from_timestamp(at)
+    return {"fraction": float(fraction), "message": message, "at": _iso(when)}
+
+
+def _progress_shown(task: Task) -> str | None:
+    progress = task.progress
+    if not progress:
+        return None
+    message = f" {progress['message']}" if progress.get("message") else ""
+    return f"{progress['fraction']:.0%}{message} (at {progress['at']})"
+
+
 def _is_required(column: dataclasses.Field) -> bool:
     return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
 
@@ -670,6 +700,11 @@ class Task:
     expires_at: datetime | None = _column(EPOCH, None, schema={**NULLABLE, "format": "date-time"},
                                           new={**NULLABLE, "format": "date-time"},
                                           show=((13.1, "Expires", _if_set("expires_at", _rfc2822)),))
+    progress: dict[str, Any] | None = _column(
+        JSON_TEXT, None, state=True, show=((6.5, "Progress", _progress_shown),), schema={
+            "type": ["object", "null"], "properties": {
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1}, "message": NULLABLE,
+                "at": {"type": "string", "format": "date-time"}}})
     delay: InitVar[float | None] = None
     expires: InitVar[float | None] = None
 
@@ -740,6 +775,16 @@ class Task:
 
     def has_tag(self, tag: str) -> bool:
         return tag in self.tags  # type: ignore[operator]
+
+    def set_progress(self, fraction: float, message: str | None = None) -> None:
+        """Inside a job: how far it got, from 0 to 1, and what it does now; the worker stores it at once.
+
+        A fraction outside 0..1 or a message that is not a string raises ValidationError (a ValueError).
+        """
+        self.progress = make_progress(fraction, message)
+        report = self.__dict__.get("_report_progress")
+        if report is not None:
+            report(fraction, message)
 
     def to_json(self) -> dict[str, Any]:
         """The task as the API and ``--json`` show it: the seed's fields, then ours."""
@@ -1223,6 +1268,14 @@ class Queue:
     - ``update_status(task, status)``: move a task by hand; ``running`` is refused;
       back to ``waiting`` re-enqueues it at the back of its profile, counters reset.
     - ``retry(identifier)``: a failed task back to waiting, counters reset.
+    - ``wait(identifier, timeout=None)``: the task once it is finished or failed;
+      TimeoutError after ``timeout`` seconds. Redis tells waiters when a task
+      ends (within 50 ms); SQLite is polled (within 200 ms).
+    - ``cancel(identifier)``: a waiting or running task ends failed with the
+      error ``Cancelled`` and is never retried; TaskConflict if it had ended.
+    - ``cancelled(tasks)``: which of these runs were cancelled since they were
+      fetched, so their worker interrupts them.
+    - ``set_progress(task, fraction, message=None)``: store a run's progress.
     - ``search(...)`` and ``count(...)``: tasks matching every filter given
       (``tags``: at least one of them), served from indexes.
     - ``delete(identifier)``, ``flush()``: remove one task, or all of this queue's data.
@@ -1266,6 +1319,7 @@ class Queue:
         for task in tasks:
             task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
             task.started_at = task.finished_at = task.error = task.result = None
+            task.progress = None
         if tasks:
             with self._errors():
                 now = self.clock()
@@ -1365,6 +1419,47 @@ class Queue:
     def retry(self, task: Task | str) -> Task:
         """Put a failed task back to waiting; ValidationError if it is not failed."""
         return self._change(task, Status.WAITING, only_failed=True)
+
+    def wait(self, identifier: str, timeout: float | None = None) -> Task:
+        """The task once it is finished or failed (at once if it is); TimeoutError after ``timeout`` seconds."""
+        timeout = _seconds("timeout", timeout)
+        identifier = str(identifier)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._errors():
+            task = self._wait(identifier, deadline)
+        if task is None:
+            raise TaskNotFound(identifier)
+        if task.status not in ENDED_STATUSES:
+            raise TimeoutError(f"Task {identifier} is still {task.status.value} after {timeout:g} s")
+        return task
+
+    def cancel(self, task: Task | str) -> Task:
+        """End a waiting or running task as failed with the error ``Cancelled``; it is never retried.
+
+        A running task's worker learns of it within a second and interrupts the
+        job. A task that has ended is left as it is: TaskConflict.
+        """
+        identifier = task.identifier if isinstance(task, Task) else str(task)
+        with self._errors():
+            cancelled = self._cancel(identifier, self.clock())
+        if cancelled is None:
+            raise TaskNotFound(identifier)
+        return cancelled
+
+    def cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        """The identifiers of those runs (tasks as their worker fetched them) that were cancelled since."""
+        if not tasks:
+            return set()
+        with self._errors():
+            return self._cancelled(tasks)
+
+    def set_progress(self, task: Task, fraction: float, message: str | None = None) -> bool:
+        """Store how far a run got (``task`` as its worker fetched it); False if that run no longer holds it."""
+        progress = make_progress(fraction, message, self.clock())
+        with self._errors():
+            stored = self._set_progress(task, json.dumps(progress))
+        task.progress = progress
+        return stored
 
     def _change(self, task: Task | str, status: Status, only_failed: bool) -> Task:
         identifier = task.identifier if isinstance(task, Task) else str(task)
@@ -1539,6 +1634,27 @@ class Queue:
         """Move the task (only a failed one if ``only_failed``); return it as it now is, or None."""
         raise NotImplementedError
 
+    def _wait(self, identifier: str, deadline: float | None) -> Task | None:
+        """The task once it ended, else as it is at the deadline; None if there is none. Here: polled."""
+        pause = 0.005
+        while True:
+            task = self._find(identifier)
+            remaining = _remaining(deadline)
+            if task is None or task.status in ENDED_STATUSES or remaining == 0:
+                return task
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, 0.1)
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        """Cancel the task (TaskConflict if it ended); return it as it now is, or None if there is none."""
+        raise NotImplementedError
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        raise NotImplementedError
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        raise NotImplementedError
+
     def _search(self, query: Filter) -> list[Task]:
         raise NotImplementedError
 
@@ -1605,6 +1721,16 @@ def format_rate(count: int, period: float) -> str:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _not_cancellable(identifier: str, status: str) -> TaskConflict:
+    return TaskConflict(f"Task {identifier} is {status}: only waiting and running tasks can be cancelled")
+
+
+def _cancelled_runs(tasks: Sequence[Task], stored: Iterable[tuple]) -> set[str]:
+    """The runs among ``tasks`` whose stored (status, attempts, error) say they were cancelled."""
+    return {task.identifier for task, (status, attempts, error) in zip(tasks, stored)
+            if status == Status.FAILED.value and error == CANCELLED and str(attempts) == str(task.attempts)}
 
 
 # == Queue: Redis ============================================================
@@ -1695,6 +1821,19 @@ local function fields(key)
   return task
 end
 
+-- Waiting for a task's end (queue.wait): each waiter adds itself to the set ':waiting:<id>' and blocks on
+-- the list ':done:<id>'; whatever ends or removes the task pushes one token per waiter there. Both expire.
+local DONE_SECONDS = 60
+local function tell_waiters(id)
+  local waiters = redis.call('SCARD', base .. ':waiting:' .. id)
+  if waiters > 0 then
+    local done, tokens = base .. ':done:' .. id, {}
+    for i = 1, math.min(waiters, WAKE_MAX) do tokens[i] = 1 end
+    redis.call('LPUSH', done, unpack(tokens))
+    redis.call('EXPIRE', done, DONE_SECONDS)
+  end
+end
+
 -- The index moves every status change shares; the FIFO list is the callers'.
 local function move(id, score, old, new, now)
   local key = task_key(id)
@@ -1709,6 +1848,7 @@ local function move(id, score, old, new, now)
   if ended(new) then
     redis.call('ZADD', ENDED, now, id)
     redis.call('HSET', key, 'finished_at', now)
+    tell_waiters(id)
   end
 end
 
@@ -1787,7 +1927,7 @@ end
 
 local function requeue(id, score, old, now)
   move(id, score, old, 'waiting', now)
-  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at')
+  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at', 'progress')
   redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
   local unique_key = redis.call('HGET', task_key(id), 'unique_key')
   if unique_key and not holder(unique_key) then redis.call('HSET', UNIQUE, unique_key, id) end
@@ -2035,6 +2175,7 @@ local function remove(id)
     if redis.call('EXISTS', tag_key(tag)) == 0 then redis.call('SREM', TAGS, tag) end
   end
   redis.call('DEL', key)
+  tell_waiters(id)
   return 1
 end
 
@@ -2170,6 +2311,39 @@ H.deliver = plain({'now', '...messages'}, function(a)
   for _, text in ipairs(a.messages) do tell(ctx, cjson.decode(text)) end
   spread(ctx)
   return redis.call('ZCARD', outbox())
+end)
+
+-- A waiter's turn (queue.wait): count it among the task's waiters for a while, then the task's fields.
+H.watch = plain({'id', 'waiter', 'seconds'}, function(a)
+  local waiting = base .. ':waiting:' .. a.id
+  redis.call('SADD', waiting, a.waiter)
+  redis.call('EXPIRE', waiting, a.seconds)
+  return cjson.encode(fields(task_key(a.id)))
+end)
+
+-- A waiting or running task ends failed with a.error ('Cancelled'); its worker sees it and stops the job.
+H.cancel = change({'now', 'id', 'error'}, function(a)
+  local key = task_key(a.id)
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'unique_key')
+  if not f[1] then return {} end
+  if ended(f[1]) then return redis.error_reply('ENDED ' .. a.id .. ' ' .. f[1]) end
+  if f[1] == 'waiting' then unqueue(a.id) end
+  if f[1] == 'running' then freed() end
+  move(a.id, f[2], f[1], 'failed', a.now)
+  release(a.id, f[3])
+  redis.call('ZREM', EXPIRES, a.id)
+  redis.call('HSET', key, 'error', a.error)
+  redis.call('HDEL', key, 'result', 'waits')
+  return {task = fields(key), posted = settle(a.id, 'failed', a.now)}
+end)
+
+-- A run's progress (JSON), stored if that run (its attempt number) still holds the task.
+H.progress = plain({'id', 'attempts', 'progress'}, function(a)
+  local key = task_key(a.id)
+  local f = redis.call('HMGET', key, 'status', 'attempts')
+  if f[1] ~= 'running' or f[2] ~= a.attempts then return 0 end
+  redis.call('HSET', key, 'progress', a.progress)
+  return 1
 end)
 
 -- Tasks of the statuses that ended before a.now, a page at a time. Returns {removed, scanned}.
@@ -2610,6 +2784,9 @@ class RedisQueue(Queue):
         self._block_limit = _socket_timeout(client)
         self._lock = threading.Lock()
         self._waker: _Waker | None = None
+        # Waits that may block a connection at once (BLPOP), so that many waiters (long polls) leave the
+        # connection pool to everyone else; a waiter beyond them reads the task every 20 ms instead.
+        self._blocking_waits = threading.BoundedSemaphore(_REDIS_CONNECTIONS // 2)
 
     def describe(self) -> str:
         return f"{self._description} (prefix {self.prefix})"
@@ -2649,6 +2826,8 @@ class RedisQueue(Queue):
             return ConfigurationError(f"{self.describe()} refused the credentials: {error}")
         if code == "EXISTS":
             return ValidationError(f"Task {str(error).split()[1]} already exists")
+        if code == "ENDED":
+            return _not_cancellable(*str(error).split()[1:3])
         if code == "NOTFAILED":
             _, identifier, status = str(error).split()[:3]
             return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
@@ -3010,6 +3189,48 @@ class RedisQueue(Queue):
             self._deliver([profile])
         return bool(deleted)
 
+    def _wait(self, identifier: str, deadline: float | None) -> Task | None:
+        """Block on the task's ``done`` list, in slices the client's socket timeout allows, re-reading the
+        task between them; the script that ends the task pushes a token there (``tell_waiters``)."""
+        profile = self._locate(identifier)[0]
+        if profile is None:
+            return None
+        waiter, done = uuid.uuid4().hex, f"{self._base(profile)}:done:{identifier}"
+        while True:
+            remaining = _remaining(deadline)
+            block = 5.0 if remaining is None else remaining
+            if self._block_limit:
+                block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
+            task = self._task(self._call(profile, "watch", id=identifier, waiter=waiter, seconds=math.ceil(block) + 5))
+            if task is None or task.status in ENDED_STATUSES or remaining == 0:
+                return task
+            if not self._blocking_waits.acquire(blocking=False):
+                time.sleep(min(block, 0.02))
+                continue
+            try:
+                self.client.blpop([done], timeout=max(block, 0.01))
+            finally:
+                self._blocking_waits.release()
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        profile = self._locate(identifier)[0]
+        if profile is None:
+            return None
+        reply = self._call(profile, "cancel", now=repr(now), id=identifier, error=CANCELLED)
+        if reply.get("posted") == 2:
+            self._deliver({profile})
+        return self._task(reply.get("task"))
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        replies = self._read([("HMGET", f"{self._base(task.profile)}:task:{task.identifier}", "status", "attempts",
+                               "error") for task in tasks])
+        return _cancelled_runs(tasks, [[None if value is None else _text(value) for value in reply]
+                                       for reply in replies])
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        return bool(self._call(task.profile, "progress", id=task.identifier, attempts=task.attempts,
+                               progress=progress))
+
     def _groups(self, query: Filter) -> list[tuple]:
         profiles = [query.profile] if query.profile else self._profiles()
         statuses = [query.status] if query.status else list(Status)
@@ -3326,7 +3547,8 @@ RETURNING identifier
 _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
 SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
-    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL, waits = NULL
+    started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL,
+    waits = NULL, progress = NULL
 WHERE seq = ?
 """
 
@@ -3454,6 +3676,7 @@ class SQLiteQueue(Queue):
                         connection.execute("PRAGMA journal_mode = WAL")
                     _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
+                    self._add_missing_columns(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -3464,6 +3687,19 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
+
+    @staticmethod
+    def _add_missing_columns(connection: sqlite3.Connection) -> None:
+        """A file made by an older release gets the columns of the fields added since (nullable: '' is default)."""
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
+        for column in TASK_FIELDS:
+            if column.name not in present:
+                kind = column.metadata["codec"].sql
+                try:
+                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {kind}")
+                except _sqlite3().OperationalError as error:
+                    if "duplicate column" not in str(error):  # another process added it meanwhile
+                        raise
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -3797,6 +4033,36 @@ class SQLiteQueue(Queue):
                     self._settle(connection, identifier, status, now)
             updated = connection.execute("SELECT * FROM jobqueue_tasks WHERE seq = ?", (row["seq"],)).fetchone()
         return _decode_task(updated)
+
+    def _cancel(self, identifier: str, now: float) -> Task | None:
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
+            ).fetchone()
+            if row is None:
+                return None
+            if Status(row["status"]) in ENDED_STATUSES:
+                raise _not_cancellable(identifier, row["status"])
+            updated = connection.execute(
+                "UPDATE jobqueue_tasks SET status = 'failed', status_rank = ?, error = ?, result = NULL,"
+                " finished_at = ?, position = NULL, lease_until = NULL, waits = NULL WHERE seq = ? RETURNING *",
+                (Status.FAILED.rank, CANCELLED, now, row["seq"])).fetchone()
+            self._settle(connection, identifier, Status.FAILED, now)
+        return _decode_task(updated)
+
+    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+        rows = self._connection().execute(
+            f"SELECT identifier, status, attempts, error FROM jobqueue_tasks"
+            f" WHERE identifier IN ({', '.join('?' * len(tasks))})", [task.identifier for task in tasks]).fetchall()
+        stored = {row["identifier"]: (row["status"], row["attempts"], row["error"]) for row in rows}
+        return _cancelled_runs(tasks, [stored.get(task.identifier, (None, None, None)) for task in tasks])
+
+    def _set_progress(self, task: Task, progress: str) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE jobqueue_tasks SET progress = ? WHERE identifier = ? AND status = 'running' AND attempts = ?",
+                (progress, task.identifier, task.attempts))
+        return cursor.rowcount == 1
 
     def _where(self, query: Filter) -> tuple:
         clauses, args = [], []
@@ -4192,15 +4458,18 @@ class _Child:
     """A long-lived process that runs a worker thread's tasks one at a time (``isolation="process"``).
 
     The worker sends each task as a JSON line and reads the outcome back as
-    one; meanwhile its watchdog renews the lease. At the timeout the child
-    is killed (SIGKILL) and the next task starts a new one, as it does after a
-    child died (a signal, an exit, memory exhausted). bench/RESULTS.md has
-    the measurement that chose this over a fork per task.
+    one; meanwhile its watchdog renews the lease. At the timeout, or when the
+    task is cancelled, the child is killed (SIGKILL) and the next task starts
+    a new one, as it does after a child died (a signal, an exit, memory
+    exhausted). The job's progress comes back as lines of its own, which the
+    worker stores. bench/RESULTS.md has the measurement that chose this over
+    a fork per task.
     """
 
     def __init__(self, worker: Worker):
         self.worker = worker
         self.process: Any = None
+        self.cancelled = False
         self._buffer = b""
 
     def run(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
@@ -4210,16 +4479,16 @@ class _Child:
         try:
             self.process.stdin.write(json.dumps(task.to_json()).encode() + b"\n")
             self.process.stdin.flush()
-            line = self._read_line(deadline)
+            while (line := self._read_line(deadline)) and "progress" in (outcome := json.loads(line)):
+                self.worker._store_progress(task, *outcome["progress"])
         except BaseException:
             self.close()
             raise
         if line is None:
             self.close()
-            return None, f"Timed out after {timeout:g} s (job process killed)\n"
+            return None, CANCELLED if self.cancelled else f"Timed out after {timeout:g} s (job process killed)\n"
         if not line:
             return None, self._death()
-        outcome = json.loads(line)
         return outcome.get("result"), outcome.get("error")
 
     def _start(self) -> None:
@@ -4236,14 +4505,16 @@ class _Child:
         self._buffer = b""
 
     def _read_line(self, deadline: float | None) -> bytes | None:
-        """One line from the child, b"" if it died, None at the deadline (the child is still running)."""
+        """One line from the child, b"" if it died, None at the deadline or once cancelled (the child still runs)."""
         import select
 
         fd = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
             if self.worker._aborting:
                 raise _JobAbandoned
-            wait = 0.5 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.5)
+            if self.cancelled:
+                return None
+            wait = 0.25 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.25)
             if not select.select([fd], [], [], wait)[0]:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
@@ -4294,7 +4565,22 @@ class _Slot:
         main = threading.current_thread() is threading.main_thread()
         self.guard = _Guard(worker.wake_signal if main else None)
         self.child = _Child(worker) if worker.isolation == "process" else None
+        self.cancelled = False
         worker._guards[self.guard.thread] = self.guard
+
+    def prepare(self) -> None:
+        """Before a task: nothing cancelled yet."""
+        self.cancelled = False
+        if self.child is not None:
+            self.child.cancelled = False
+
+    def cancel(self) -> None:
+        """From the watchdog: the task in hand was cancelled; kill its child, or raise JobCancelled in its job."""
+        self.cancelled = True
+        if self.child is not None:
+            self.child.cancelled = True
+        else:
+            self.guard.fire(JobCancelled)
 
     def execute(self, task: Task, timeout: float | None) -> tuple[Any, str | None]:
         """Run the job; return (result, None) or (None, the error text to record)."""
@@ -4304,9 +4590,13 @@ class _Slot:
             target = self.worker._target(task)
         except (Exception, SystemExit) as error:  # noqa: BLE001 - a job that cannot be imported fails its task
             return None, format_error(error)
+        task.__dict__["_report_progress"] = functools.partial(self.worker._store_progress, task)
         value, error = self.guard.call(lambda: self.worker._execute(target, task))
+        task.__dict__.pop("_report_progress", None)
         if isinstance(error, JobTimeout):
             return None, f"Timed out after {timeout:g} s\n"
+        if isinstance(error, JobCancelled):
+            return None, CANCELLED
         if isinstance(error, (KeyboardInterrupt, _JobAbandoned)):
             raise error
         return value, None if error is None else format_error(error)
@@ -4331,8 +4621,14 @@ def _serve_isolated(log_level: int, worker_pid: int) -> None:
     os.dup2(2, 1)
     targets: dict[str, Any] = {}
     loop = None
+
+    def report(fraction: float, message: str | None) -> None:
+        replies.write(json.dumps({"progress": [fraction, message]}) + "\n")
+        replies.flush()
+
     for line in sys.stdin:
         task = Task.from_json(json.loads(line))
+        task.__dict__["_report_progress"] = report
         try:
             target = targets.get(task.job) or targets.setdefault(task.job, resolve_job(task.job))
             if _is_coroutine_job(target):
@@ -4355,6 +4651,12 @@ class _WatchedRun:
     guard: _Guard | None
     deadline: float | None
     renew_at: float
+    on_cancel: Callable[[], None] | None = None
+    check_at: float = math.inf
+
+    @property
+    def due(self) -> float:
+        return min(self.renew_at, self.deadline or math.inf, self.check_at)
 
 
 class _Watchdog:
@@ -4368,20 +4670,21 @@ class _Watchdog:
     def __init__(self, worker: Worker):
         self.worker = worker
         self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._thread: threading.Thread | None = None  # the watchdog thread; one that is no longer it ends
         self._runs: dict[int, _WatchedRun] = {}
 
     @contextlib.contextmanager
-    def watching(self, task: Task, guard: _Guard | None, timeout: float | None) -> Iterator[None]:
+    def watching(self, task: Task, guard: _Guard | None, timeout: float | None,
+                 on_cancel: Callable[[], None] | None = None) -> Iterator[None]:
+        """Renew the task's lease and fire its timeout meanwhile; call ``on_cancel`` if it gets cancelled."""
         if guard is not None:
             guard.reset()
         now = time.monotonic()
-        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3)
+        run = _WatchedRun(task, guard, None if timeout is None else now + timeout, now + self._lease(task) / 3,
+                          on_cancel, math.inf if on_cancel is None else now + CANCEL_CHECK_INTERVAL)
         with self._condition:
             self._runs[id(run)] = run
             if self._thread is None or not self._thread.is_alive():
-                self._closed = False
                 self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
                 self._thread.start()
             self._condition.notify()
@@ -4393,23 +4696,23 @@ class _Watchdog:
 
     def close(self) -> None:
         with self._condition:
-            self._closed = True
-            self._condition.notify()
+            self._thread = None  # a closing thread that a new consume() finds still alive is not reused
+            self._condition.notify_all()
 
     def _lease(self, task: Task) -> float:
         return task.lease or self.worker.lease  # type: ignore[return-value]
 
     def _loop(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._condition:
-                while not self._closed:
+                while self._thread is me:
                     now = time.monotonic()
-                    due = min((min(run.renew_at, run.deadline or math.inf) for run in self._runs.values()),
-                              default=math.inf)
+                    due = min((run.due for run in self._runs.values()), default=math.inf)
                     if now >= due:
                         break
                     self._condition.wait(None if due == math.inf else due - now)
-                if self._closed:
+                if self._thread is not me:
                     return
                 renewals = []
                 for run in self._runs.values():
@@ -4420,8 +4723,28 @@ class _Watchdog:
                     if now >= run.renew_at:
                         run.renew_at = now + self._lease(run.task) / 3
                         renewals.append(run.task)
+                checks = [run for run in self._runs.values() if now >= run.check_at]
+                for run in checks:
+                    run.check_at = now + CANCEL_CHECK_INTERVAL
             for task in renewals:
                 self._renew(task)
+            if checks:
+                self._stop_cancelled(checks)
+
+    def _stop_cancelled(self, runs: list[_WatchedRun]) -> None:
+        """Ask the queue which runs were cancelled (one read); stop those still in hand, once."""
+        try:
+            cancelled = self.worker.queue.cancelled([run.task for run in runs])
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+            self.worker.logger.debug("Cancellations not checked: %s", error)
+            return
+        with self._condition:
+            for run in runs:
+                if run.task.identifier in cancelled and self._runs.get(id(run)) is run and run.on_cancel:
+                    self.worker.logger.warning("%s %s cancelled: stopping its job", run.task.identifier,
+                                               run.task.job_name)
+                    run.on_cancel()
+                    run.on_cancel, run.check_at = None, math.inf
 
     def _renew(self, task: Task) -> None:
         try:
@@ -4625,13 +4948,16 @@ class Worker:
         self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
         started = time.monotonic()
         timeout = task.timeout or self.timeout
+        slot.prepare()
         try:
-            with self.watchdog.watching(task, slot.guard, timeout):
+            with self.watchdog.watching(task, slot.guard, timeout, slot.cancel):
                 result, error = slot.execute(task, timeout)
         except BaseException:
             self._give_back(task, "interrupted")
             raise
-        if error is None:
+        if slot.cancelled:
+            task.status, task.error, task.result = Status.FAILED, CANCELLED, None
+        elif error is None:
             try:
                 task.result, task.error = _encode_result(result), None
                 task.status = Status.FINISHED
@@ -4646,7 +4972,7 @@ class Worker:
                 lambda: self.queue.complete_and_fetch(task, self.name, self.lease, self.profiles))
         else:
             recorded = self._backend(lambda: self.queue.complete(task))
-        if not recorded:
+        if not recorded and not slot.cancelled:
             self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
                                 task.identifier, task.job_name)
         self._report(task, time.monotonic() - started)
@@ -4750,6 +5076,13 @@ class Worker:
         if not isinstance(error, BackendUnavailable):
             error = BackendUnavailable(f"{self.queue.describe()} is unavailable: {type(error).__name__}: {error}")
         self.logger.error("%s; worker %s keeps trying", error, self.name)
+
+    def _store_progress(self, task: Task, fraction: float, message: str | None) -> None:
+        """Store a job's progress at once; a backend that cannot take it now costs a log line, not the job."""
+        try:
+            self.queue.set_progress(task, fraction, message)
+        except (JobQueueError, OSError) as error:
+            self.logger.warning("%s %s: progress not stored: %s", task.identifier, task.job_name, error)
 
     def _target(self, task: Task) -> Any:
         target = self._targets.get(task.job)
@@ -5145,7 +5478,10 @@ ROUTES = (
     Route("POST", "/tasks", "create_task", "Create a task", ok=201, reply=TASK_REPLY, errors=(400, 403, 409, 411, 413),
           body={"$ref": "#/components/schemas/NewTask"},
           also={200: "Nothing created: the task that holds the unique_key, waiting or running"}),
-    Route("GET", "/task/{identifier}", "show_task", "Show a task", reply=TASK_REPLY, errors=(404,)),
+    Route("GET", "/task/{identifier}", "show_task", "Show a task; with wait=S, once it ends or after S seconds",
+          reply=TASK_REPLY, errors=(400, 404), query=(
+              ("wait", {"type": "number", "minimum": 0, "maximum": WAIT_MAX},
+               f"seconds (up to {WAIT_MAX:g}) to wait for the task to end; it is answered as it is then"),)),
     Route("PATCH", "/task/{identifier}", "patch_task", "Set a task's status", reply=TASK_REPLY, errors=(400, 404),
           body={"type": "object", "required": ["status"], "additionalProperties": False, "properties": {
               "status": {"type": "string", "enum": [s for s in STATUS_COUNTS if s != Status.RUNNING]}}}),
@@ -5163,6 +5499,8 @@ ROUTES = (
           reply={"application/json": LIMITS_SCHEMA}, errors=(404,)),
     Route("PUT", "/profile/{profile}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
           reply={"application/json": LIMITS_SCHEMA}, errors=(400, 404, 411, 413), body=LIMITS_SCHEMA),
+    Route("POST", "/task/{identifier}/cancel", "cancel_task", "Cancel a waiting or running task (it ends failed)",
+          reply=TASK_REPLY, errors=(404, 409)),
     Route("GET", "/stats", "stats", "Counts per profile and status", reply={"application/json": {
         "type": "object", "additionalProperties": {"type": "object", "properties": STATUS_COUNTS}}}),
     Route("GET", "/completed", "completed", "Runs completed per profile, finished and failed (counters)"),
@@ -5253,6 +5591,7 @@ class WebService:
         self.insecure = insecure
         self.requests: dict[tuple, int] = {}
         self.gate = FairGate(HANDLERS_AT_ONCE)
+        self.closing = threading.Event()  # set by Server.stop: long polls answer at once
         self._lock = threading.Lock()
         self._routes = [(route, route.pattern) for route in ROUTES]
 
@@ -5356,7 +5695,30 @@ class WebService:
         return Response(201 if stored is task else 200, stored.to_json(), {"Location": f"/task/{stored.identifier}"})
 
     def show_task(self, request: Request) -> Response:
-        return Response(200, self.queue.find(request.params["identifier"]).to_json())
+        identifier, wait = request.params["identifier"], self._wait_seconds(request)
+        deadline = time.monotonic() + wait
+        if wait:
+            with self.gate.stepped_out():  # a long poll must not hold a place other requests queue for
+                while (remaining := deadline - time.monotonic()) > 0 and not self.closing.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        return Response(200, self.queue.wait(identifier, min(remaining, 1.0)).to_json())
+        return Response(200, self.queue.find(identifier).to_json())
+
+    @staticmethod
+    def _wait_seconds(request: Request) -> float:
+        text = request.arg("wait")
+        if text is None:
+            return 0.0
+        try:
+            seconds = float(text) if re.fullmatch(r"[0-9.eE+-]{1,40}", text, re.ASCII) else -1.0
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= WAIT_MAX:
+            raise ValidationError(f"wait must be a number of seconds from 0 to {WAIT_MAX:g}")
+        return seconds
+
+    def cancel_task(self, request: Request) -> Response:
+        return Response(200, self.queue.cancel(request.params["identifier"]).to_json())
 
     def patch_task(self, request: Request) -> Response:
         data = request.json(("status",))
@@ -5637,6 +5999,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def stop(self) -> None:
         """Stop accepting, close idle keep-alive connections, wait for requests in flight."""
         self.stopping = True
+        self.service.closing.set()
         self.shutdown()
         with self._handlers_lock:
             idle = [handler for handler in self._handlers if not handler.busy]
@@ -5753,10 +6116,45 @@ def cmd_add(args: argparse.Namespace) -> int:
                                                       "depends_on", "priority", "unique_key", "expires")
                if getattr(args, name) is not None}
     task = Task(args.profile, config.check_job(args.job), parameters, tags, **options)
-    stored = _queue().add(task)[0]
+    if args.wait_timeout is not None and not args.wait:
+        raise UsageError("--wait-timeout goes with --wait")
+    queue = _queue()
+    stored = queue.add(task)[0]
     if stored is not task:
         print(f'Nothing added: task {stored.identifier} holds unique key "{task.unique_key}"', file=sys.stderr)
-    print(format_task(stored))
+    print(format_task(stored), flush=True)
+    return _print_outcome(queue, stored.identifier, args.wait_timeout) if args.wait else 0
+
+
+def _print_outcome(queue: Queue, identifier: str, timeout: float | None) -> int:
+    """Wait for the task to end and print its result: 0 finished, 1 failed (its error on stderr), 124 timed out.
+
+    An outage meanwhile is waited out like any manager command's, without adding the task again.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outage_since = None
+    while True:
+        try:
+            task = queue.wait(identifier, _remaining(deadline))
+            break
+        except TimeoutError:
+            print(f"jobqueue: task {identifier} did not end within {timeout:g} s", file=sys.stderr)
+            return 124
+        except BackendUnavailable as error:
+            outage_since = outage_since or time.monotonic()
+            if time.monotonic() - outage_since >= Config.from_env().outage_wait:
+                raise JobQueueError(f"{error} (while waiting for task {identifier})") from error
+            time.sleep(0.5)
+    print(f"Status : {task.status.value}")
+    if task.status is Status.FINISHED:
+        print(f"Result : {json.dumps(task.result)}")
+        return 0
+    print(f"jobqueue: task {identifier} failed: {(task.error or '-').splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    print(format_task(_queue().cancel(args.identifier)))
     return 0
 
 
@@ -6372,6 +6770,7 @@ def build_parser() -> argparse.ArgumentParser:
         actions, "add", cmd_add, "Add a task. Parameters are name:value (a string) or name:=JSON (3, true, null).",
         "jobqueue manager add mail myapp.jobs.SendMailJob to:ada@example.com",
         "jobqueue manager add reports myapp.jobs:BuildJob --tags nightly finance year:=2024 draft:=true",
+        "jobqueue manager add reports myapp.jobs.BuildJob --wait --wait-timeout 5m   # print its result",
     )
     add.add_argument("profile", help="the profile whose workers run it")
     add.add_argument("job", help="import path of a Job subclass or @job function (myapp.jobs.SendMailJob)")
@@ -6394,6 +6793,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fail it, unrun, if no worker started it within this time")
     add.add_argument("--depends-on", nargs="+", action="extend", metavar="ID",
                      help="run only once these tasks have finished (fails if one of them fails)")
+    add.add_argument("--wait", action="store_true",
+                     help="wait for it to end and print its result: exit 0 finished, 1 failed, 124 wait ran out")
+    add.add_argument("--wait-timeout", type=_checked(parse_duration), metavar="DURATION",
+                     help="with --wait: stop waiting after this long (exit 124); --timeout limits the run itself")
 
     _schedule_commands(actions, add)
 
@@ -6420,6 +6823,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "jobqueue manager edit 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68 waiting")
     edit.add_argument("identifier", help="the task's identifier (a UUID)")
     edit.add_argument("status", type=_checked(Status), help="waiting, finished or failed")
+
+    cancel = _command(actions, "cancel", cmd_cancel,
+                      "Cancel a waiting or running task: it ends failed (Cancelled), its job stops, never retried.",
+                      "jobqueue manager cancel 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
+    cancel.add_argument("identifier", help="the task's identifier (a UUID)")
 
     delete = _command(actions, "delete", cmd_delete, "Delete a task.",
                       "jobqueue manager delete 47a5b21d-0a02-4e6e-b8c9-51dc1534cb68")
@@ -6618,6 +7026,8 @@ button.danger { border-color: #c0392b; color: #c0392b; }
 .mark { font-size: 1.1em; }
 .waiting { color: #1f6fd0; } .running { color: #b58900; } .finished { color: #2e8b3e; } .failed { color: #c0392b; }
 .identifier { font-family: ui-monospace, monospace; font-size: .8rem; }
+.progress { display: inline-flex; gap: .3rem; align-items: center; margin-left: .4rem; font-size: .8rem; }
+.progress progress { width: 5rem; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f3f4f6; padding: .5rem; font-size: .8rem; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
 dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
@@ -6693,6 +7103,7 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
     <dl id="detail-fields"></dl>
     <div class="pager">
       <button type="button" id="retry" hidden>Retry</button>
+      <button type="button" id="cancel" class="danger" hidden>Cancel</button>
       <button type="button" id="delete" class="danger">Delete</button>
       <button type="button" id="close">Close</button>
     </div>
@@ -6744,6 +7155,15 @@ async function api(method, path, body) {
 function say(text) { $("message").textContent = text || ""; }
 
 function when(iso) { return iso ? new Date(iso).toLocaleString() : "-"; }
+
+function progressOf(task) {
+  const progress = task.progress;
+  if (!progress) return "";
+  const percent = Math.round(progress.fraction * 100) + "%";
+  return element("span", { class: "progress" },
+    element("progress", { max: "1", value: String(progress.fraction), "aria-label": "progress " + percent }),
+    percent + (progress.message ? " " + progress.message : ""));
+}
 
 async function refreshCounts() {
   const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
@@ -6797,7 +7217,8 @@ async function refreshTasks() {
   const { data: tasks, response } = await api("GET", "/tasks?" + query());
   state.total = Number(response.headers.get("X-Total-Count") || tasks.length);
   $("tasks").tBodies[0].replaceChildren(...tasks.map((task) => element("tr", {},
-    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status),
+    element("td", {}, element("span", { class: "mark " + task.status, "aria-hidden": "true" }, "■"), " ", task.status,
+      task.status === "running" ? progressOf(task) : ""),
     element("td", {}, task.job_name),
     element("td", {}, task.profile),
     element("td", {}, when(task.created_at)),
@@ -6815,7 +7236,8 @@ async function show(identifier) {
   try {
     const { data: task } = await api("GET", "/task/" + encodeURIComponent(identifier));
     state.selected = task;
-    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Job", task.job],
+    const rows = [["Identifier", task.identifier], ["Status", task.status], ["Progress", progressOf(task) || "-"],
+      ["Job", task.job],
       ["Profile", task.profile],
       ["Created", when(task.created_at)], ["Started", when(task.started_at)], ["Finished", when(task.finished_at)],
       ["Run at", when(task.run_at)], ["Schedule", task.schedule || "-"], ["Priority", task.priority],
@@ -6830,6 +7252,7 @@ async function show(identifier) {
     $("detail-fields").replaceChildren(
       ...rows.flatMap(([name, value]) => [element("dt", {}, name), element("dd", {}, value)]));
     $("retry").hidden = task.status !== "failed";
+    $("cancel").hidden = !["waiting", "running"].includes(task.status);
     $("detail").hidden = false;
     $("detail-title").focus();
   } catch (error) { say(error.message); }
@@ -6857,6 +7280,8 @@ $("next").addEventListener("click", () => { state.offset += state.limit; refresh
 $("close").addEventListener("click", () => { $("detail").hidden = true; state.selected = null; });
 $("retry").addEventListener("click", () => act(`Retry task ${state.selected.identifier}?`, "POST",
   `/task/${encodeURIComponent(state.selected.identifier)}/retry`, () => show(state.selected.identifier)));
+$("cancel").addEventListener("click", () => act(`Cancel task ${state.selected.identifier}?`, "POST",
+  `/task/${encodeURIComponent(state.selected.identifier)}/cancel`, () => show(state.selected.identifier)));
 $("delete").addEventListener("click", () => act(`Delete task ${state.selected.identifier}?`, "DELETE",
   `/task/${encodeURIComponent(state.selected.identifier)}`, () => { $("detail").hidden = true; }));
 $("add").addEventListener("submit", async (event) => {

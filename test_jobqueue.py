@@ -224,6 +224,26 @@ class AsyncNapJob(Job):
         return "napped"
 
 
+class StepsJob(Job):
+    """Reports progress, touches ``started`` with its pid, then waits for the ``release`` file (60 s at most).
+
+    If something stops it meanwhile (a cancel), it says what in ``started``.stopped, if it still can.
+    """
+
+    def perform(self, task):
+        task.set_progress(0.5, "half way")
+        started = Path(task.get_parameter("started"))
+        started.write_text(str(os.getpid()))
+        try:
+            deadline = time.monotonic() + 60
+            while not Path(task.get_parameter("release")).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except BaseException as error:
+            started.with_suffix(".stopped").write_text(type(error).__name__)
+            raise
+        return "released"
+
+
 class CrashJob(Job):
     """Ends its process, or wedges it, in the way ``how`` names; ``fine`` returns."""
 
@@ -1368,6 +1388,124 @@ def test_a_retry_waits_in_the_delayed_set(queue):
 
 
 @contract
+def test_wait_answers_ended_tasks_at_once_and_times_out_on_others(queue):
+    finished, failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(finished, failed, waiting)
+    queue.update_status(finished, Status.FINISHED)
+    queue.update_status(failed, Status.FAILED)
+    started = time.monotonic()
+    assert queue.wait(finished.identifier).status is Status.FINISHED
+    assert queue.wait(failed.identifier, timeout=5).status is Status.FAILED
+    assert time.monotonic() - started < 1
+    with pytest.raises(TaskNotFound):
+        queue.wait("nope", timeout=5)
+    for timeout in (0, 0.3):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"Task {waiting.identifier} is still waiting after"):
+            queue.wait(waiting.identifier, timeout=timeout)
+        assert timeout <= time.monotonic() - started < timeout + 0.5
+    with pytest.raises(ValidationError):
+        queue.wait(waiting.identifier, timeout=-1)
+
+
+@contract
+@pytest.mark.parametrize("end", ["complete", "cancel", "delete"])
+def test_wait_is_woken_when_the_task_ends(queue, dsn, end):
+    """On Redis the script that ends (or removes) the task wakes the waiter; SQLite is polled."""
+    queue.add(Task("p", RecordingJob))
+    run = queue.fetch("p", timeout=0)
+    waited = []
+
+    def waiter():
+        try:
+            waited.append((queue_from_dsn(dsn).wait(run.identifier, timeout=10), time.monotonic()))
+        except TaskNotFound as error:
+            waited.append((error, time.monotonic()))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.3)
+    assert not waited
+    ended = time.monotonic()
+    if end == "complete":
+        run.status, run.result = Status.FINISHED, 42
+        assert queue.complete(run)
+    elif end == "cancel":
+        queue.cancel(run.identifier)
+    else:
+        queue.delete(run.identifier)
+    thread.join(10)
+    outcome, at = waited[0]
+    assert at - ended < (0.05 if dsn.startswith("redis") else 0.2)
+    if end == "complete":
+        assert (outcome.status, outcome.result) == (Status.FINISHED, 42)
+    elif end == "cancel":
+        assert (outcome.status, outcome.error) == (Status.FAILED, "Cancelled")
+    else:
+        assert isinstance(outcome, TaskNotFound)
+
+
+@contract
+def test_cancel_ends_a_waiting_task_that_then_never_runs(queue):
+    ready, delayed = Task("p", RecordingJob, retries=3), Task("p", RecordingJob, delay=0.2)
+    done = Task("p", RecordingJob)
+    queue.add(ready, delayed, done)
+    queue.update_status(done, Status.FINISHED)
+    for task in (ready, delayed):
+        cancelled = queue.cancel(task.identifier)
+        assert (cancelled.status, cancelled.error) == (Status.FAILED, "Cancelled") and cancelled.finished_at
+    time.sleep(0.25)
+    assert queue.fetch("p", timeout=0) is None
+    assert queue.find(ready.identifier).error == "Cancelled" and queue.count(status=Status.FAILED) == 2
+    for ended in (done, ready):
+        with pytest.raises(jobqueue.TaskConflict, match="only waiting and running tasks can be cancelled"):
+            queue.cancel(ended.identifier)
+    assert queue.find(done.identifier).status is Status.FINISHED
+    with pytest.raises(TaskNotFound):
+        queue.cancel("nope")
+
+
+@contract
+def test_cancel_of_a_running_task_fences_its_run_and_tells_its_worker(queue):
+    queue.add(Task("p", RecordingJob, retries=3), Task("p", RecordingJob))
+    run, other = queue.fetch("p", timeout=0), queue.fetch("p", timeout=0)
+    assert queue.cancelled([run, other]) == set()
+    assert queue.cancel(run).status is Status.FAILED
+    assert queue.cancelled([run, other]) == {run.identifier}
+    run.status, run.result = Status.FINISHED, "too late"
+    assert not queue.complete(run)
+    run.status, run.failures, run.run_at = Status.WAITING, 1, datetime.now(timezone.utc)
+    assert not queue.complete(run)
+    stored = queue.find(run.identifier)
+    assert (stored.status, stored.error, stored.result) == (Status.FAILED, "Cancelled", None)
+    assert queue.fetch("p", timeout=0) is None and queue.completed() == {}
+
+
+@contract
+def test_progress_of_a_run_is_stored_and_shown(queue, dsn):
+    queue.add(Task("p", RecordingJob))
+    assert queue.find(queue.search()[0].identifier).progress is None
+    run = queue.fetch("p", timeout=0)
+    assert queue.set_progress(run, 0.25, "a quarter")
+    seen = queue_from_dsn(dsn).find(run.identifier).to_json()["progress"]
+    assert (seen["fraction"], seen["message"]) == (0.25, "a quarter")
+    assert abs(datetime.fromisoformat(seen["at"]).timestamp() - time.time()) < 5
+    assert "Progress : 25% a quarter (at " in jobqueue.format_task(queue.find(run.identifier))
+    for fraction, message in ((1.5, None), (-0.1, None), (True, None), ("half", None), (0.5, 3)):
+        with pytest.raises(ValueError):
+            queue.set_progress(run, fraction, message)
+    assert queue.set_progress(run, 1)
+    run.status = Status.FINISHED
+    assert queue.complete(run)
+    assert queue.find(run.identifier).progress["fraction"] == 1.0
+    assert not queue.set_progress(run, 0.5)
+    queue.add(Task("p", RecordingJob))
+    again = queue.fetch("p", timeout=0)
+    assert queue.set_progress(again, 0.5) and queue.cancel(again).progress["fraction"] == 0.5
+    assert queue.retry(again.identifier).progress is None, "a task back to waiting starts without progress"
+
+
+@contract
 def test_retry_puts_a_failed_task_back_and_refuses_others(queue):
     failed, waiting = Task("p", RecordingJob), Task("p", RecordingJob)
     queue.add(failed, waiting)
@@ -2006,8 +2144,33 @@ def test_every_change_sent_twice_acts_once(redis_server):
     assert twice.update_status(following.identifier, Status.FAILED).status is Status.FAILED
     twice.delete(first.identifier)
     assert twice.count() == 1 and twice.restore() == 1
+    again = twice.fetch("p", timeout=0, worker="w")
+    assert twice.set_progress(again, 0.5, "half") and twice.find(again.identifier).progress["message"] == "half"
+    assert twice.cancel(again.identifier).error == "Cancelled", "a cancel sent twice answers as the first did"
+    assert twice.wait(again.identifier, timeout=1).status is Status.FAILED
     assert "FCALL" in twice.client.sent
     assert twice.flush() == 1
+
+
+def test_many_waiters_on_one_queue_leave_connections_to_others_and_all_wake_in_time(redis_server):
+    """Past the waiters that may block a connection (here one), waiters read the task every 20 ms."""
+    queue = queue_from_dsn(f"redis://127.0.0.1:{redis_server.port}/0?prefix=waiters")
+    queue._blocking_waits = threading.BoundedSemaphore(1)
+    queue.add(Task("p", RecordingJob))
+    run = queue.fetch("p", timeout=0)
+    woken = []
+    waiters = [threading.Thread(target=lambda: woken.append((queue.wait(run.identifier, 10), time.monotonic())))
+               for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)
+    assert queue.count(status=Status.RUNNING) == 1 and not woken
+    ended = time.monotonic()
+    run.status = Status.FINISHED
+    assert queue.complete(run)
+    for waiter in waiters:
+        waiter.join(10)
+    assert len(woken) == 4 and all(task.status is Status.FINISHED and at - ended < 0.05 for task, at in woken)
 
 
 def test_the_library_is_loaded_again_when_the_server_lost_it_and_runs_as_a_script_without_functions(redis_server):
@@ -2384,6 +2547,17 @@ def test_a_file_from_an_older_version_gains_the_new_fields_and_keeps_its_tasks(t
         assert getattr(kept, column.name) == getattr(fresh, column.name), column.name
     queue.add(Task("p", RecordingJob, identifier="new"))
     assert [task.identifier for task in queue.search(order="date")] == ["kept", "new"]
+
+
+def test_a_file_of_an_older_release_gets_the_columns_added_since(tmp_path):
+    path = tmp_path / "old.db"
+    SQLiteQueue(path).add(Task("p", RecordingJob))
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("ALTER TABLE jobqueue_tasks DROP COLUMN progress")
+    queue = SQLiteQueue(path)
+    run = queue.fetch("p", timeout=0)
+    assert run.progress is None and queue.set_progress(run, 0.5)
+    assert queue.find(run.identifier).progress["fraction"] == 0.5
 
 
 def test_sqlite_set_up_retries_while_another_process_holds_the_file(tmp_path, monkeypatch):
@@ -3372,8 +3546,8 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     document = call(server, "GET", "/openapi.json").json
     validate(document)
     assert document["openapi"].startswith("3.1")
-    task, failed = Task("p", RecordingJob), Task("p", RecordingJob)
-    queue.add(task, failed)
+    task, failed, cancellable = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(task, failed, cancellable)
     queue.update_status(failed, Status.FAILED)
     bodies = {"post": {"profile": "p", "job": "a.B"}, "patch": {"status": "finished"},
               "put": {"profile": "p", "job": "a.B", "every": 60}}
@@ -3381,7 +3555,7 @@ def test_http_openapi_document_is_valid_and_every_route_answers(serve, queue):
     for template, item in document["paths"].items():
         for method in ("get", "post", "put", "patch", "delete"):
             if method in item:
-                target = failed if template.endswith("/retry") else task
+                target = {"/retry": failed, "/cancel": cancellable}.get(template[template.rfind("/"):], task)
                 path = (template.replace("{identifier}", target.identifier).replace("{name}", "nightly")
                         .replace("{profile}", "p"))
                 body = {} if template.endswith("/limits") and method == "put" else bodies.get(method)
@@ -3459,6 +3633,71 @@ def test_http_retry_route(serve, queue):
     assert refused.status == 409 and "only failed tasks can be retried" in refused.json["message"]
     assert call(server, "POST", "/task/nope/retry").status == 404
     assert call(server, "GET", f"/task/{failed.identifier}/retry").headers["Allow"] == "POST"
+
+
+def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_served(serve, queue):
+    server = serve()
+    slow, never = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(slow, never)
+    answers = {}
+
+    def poll(name, path):
+        started = time.monotonic()
+        answers[name] = (call(server, "GET", path), time.monotonic() - started)
+
+    def finish_later():
+        time.sleep(0.4)
+        run = queue.fetch("p", timeout=0)
+        run.status, run.result = Status.FINISHED, "done"
+        assert queue.complete(run)
+
+    polls = [threading.Thread(target=poll, args=("slow", f"/task/{slow.identifier}?wait=10")),
+             threading.Thread(target=poll, args=("never", f"/task/{never.identifier}?wait=0.8")),
+             threading.Thread(target=finish_later)]
+    for thread in polls:
+        thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert call(server, "GET", "/stats").status == 200 and call(server, "GET", "/health").status == 200
+    assert time.monotonic() - started < 0.3, "other requests are served while two requests wait"
+    for thread in polls:
+        thread.join(15)
+    answer, seconds = answers["slow"]
+    assert answer.status == 200 and answer.json["status"] == "finished" and answer.json["result"] == "done"
+    assert 0.25 < seconds < 0.9
+    answer, seconds = answers["never"]
+    assert answer.status == 200 and answer.json["status"] == "waiting" and 0.75 < seconds < 1.5
+    started = time.monotonic()
+    assert call(server, "GET", f"/task/{never.identifier}?wait=0").json["status"] == "waiting"
+    assert time.monotonic() - started < 0.3
+    assert call(server, "GET", "/task/nope?wait=5").status == 404
+    assert call(server, "GET", f"/task/{never.identifier}?wait=1e-3").json["status"] == "waiting"
+    for bad in ("-1", "abc", "61", "1e3", "0x10", "nan", "inf", "1,5", "1e", "1..2", "-0.5", "%D9%A1"):
+        refused = call(server, "GET", f"/task/{never.identifier}?wait={bad}")
+        assert refused.status == 400 and refused.json["message"] == "wait must be a number of seconds from 0 to 60"
+    last = threading.Thread(target=poll, args=("last", f"/task/{never.identifier}?wait=30"))
+    last.start()
+    time.sleep(0.2)
+    server.stop()
+    last.join(5)
+    answer, seconds = answers["last"]
+    assert answer.status == 200 and answer.json["status"] == "waiting" and seconds < 2, "a stopping server ends waits"
+
+
+def test_http_cancel_route(serve, queue):
+    server = serve()
+    waiting, running = Task("p", RecordingJob), Task("p", RecordingJob)
+    queue.add(running, waiting)
+    queue.fetch("p", timeout=0)
+    for task in (running, waiting):
+        answer = raw_exchange(server, f"POST /task/{task.identifier}/cancel HTTP/1.1\r\nHost: localhost\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"error": "Cancelled"' in answer
+        assert queue.find(task.identifier).status is Status.FAILED
+    refused = call(server, "POST", f"/task/{waiting.identifier}/cancel")
+    assert refused.status == 409 and "only waiting and running tasks can be cancelled" in refused.json["message"]
+    assert call(server, "POST", "/task/nope/cancel").status == 404
+    assert call(server, "GET", f"/task/{waiting.identifier}/cancel").headers["Allow"] == "POST"
 
 
 def test_http_a_request_without_a_body_needs_none(serve, queue):
@@ -3690,8 +3929,16 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(dsn, runn
     (tmp_path / "schemathesis.toml").write_text(
         '[[operations]]\ninclude-path = "/schedule/{name}"\n'
         'checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404"]\n')
+    with urllib.request.urlopen(f"{url}/openapi.json", timeout=10) as answer:
+        document = json.load(answer)
+    # The document as served, without GET /task/{id}?wait=S: the fuzzer would ask for up to 60 s on tasks it
+    # created, which nobody runs, and it gives up on a request after 10 s. The long poll and its input have tests
+    # of their own (test_http_long_poll_...).
+    assert [p["name"] for p in document["paths"]["/task/{identifier}"]["get"].pop("parameters")] == ["wait"]
+    (tmp_path / "openapi.json").write_text(json.dumps(document))
     result = subprocess.run(
-        [binary, "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "10", "--workers", "2",
+        [binary, "run", str(tmp_path / "openapi.json"), "--url", url, "--checks", "all", "--max-examples", "10",
+         "--workers", "2",
          "--no-color", "--generation-database", "none",
          "--phases", "fuzzing,stateful" if dsn.startswith("redis") else "coverage,fuzzing,stateful"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -4129,6 +4376,32 @@ def test_cli_follow_redraws_until_ctrl_c(dsn, running):
     follow.signal(signal.SIGINT)
     assert follow.wait() == 0
     assert identifier in "".join(follow.out) and "Traceback" not in "".join(follow.err)
+
+
+def test_cli_add_wait_exits_0_1_or_124_and_cancel_exits_2_when_it_cannot(dsn, queue):
+    worker = threading.Thread(target=Worker("w", queue, "p").consume, kwargs={"quantity": 2}, daemon=True)
+    worker.start()
+    finished = cli(dsn, "manager", "add", "p", "test_jobqueue.add_numbers", "a:=1", "b:=2", "--wait")
+    assert finished.returncode == 0, finished.stderr
+    assert added_identifier(finished) and finished.stdout.endswith("Status : finished\nResult : 3\n")
+    failed = cli(dsn, "manager", "add", "p", "test_jobqueue.FailingJob", "--wait", "--wait-timeout", "20s")
+    assert failed.returncode == 1 and failed.stderr.endswith("failed: RuntimeError: boom\n"), failed.stderr
+    worker.join(10)
+    started = time.monotonic()
+    idle = cli(dsn, "manager", "add", "idle", "test_jobqueue.RecordingJob", "--wait", "--wait-timeout", "0.5",
+               "--timeout", "30")
+    assert idle.returncode == 124 and idle.stderr.endswith(" did not end within 0.5 s\n"), idle.stderr
+    assert time.monotonic() - started < 5
+    identifier = re.search(rf"^Identifier : ({UUID.pattern})$", idle.stdout, re.M).group(1)
+    assert queue.find(identifier).timeout == 30, "--timeout stays the task's own time limit"
+    cancelled = cli(dsn, "manager", "cancel", identifier)
+    assert cancelled.returncode == 0 and "Status : failed" in cancelled.stdout
+    assert "Error : Cancelled" in cancelled.stdout
+    for args in ((identifier,), (str(uuid.uuid4()),)):
+        refused = cli(dsn, "manager", "cancel", *args)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    alone = cli(dsn, "manager", "add", "p", "test_jobqueue.RecordingJob", "--wait-timeout", "5")
+    assert alone.returncode == 2 and "--wait-timeout goes with --wait" in alone.stderr
 
 
 def test_cli_add_with_delay_retries_timeout_and_lease(dsn, queue):
@@ -4675,6 +4948,56 @@ def test_cli_timeout_counts_a_slow_import(tmp_path):
     assert SQLiteQueue(database).find(task.identifier).error.startswith("Timed out after 0.5 s")
 
 
+def steps_task(tmp_path: Path, **options) -> Task:
+    return Task("steps", StepsJob, {"started": str(tmp_path / "started"), "release": str(tmp_path / "release")},
+                **options)
+
+
+def test_wait_returns_within_bounds_once_a_worker_process_finishes_the_task(dsn, queue, tmp_path, running):
+    task = steps_task(tmp_path)
+    queue.add(task)
+    running(dsn, "worker", "steps")
+    wait_for_file(tmp_path / "started")
+    waited = []
+    other = queue_from_dsn(dsn)
+    waiter = threading.Thread(target=lambda: waited.append((other.wait(task.identifier, 20), time.time())))
+    waiter.start()
+    progress = queue.find(task.identifier).progress
+    assert (progress["fraction"], progress["message"]) == (0.5, "half way"), "progress is stored while the job runs"
+    (tmp_path / "release").write_text("go")
+    waiter.join(20)
+    ended, returned_at = waited[0]
+    assert (ended.status, ended.result) == (Status.FINISHED, "released") and ended.progress["message"] == "half way"
+    assert returned_at - ended.finished_at.timestamp() < (0.05 if dsn.startswith("redis") else 0.2)
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_cancel_stops_a_running_job_in_a_worker_process_and_it_is_never_retried(dsn, queue, tmp_path, running,
+                                                                                 isolation):
+    task = steps_task(tmp_path, retries=3)
+    queue.add(task)
+    worker = running(dsn, "worker", "steps", "--isolation", isolation)
+    wait_for_file(tmp_path / "started")
+    assert queue.find(task.identifier).progress["message"] == "half way", "the job's progress reached the queue"
+    job_pid = int((tmp_path / "started").read_text())
+    cancelled_at = time.monotonic()
+    assert queue.cancel(task.identifier).status is Status.FAILED
+    if isolation == "thread":
+        wait_for_file(tmp_path / "started.stopped", timeout=2)
+        assert (tmp_path / "started.stopped").read_text() == "JobCancelled"
+    else:
+        assert job_pid != worker.process.pid
+        wait_until(lambda: process_gone(job_pid), timeout=2)
+    assert time.monotonic() - cancelled_at < 2
+    following = Task("steps", add_numbers, {"a": 1, "b": 2})
+    queue.add(following)
+    assert queue.wait(following.identifier, timeout=20).result == 3, "the worker goes on (a new child if need be)"
+    stopped = queue.find(task.identifier)
+    assert (stopped.status, stopped.error, stopped.attempts, stopped.result) == (Status.FAILED, "Cancelled", 1, None)
+    worker.wait_for(f"{task.identifier} steps cancelled: stopping its job", "err")
+    assert not (tmp_path / "release").exists() and queue.count(status=Status.WAITING) == 0
+
+
 def test_cli_timeouts_at_the_edge_never_wedge_the_worker(tmp_path):
     """The same stress as above through a CLI worker, where timeouts arrive as SIGALRM in the main thread."""
     queue = SQLiteQueue(tmp_path / "edge.db")
@@ -5063,6 +5386,21 @@ def test_code_is_ruff_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("title", ["Waiting for a result", "Cancel", "Progress"])
+def test_readme_flow_examples_run_and_print_what_they_say(tmp_path, title):
+    """Each Python example of these Flows subsections runs; each ``print(...)  # text`` prints that text."""
+    section = re.split(r"\n##+ ", (HERE / "README.md").read_text().split(f"\n### {title}\n", 1)[1], maxsplit=1)[0]
+    examples = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "print(" in block]
+    assert examples
+    for example in examples:
+        result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        for said in re.findall(r"print\(.*\)\s+# (.*)", example):
+            for piece in said.split("\u2026"):
+                assert piece.strip() in result.stdout, (piece, result.stdout)
+
+
 def test_readme_first_run_commands_work(tmp_path, running):
     """README's "Run it": add the example task, then the worker runs it."""
     env = {"JOBQUEUE_DB": str(tmp_path / "first.db")}
@@ -5255,6 +5593,29 @@ def test_dashboard_shows_profile_limits_and_a_tasks_scheduling_options(dashboard
     detail = board.page.locator("#detail-fields").inner_text()
     assert re.search(r"Priority\s+4", detail) and re.search(r"Unique key\s+digest-7", detail)
     assert re.search(r"Expires\s+\S", detail) and board.errors == []
+
+
+def test_dashboard_shows_progress_and_cancels_waiting_and_running_tasks_only(dashboard):
+    board = dashboard()
+    running, waiting, done = Task("p", RecordingJob), Task("p", RecordingJob), Task("p", RecordingJob)
+    board.queue.add(running, waiting, done)
+    board.queue.set_progress(board.queue.fetch("p", timeout=0), 0.42, "copying files")
+    board.queue.update_status(done, Status.FINISHED)
+    rows = board.open().wait_for_rows(lambda rows: any("42% copying files" in row for row in rows))
+    assert "running" in next(row for row in rows if "42%" in row)
+    assert board.page.locator("#tasks progress").get_attribute("value") == "0.42"
+    for task in (running, waiting):
+        board.page.click(f"button:has-text('{task.identifier}')")
+        board.page.wait_for_selector(f"#detail-fields >> text={task.identifier}")
+        assert board.page.locator("#cancel").is_visible()
+        board.page.click("#cancel")
+        wait_until(lambda task=task: board.queue.find(task.identifier).error == "Cancelled")
+        board.page.wait_for_selector("#detail-fields >> text=failed")
+        assert board.page.locator("#cancel").is_hidden() and board.page.locator("#retry").is_visible()
+    assert board.dialogs == [f"Cancel task {running.identifier}?", f"Cancel task {waiting.identifier}?"]
+    board.page.click(f"button:has-text('{done.identifier}')")
+    board.page.wait_for_selector(f"#detail-fields >> text={done.identifier}")
+    assert board.page.locator("#cancel").is_hidden() and board.errors == []
 
 
 def test_dashboard_adds_a_task(dashboard):
