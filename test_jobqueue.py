@@ -478,7 +478,8 @@ def pytest_generate_tests(metafunc):
     """Tests marked ``contract`` run on every Redis topology too; the rest on SQLite and one Redis."""
     if "make_dsn" in metafunc.fixturenames:
         backends = CONTRACT_BACKENDS if metafunc.definition.get_closest_marker("contract") else BACKENDS
-        metafunc.parametrize("make_dsn", backends, indirect=True)
+        chosen = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("make_dsn", chosen.args if chosen else backends, indirect=True)
 
 
 @pytest.fixture
@@ -1678,10 +1679,8 @@ print(json.dumps(added))
 """
 
 
-@contract
+@pytest.mark.backends("sqlite", "redis", "cluster")  # a Sentinel master runs plain Redis's scripts
 def test_run_schedules_from_four_processes_at_once_adds_each_run_once(queue, dsn):
-    if dsn.startswith("redis+sentinel"):
-        pytest.skip("a Sentinel master runs the scripts of plain Redis, tested here too: time kept for the rest")
     start = at(queue, _utc(2026, 1, 5, 10))
     for number in range(12):
         queue.add_schedule(jobqueue.Schedule(f"s{number}", f"p{number % 3}", RecordingJob, every=60))
