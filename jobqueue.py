@@ -501,6 +501,18 @@ def _parse_datetime(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def _moment(seconds: float | None, at: Any, relative: str, absolute: str) -> datetime | None:
+    """A time given in seconds from now (``relative``) or as a date (``absolute``), not both; None if neither."""
+    if seconds is not None:
+        if at is not None:
+            raise ValidationError(f"Give {relative} or {absolute}, not both")
+        return _utcnow() + timedelta(seconds=seconds)
+    try:
+        return _parse_datetime(at)
+    except ValidationError as error:
+        raise ValidationError(f"{absolute}: {error}") from None
+
+
 def _seconds(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
     """A duration in seconds from a number (None stays None); ValidationError otherwise."""
     if value is None:
@@ -725,13 +737,9 @@ class Task:
         self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
         self.lease = _seconds("lease", self.lease, allow_zero=False)
         delay = _seconds("delay", delay)
+        self.run_at = _moment(delay, self.run_at, "delay", "run_at")
         if delay is not None:
-            if self.run_at is not None:
-                raise ValidationError("Give delay or run_at, not both")
-            self.run_at = _utcnow() + timedelta(seconds=delay)
-            self.__dict__["_delay"] = delay
-        elif self.run_at is not None:
-            self.run_at = _parse_datetime(self.run_at)
+            self.__dict__["_delay"] = delay  # counted again from when the queue stores it
         self._check_scheduling(_seconds("expires", expires, allow_zero=False))
 
     def _check_scheduling(self, expires: float | None) -> None:
@@ -744,16 +752,9 @@ class Task:
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key
                                             or len(self.unique_key) > UNIQUE_KEY_MAX or not _is_text(self.unique_key)):
             raise ValidationError(f"unique_key must be a non-empty string of at most {UNIQUE_KEY_MAX} characters")
+        self.expires_at = _moment(expires, self.expires_at, "expires", "expires_at")
         if expires is not None:
-            if self.expires_at is not None:
-                raise ValidationError("Give expires or expires_at, not both")
-            self.expires_at = _utcnow() + timedelta(seconds=expires)
             self.__dict__["_expires"] = expires
-        elif self.expires_at is not None:
-            try:
-                self.expires_at = _parse_datetime(self.expires_at)
-            except ValidationError as error:
-                raise ValidationError(f"expires_at: {error}") from None
 
     @property
     def job_name(self) -> str:
