@@ -1330,16 +1330,26 @@ class Queue:
                     if task.__dict__.get("_expires") is not None:
                         task.expires_at = _from_timestamp(now + task.__dict__.pop("_expires"))
                 existing = self._add(tasks, now)
+                for index, task in enumerate(tasks):
+                    if task.depends_on and index not in existing:
+                        self._as_stored(task)
             return [existing.get(index, task) for index, task in enumerate(tasks)]
         return []
+
+    def _as_stored(self, task: Task) -> None:
+        """What adding decided for a task with dependencies: failed at once (one failed), or waiting for
+        the task that holds a unique key in place of a redundant one of the batch."""
+        stored = self._find(task.identifier)
+        if stored is not None:
+            task.status, task.error, task.finished_at = stored.status, stored.error, stored.finished_at
+            task.depends_on = stored.depends_on
 
     def chain(self, *tasks: Task) -> list[Task]:
         """Add the tasks in one batch, each depending on the one before: they run in this order."""
         for before, task in zip(tasks, tasks[1:]):
             if isinstance(before, Task) and isinstance(task, Task) and before.identifier not in task.depends_on:
                 task.depends_on = [*task.depends_on, before.identifier]  # type: ignore[misc]
-        self.add(*tasks)
-        return list(tasks)
+        return self.add(*tasks)
 
     def fetch(
         self, profile: str | Sequence[str], timeout: float | None = None, worker: str | None = None,
@@ -1761,8 +1771,9 @@ local WAKE_MAX = 100
 -- The profile's key names, bound at the start of each call from KEYS[1], "{prefix:profile}".
 local base, QUEUE, DELAYED, WAKE, LEASES, ENDED, TAGS, COMPLETED
 local LEVELS, UNIQUE, EXPIRES, LIMITS, STARTS
+local expired_news  -- a claim expired a task whose dependents are in other slots (see claim_next)
 local function bind(keys)
-  base = keys[1]
+  base, expired_news = keys[1], false
   QUEUE, DELAYED, WAKE = base .. ':queue', base .. ':delayed', base .. ':wake'
   LEASES, ENDED, TAGS, COMPLETED = base .. ':leases', base .. ':ended', base .. ':tags', base .. ':completed'
   LEVELS, UNIQUE, EXPIRES = base .. ':levels', base .. ':unique', base .. ':expires'
@@ -1900,15 +1911,34 @@ local function holder(unique_key)
   return nil
 end
 
+-- What depends on a redundant task of the batch depends on the task holding its key (same profile) instead.
+local function redirect(tasks, holders)
+  for _, task in ipairs(tasks) do
+    if task.waits then
+      local waits, listed = cjson.decode(task.waits), cjson.decode(task.depends_on)
+      for id, holder_id in pairs(holders) do
+        if waits[id] then waits[holder_id], waits[id] = waits[id], nil end
+      end
+      local seen, depends_on = {}, {}
+      for _, id in ipairs(listed) do
+        id = holders[id] or id
+        if not seen[id] then seen[id] = true; depends_on[#depends_on + 1] = id end
+      end
+      task.waits, task.depends_on = cjson.encode(waits), cjson.encode(depends_on)
+    end
+  end
+end
+
 -- The tasks of an add that no unique_key makes redundant; each redundant one adds to existing {its position
 -- in the call, the holder's id, the holder's fields (none when the holder comes earlier in the same call)}.
 -- A kept task takes its key, and its place in EXPIRES.
 local function kept(tasks, existing)
-  local taken, stored = {}, {}
+  local taken, stored, holders = {}, {}, {}
   for position, task in ipairs(tasks) do
     local key = task.unique_key
     local held = key ~= '' and (taken[key] or holder(key))
     if held then
+      holders[task.identifier] = held
       existing[#existing + 1] = {position - 1, held, taken[key] and {} or fields(task_key(held))}
     else
       if key ~= '' then
@@ -1919,6 +1949,7 @@ local function kept(tasks, existing)
       stored[#stored + 1] = task
     end
   end
+  if next(holders) then redirect(stored, holders) end
   return stored
 end
 
@@ -1928,7 +1959,10 @@ end
 
 local function requeue(id, score, old, now)
   move(id, score, old, 'waiting', now)
-  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at', 'progress')
+  -- Put back by hand, it runs when a worker is free: no run_at, no expiry, whatever it had.
+  redis.call('HDEL', task_key(id), 'worker', 'started_at', 'finished_at', 'error', 'result', 'run_at', 'progress',
+             'expires_at')
+  redis.call('ZREM', EXPIRES, id)
   redis.call('HSET', task_key(id), 'failures', 0, 'lost', 0)
   local unique_key = redis.call('HGET', task_key(id), 'unique_key')
   if unique_key and not holder(unique_key) then redis.call('HSET', UNIQUE, unique_key, id) end
@@ -1954,7 +1988,7 @@ local function expire(id, f, now)
   redis.call('HSET', task_key(id), 'error', 'Expired before it started')
   redis.call('ZREM', EXPIRES, id)
   release(id, f[3])
-  settle(id, 'failed', now)
+  if settle(id, 'failed', now) == 2 then expired_news = true end
 end
 
 local function expire_due(now)
@@ -2018,19 +2052,22 @@ local function claim(id, worker, now, lease)
   return fields(key)
 end
 
--- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {}.
+-- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {};
+-- with posted = 2 when tasks it found expired have news for other slots (the client delivers it).
 local function claim_next(now, worker, lease)
   promote(now)
   local held = limited(now)
   if held then return held end
   local id = pop_ready()
+  local reply
   while id do
     local task = claim(id, worker, now, lease)
-    if task then return {task = task} end
+    if task then reply = {task = task} break end
     id = pop_ready()
   end
-  local next_due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')
-  return {due = next_due[2]}
+  reply = reply or {due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')[2]}
+  if expired_news then reply.posted = 2 end
+  return reply
 end
 
 -- Dependencies. A held task (one waiting for others) has the field 'waits', JSON {dependency: its profile}
@@ -2265,6 +2302,7 @@ H.recover = change({'now', 'max_lost'}, function(a)
       local worker = f[3] or '?'
       if lost >= max_lost then
         move(id, f[2], 'running', 'failed', now)
+        freed()
         release(id, redis.call('HGET', key, 'unique_key'))
         redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
         redis.call('HINCRBY', COMPLETED, 'failed', 1)
@@ -3075,7 +3113,9 @@ class RedisQueue(Queue):
             if len(messages) == _REDIS_BATCH:
                 pending.add(profile)
 
-    def _claim_reply(self, reply: Any) -> Task | float | None:
+    def _claim_reply(self, profile: str, reply: Any) -> Task | float | None:
+        if reply.get("posted") == 2:
+            self._deliver([profile])
         if "task" in reply:
             return self._task(reply["task"])
         return float(reply["due"]) if "due" in reply else None
@@ -3089,7 +3129,7 @@ class RedisQueue(Queue):
         while True:
             now, due = self.clock(), math.inf
             for profile in profiles:
-                claimed = self._claim_reply(self._call(profile, "claim", now=repr(now), worker=worker,
+                claimed = self._claim_reply(profile, self._call(profile, "claim", now=repr(now), worker=worker,
                                                        lease=repr(lease)))
                 if isinstance(claimed, Task):
                     return claimed
@@ -3100,9 +3140,9 @@ class RedisQueue(Queue):
             block = min(5.0 if remaining is None else remaining, max(due - now, 0.01))
             if self._block_limit:
                 block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
-            self._wait([f"{self._base(profile)}:wake" for profile in profiles], max(block, 0.01))
+            self._block_on_wake([f"{self._base(profile)}:wake" for profile in profiles], max(block, 0.01))
 
-    def _wait(self, keys: list[str], block: float) -> None:
+    def _block_on_wake(self, keys: list[str], block: float) -> None:
         """Block until a wake token on one of ``keys``, or ``block`` seconds.
 
         One BLPOP over them all, but on a cluster, where each profile is a slot
@@ -3148,7 +3188,7 @@ class RedisQueue(Queue):
         )
         if recorded == 2:
             self._deliver([task.profile])
-        claimed = self._claim_reply(following)
+        claimed = self._claim_reply(task.profile, following)
         return bool(recorded), claimed if isinstance(claimed, Task) else None
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
@@ -3425,8 +3465,8 @@ class RedisQueue(Queue):
                 continue
             task = schedule.task(at)
             try:
-                self.add(task)
-                added.append(task)
+                if self.add(task)[0] is task:  # else a task holding its unique_key stands in for it
+                    added.append(task)
             except ValidationError:
                 if self._find(task.identifier) is None:
                     raise
@@ -3510,7 +3550,10 @@ CREATE INDEX IF NOT EXISTS jobqueue_starts_by_profile ON jobqueue_starts (profil
 """
 
 # Columns a file made by an older version may lack: every field's, and the dependency count.
-_SQLITE_LATER_COLUMNS = [*((column.name, column.metadata["sql"]) for column in TASK_FIELDS), ("waits", "INTEGER")]
+# A NOT NULL column without a DEFAULT cannot be added to rows that exist: it is added nullable ('' is its default).
+_SQLITE_LATER_COLUMNS = [*((column.name, column.metadata["sql"] if "DEFAULT" in column.metadata["sql"]
+                            or "NOT NULL" not in column.metadata["sql"] else column.metadata["codec"].sql)
+                           for column in TASK_FIELDS), ("waits", "INTEGER")]
 
 _SQLITE_ORDERS = {
     "date": "created_at, seq",
@@ -3549,7 +3592,7 @@ _SQLITE_REQUEUE = """
 UPDATE jobqueue_tasks
 SET status = 'waiting', status_rank = 0, position = ?, failures = 0, lost = 0, worker = NULL,
     started_at = NULL, finished_at = NULL, error = NULL, result = NULL, run_at = NULL, lease_until = NULL,
-    waits = NULL, progress = NULL
+    waits = NULL, progress = NULL, expires_at = NULL
 WHERE seq = ?
 """
 
@@ -3576,16 +3619,6 @@ def _sql_value(column: dataclasses.Field, text: str) -> Any:
     if text == "" and column.default is not MISSING:
         text = None if column.default is None else column.metadata["codec"].store(column.default)
     return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
-
-
-def _add_missing_columns(connection: sqlite3.Connection) -> None:
-    """A file made by an older jobqueue gets the columns of fields added since: NULL (the field's default) in
-    the rows it has, or the column's own DEFAULT."""
-    have = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
-    for column in TASK_FIELDS if have else ():
-        if column.name not in have:
-            sql = column.metadata["sql"] if "DEFAULT" in column.metadata["sql"] else column.metadata["codec"].sql
-            connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {sql}")
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -3677,7 +3710,6 @@ class SQLiteQueue(Queue):
                         connection.execute("PRAGMA journal_mode = WAL")
                     _add_missing_columns(connection)
                     connection.executescript(_SQLITE_SCHEMA)
-                    self._add_missing_columns(connection)
                     self._schema_ready = True
                 return connection
             except sqlite3.OperationalError as error:
@@ -3688,19 +3720,6 @@ class SQLiteQueue(Queue):
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 0.1)
-
-    @staticmethod
-    def _add_missing_columns(connection: sqlite3.Connection) -> None:
-        """A file made by an older release gets the columns of the fields added since (nullable: '' is default)."""
-        present = {row["name"] for row in connection.execute("PRAGMA table_info(jobqueue_tasks)").fetchall()}
-        for column in TASK_FIELDS:
-            if column.name not in present:
-                kind = column.metadata["codec"].sql
-                try:
-                    connection.execute(f"ALTER TABLE jobqueue_tasks ADD COLUMN {column.name} {kind}")
-                except _sqlite3().OperationalError as error:
-                    if "duplicate column" not in str(error):  # another process added it meanwhile
-                        raise
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -3749,7 +3768,11 @@ class SQLiteQueue(Queue):
     def _add(self, tasks: Sequence[Task], now: float) -> dict[int, Task]:
         with self._write() as connection:
             existing = self._redundant(connection, tasks)
+            holders = {tasks[index].identifier: held.identifier for index, held in existing.items()}
             tasks = [task for index, task in enumerate(tasks) if index not in existing]
+            for task in tasks:  # what depends on a redundant task of the batch depends on its key's holder
+                if holders and task.depends_on:
+                    task.depends_on = list(dict.fromkeys(holders.get(d, d) for d in task.depends_on))
             rows = [_encode_task(task) for task in tasks]
             delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
             positions = iter(self._positions(connection, delayed.count(False)))
@@ -4177,9 +4200,8 @@ class SQLiteQueue(Queue):
                 connection.execute("UPDATE jobqueue_schedules SET next_run_at = ?, last_run_at = ? WHERE name = ?",
                                    (schedule.run_after(row["next_run_at"], now), now, row["name"]))
                 tasks.append(schedule.task(row["next_run_at"]))
-            if tasks:
-                self.add(*tasks)
-        return tasks
+            stored = self.add(*tasks)
+        return [task for task, kept in zip(tasks, stored) if kept is task]
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)

@@ -1819,6 +1819,75 @@ def test_dependencies_follow_changes_by_hand_and_lost_workers(queue):
 
 
 @contract
+def test_features_built_apart_work_together(queue):
+    """Found by review after the scheduling and flow features were merged: each line was wrong once."""
+    # A redundant task of a batch (its unique key held) stands in for itself in what depends on it.
+    holder = queue.add(Task("mix", RecordingJob, unique_key="k"))[0]
+    copy, after = Task("mix", RecordingJob, unique_key="k"), Task("mix", RecordingJob)
+    stored = queue.chain(copy, after)
+    assert [task.identifier for task in stored] == [holder.identifier, after.identifier]
+    assert queue.find(after.identifier).depends_on == [holder.identifier] and after.depends_on == [holder.identifier]
+    assert run_next(queue, "mix").identifier == holder.identifier
+    assert run_next(queue, "mix").identifier == after.identifier
+
+    # add() answers with what it stored: a task whose dependency had failed is failed already.
+    failed = queue.add(Task("mix", RecordingJob))[0]
+    queue.cancel(failed.identifier)
+    late = queue.add(Task("mix", RecordingJob, depends_on=[failed]))[0]
+    assert (late.status, late.error) == (Status.FAILED, f"Dependency {failed.identifier} failed")
+
+    # A task that expired is run again when retried by hand (its expiry is dropped).
+    stale = queue.add(Task("mix", RecordingJob, expires=1))[0]
+    later(queue, 5)
+    assert queue.fetch("mix", timeout=0) is None and queue.find(stale.identifier).status is Status.FAILED
+    assert queue.retry(stale.identifier).expires_at is None
+    assert queue.fetch("mix", timeout=0).identifier == stale.identifier
+
+
+@contract
+def test_a_claim_that_expires_a_task_fails_its_dependents_in_other_profiles_at_once(queue):
+    short = queue.add(Task("left", RecordingJob, expires=1))[0]
+    waiting = queue.add(Task("right", RecordingJob, depends_on=[short]))[0]
+    later(queue, 5)
+    assert queue.fetch("left", timeout=0) is None
+    assert queue.find(waiting.identifier).error == f"Dependency {short.identifier} failed", "without recover()"
+
+
+@contract
+def test_run_schedules_returns_only_the_tasks_it_stored(queue):
+    start = at(queue, _utc(2026, 1, 5, 10))
+    queue.add_schedule(jobqueue.Schedule("uniq", "p", RecordingJob, every=60, unique_key="one-at-a-time"))
+    assert len(queue.run_schedules(now=start + 60)) == 1
+    assert queue.run_schedules(now=start + 120) == [], "the next run's task was redundant: nothing stored"
+    assert queue.count(profile="p") == 1
+
+
+@pytest.mark.backends("redis", "cluster")
+def test_an_idle_fetch_blocks_instead_of_claiming_again_and_again(queue):
+    calls = []
+    real = queue._call
+    queue._call = lambda *args, **kwargs: (calls.append(args[1]), real(*args, **kwargs))[1]
+    queue.set_limits("busy", concurrency=1)
+    queue.add(Task("busy", RecordingJob), Task("busy", RecordingJob))
+    running = queue.fetch("busy", timeout=0)
+    calls.clear()
+    for profiles in (["empty"], ["busy"], ["empty", "busy"]):
+        assert queue.fetch(profiles, timeout=0.6) is None
+    assert calls.count("claim") <= 12, calls
+
+    # A worker given up for lost frees its place under the limit at once.
+    taken = []
+    blocked = threading.Thread(target=lambda: taken.append(queue.fetch("busy", timeout=5)))
+    blocked.start()
+    time.sleep(0.2)
+    later(queue, jobqueue.DEFAULT_LEASE + 1)
+    started = time.monotonic()
+    assert [task.identifier for task in queue.recover(max_lost=1)] == [running.identifier]
+    blocked.join(6)
+    assert taken[0] is not None and time.monotonic() - started < 1.0
+
+
+@contract
 def test_an_expired_dependency_fails_what_waits_and_a_failed_dependent_frees_its_unique_key(queue):
     short = Task("deps", RecordingJob, expires=5)
     waiting = Task("deps", RecordingJob, depends_on=[short], unique_key="report")
