@@ -2157,7 +2157,7 @@ local function hold(tasks, now)
   local ctx = news(now)
   for _, task in ipairs(tasks) do
     for dependency, profile in pairs(task.waits and cjson.decode(task.waits) or {}) do
-      tell(ctx, {'link', profile, dependency, ctx.here, task.identifier})
+      tell(ctx, {'link', profile, dependency, ctx.here, task.identifier, now})
     end
   end
   return spread(ctx)
@@ -2345,11 +2345,22 @@ H.delete = change({'now', 'id'}, function(a)
 end)
 
 -- Messages from other slots' outboxes (see hold); returns how many this slot's outbox holds now.
+-- Returns {how many this slot's outbox holds now, the messages left for later}: a link to a task not here
+-- yet (a batch across profiles stores one profile at a time) waits a while before it means "deleted".
+local LINK_GRACE = 10
 H.deliver = plain({'now', '...messages'}, function(a)
-  local ctx = news(a.now)
-  for _, text in ipairs(a.messages) do tell(ctx, cjson.decode(text)) end
+  local ctx, later = news(a.now), {}
+  for _, text in ipairs(a.messages) do
+    local m = cjson.decode(text)
+    if m[1] == 'link' and m[6] and tonumber(a.now) - tonumber(m[6]) < LINK_GRACE
+        and redis.call('EXISTS', task_key(m[3])) == 0 then
+      later[#later + 1] = text
+    else
+      tell(ctx, m)
+    end
+  end
   spread(ctx)
-  return redis.call('ZCARD', outbox())
+  return {redis.call('ZCARD', outbox()), later}
 end)
 
 -- A waiter's turn (queue.wait): count it among the task's waiters for a while, then the task's fields.
@@ -3105,12 +3116,16 @@ class RedisQueue(Queue):
             targets: dict[str, list[str]] = {}
             for message in messages:
                 targets.setdefault(json.loads(message)[1], []).append(message)
+            left: set[str] = set()
             for target, batch in targets.items():
-                if self._call(target, "deliver", now=repr(self.clock()), messages=batch):
+                waiting, later = self._call(target, "deliver", now=repr(self.clock()), messages=batch)
+                if waiting:
                     pending.add(target)
-            if messages:
-                self.client.zrem(outbox, *messages)
-            if len(messages) == _REDIS_BATCH:
+                left.update(_text(message) for message in later)
+            delivered = [message for message in messages if message not in left]
+            if delivered:
+                self.client.zrem(outbox, *delivered)
+            if len(messages) == _REDIS_BATCH and delivered:
                 pending.add(profile)
 
     def _claim_reply(self, profile: str, reply: Any) -> Task | float | None:

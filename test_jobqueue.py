@@ -2549,6 +2549,38 @@ def test_news_between_slots_survives_a_client_dying_midway(request, topology):
     assert not [key for key in queue.client.scan_iter("{slots:*") if ":call:" not in str(key)], "no outbox left"
 
 
+@pytest.mark.parametrize("topology", ["redis", "cluster"])
+def test_a_delivery_between_the_profiles_of_one_batch_fails_nothing(request, topology):
+    """A batch across profiles is stored one profile (one slot) at a time: another client's recover()
+    that delivers a link meanwhile finds the dependency not there yet, and leaves the link for later."""
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        here, there = list(profiles_on_each_master(cluster, "batch").values())[:2]
+        dsn = f"{cluster.dsn}?prefix=batch"
+    else:
+        here, there = "here", "there"
+        dsn = f"redis://127.0.0.1:{request.getfixturevalue('redis_server').port}/0?prefix=batch"
+    queue, other = queue_from_dsn(dsn), queue_from_dsn(dsn)
+    queue.flush()
+    dependency = Task(there, RecordingJob)
+    dependent = Task(here, RecordingJob, depends_on=[dependency])
+    call = queue._call
+
+    def call_then_recover_elsewhere(profile, handler, **values):
+        reply = call(profile, handler, **values)
+        if handler == "add" and profile == here:
+            other.recover()
+        return reply
+
+    queue._call = call_then_recover_elsewhere
+    queue.add(dependent, dependency)
+    queue._call = call
+    assert queue.find(dependent.identifier).status is Status.WAITING
+    assert run_next(queue, there).identifier == dependency.identifier
+    assert queue.fetch(here, timeout=0).identifier == dependent.identifier
+    queue.flush()
+
+
 # == Queue: SQLite ===========================================================
 
 
