@@ -1311,30 +1311,34 @@ class Queue:
     clock: Callable[[], float] = staticmethod(time.time)
 
     def add(self, *tasks: Task) -> list[Task]:
+        if not tasks:
+            return []
+        dependent = False
         for task in tasks:
             if not isinstance(task, Task):
                 raise ValidationError(f"Only Task objects can be added, not {type(task).__name__}")
-        if len(set(task.identifier for task in tasks)) != len(tasks):
+            dependent = dependent or bool(task.depends_on)
+        if len(tasks) > 1 and len({task.identifier for task in tasks}) != len(tasks):
             raise ValidationError("The same task is added twice")
-        _check_no_cycle(tasks)
+        if dependent:
+            _check_no_cycle(tasks)
         for task in tasks:
             task.status, task.attempts, task.failures, task.lost, task.worker = Status.WAITING, 0, 0, 0, None
-            task.started_at = task.finished_at = task.error = task.result = None
-            task.progress = None
-        if tasks:
-            with self._errors():
-                now = self.clock()
-                for task in tasks:
-                    if task.__dict__.get("_delay") is not None:
-                        task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
-                    if task.__dict__.get("_expires") is not None:
-                        task.expires_at = _from_timestamp(now + task.__dict__.pop("_expires"))
-                existing = self._add(tasks, now)
-                for index, task in enumerate(tasks):
-                    if task.depends_on and index not in existing:
-                        self._as_stored(task)
-            return [existing.get(index, task) for index, task in enumerate(tasks)]
-        return []
+            task.started_at = task.finished_at = task.error = task.result = task.progress = None
+        with self._errors():
+            now = self.clock()
+            for task in tasks:
+                if "_delay" in task.__dict__:
+                    task.run_at = _from_timestamp(now + task.__dict__.pop("_delay"))
+                if "_expires" in task.__dict__:
+                    task.expires_at = _from_timestamp(now + task.__dict__.pop("_expires"))
+            existing = self._add(tasks, now)
+            for index, task in enumerate(tasks) if dependent else ():
+                if task.depends_on and index not in existing:
+                    self._as_stored(task)
+        if not existing:
+            return list(tasks)
+        return [existing.get(index, task) for index, task in enumerate(tasks)]
 
     def _as_stored(self, task: Task) -> None:
         """What adding decided for a task with dependencies: failed at once (one failed), or waiting for
@@ -3065,13 +3069,13 @@ class RedisQueue(Queue):
             if task.depends_on:
                 encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
             batches.setdefault(task.profile, []).append((index, json.dumps(encoded)))
-        given = {task.identifier: task for task in tasks}
         existing: dict[int, Task] = {}
         for profile, entries in batches.items():
             self._register(profile)
             _, redundant = self._call(profile, "add", now=repr(now), tasks=[encoded for _, encoded in entries])
             for position, holder, fields in redundant or ():
-                existing[entries[position][0]] = given.get(holder) or self._task(fields)  # type: ignore[assignment]
+                given = next((task for task in tasks if task.identifier == holder), None)
+                existing[entries[position][0]] = given or self._task(fields)  # type: ignore[assignment]
         if where:
             self._deliver({task.profile for task in tasks if task.depends_on})
         return existing
