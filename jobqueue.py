@@ -4056,11 +4056,14 @@ class SQLiteQueue(Queue):
         ).fetchone()
         return None if row is None else _decode_task(row)
 
+    @staticmethod
+    def _seq_and_status(connection: sqlite3.Connection, identifier: str) -> dict | None:
+        return connection.execute("SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?",
+                                  (identifier,)).fetchone()
+
     def _update_status(self, identifier: str, status: Status, now: float, only_failed: bool) -> Task | None:
         with self._write() as connection:
-            row = connection.execute(
-                "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
-            ).fetchone()
+            row = self._seq_and_status(connection, identifier)
             if row is None:
                 return None
             if only_failed and row["status"] != Status.FAILED.value:
@@ -4079,9 +4082,7 @@ class SQLiteQueue(Queue):
 
     def _cancel(self, identifier: str, now: float) -> Task | None:
         with self._write() as connection:
-            row = connection.execute(
-                "SELECT seq, status FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
-            ).fetchone()
+            row = self._seq_and_status(connection, identifier)
             if row is None:
                 return None
             if Status(row["status"]) in ENDED_STATUSES:
