@@ -412,10 +412,14 @@ def _import_job_module(module_name: str, path: str) -> Any:
         raise JobError(f'Job "{path}" cannot be imported: {type(error).__name__}: {error}') from error
 
 
+def _split_list(value: str | None) -> tuple:
+    """The items of a comma-separated setting, trimmed; none for an empty or missing one."""
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
 def allowed_jobs(environ: Mapping[str, str] | None = None) -> tuple:
     """The ``JOBQUEUE_JOBS`` prefixes (comma-separated); empty means every job path is allowed."""
-    text = (os.environ if environ is None else environ).get("JOBQUEUE_JOBS") or ""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+    return _split_list((os.environ if environ is None else environ).get("JOBQUEUE_JOBS"))
 
 
 def check_allowed(path: str, allowed: Sequence[str]) -> str:
@@ -1432,7 +1436,7 @@ class Queue:
         return self._change(task, status, only_failed=False)
 
     def retry(self, task: Task | str) -> Task:
-        """Put a failed task back to waiting; ValidationError if it is not failed."""
+        """Put a failed task back to waiting; TaskConflict (a ValidationError) if it is not failed."""
         return self._change(task, Status.WAITING, only_failed=True)
 
     def wait(self, identifier: str, timeout: float | None = None) -> Task:
@@ -1482,8 +1486,6 @@ class Queue:
             updated = self._update_status(identifier, status, self.clock(), only_failed)
         if updated is None:
             raise TaskNotFound(identifier)
-        if only_failed and updated.status is not Status.WAITING:
-            raise TaskConflict(f"Task {identifier} is {updated.status.value}: only failed tasks can be retried")
         if isinstance(task, Task):
             task.__dict__.update(updated.__dict__)
         return updated
@@ -1740,6 +1742,10 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _not_cancellable(identifier: str, status: str) -> TaskConflict:
     return TaskConflict(f"Task {identifier} is {status}: only waiting and running tasks can be cancelled")
+
+
+def _not_retryable(identifier: str, status: str) -> TaskConflict:
+    return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
 
 
 def _cancelled_runs(tasks: Sequence[Task], stored: Iterable[tuple]) -> set[str]:
@@ -2000,7 +2006,8 @@ local function expire_due(now)
     local f = redis.call('HMGET', task_key(id), 'status', 'created_at', 'unique_key', 'attempts')
     redis.call('ZREM', EXPIRES, id)
     if f[1] == 'waiting' and not f[4] then
-      unqueue(id)
+      -- Not LREM from the ready list (a scan of it per task): a claim drops ids that are no longer waiting.
+      redis.call('ZREM', DELAYED, id)
       expire(id, f, now)
     end
   end
@@ -2255,8 +2262,7 @@ H.add = change({'now', '...tasks'}, function(a)
   end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
-  hold(tasks, now)
-  return {#tasks, existing}
+  return {hold(tasks, now) == 1 and 2 or 1, existing}
 end)
 
 H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
@@ -2883,8 +2889,7 @@ class RedisQueue(Queue):
         if code == "ENDED":
             return _not_cancellable(*str(error).split()[1:3])
         if code == "NOTFAILED":
-            _, identifier, status = str(error).split()[:3]
-            return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
+            return _not_retryable(*str(error).split()[1:3])
         if isinstance(error, exceptions.MovedError) and not self._cluster:
             return ConfigurationError(f"{self.describe()} is a node of a Redis Cluster: use redis+cluster://host:port")
         outages = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError, exceptions.AskError,
@@ -3070,14 +3075,17 @@ class RedisQueue(Queue):
                 encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
             batches.setdefault(task.profile, []).append((index, json.dumps(encoded)))
         existing: dict[int, Task] = {}
+        news: set[str] = set()
         for profile, entries in batches.items():
             self._register(profile)
-            _, redundant = self._call(profile, "add", now=repr(now), tasks=[encoded for _, encoded in entries])
+            posted, redundant = self._call(profile, "add", now=repr(now), tasks=[encoded for _, encoded in entries])
+            if posted == 2:
+                news.add(profile)
             for position, holder, fields in redundant or ():
                 given = next((task for task in tasks if task.identifier == holder), None)
                 existing[entries[position][0]] = given or self._task(fields)  # type: ignore[assignment]
-        if where:
-            self._deliver({task.profile for task in tasks if task.depends_on})
+        if news:
+            self._deliver(news)
         return existing
 
     # -- dependencies: the library's outboxes carry news between slots --------------
@@ -4067,7 +4075,7 @@ class SQLiteQueue(Queue):
             if row is None:
                 return None
             if only_failed and row["status"] != Status.FAILED.value:
-                raise TaskConflict(f"Task {identifier} is {row['status']}: only failed tasks can be retried")
+                raise _not_retryable(identifier, row["status"])
             if row["status"] != status.value:
                 if status is Status.WAITING:
                     connection.execute(_SQLITE_REQUEUE, (self._positions(connection, 1)[0], row["seq"]))
@@ -4137,9 +4145,7 @@ class SQLiteQueue(Queue):
 
     def _delete(self, identifier: str) -> bool:
         with self._write() as connection:
-            row = connection.execute(
-                "SELECT seq FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
-            ).fetchone()
+            row = self._seq_and_status(connection, identifier)
             if row is None:
                 return False
             self._settle(connection, identifier, None, self.clock())
@@ -5169,10 +5175,6 @@ class Worker:
 
 
 # == Configuration ===========================================================
-
-
-def _split_list(value: str | None) -> tuple:
-    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
 def _whole_number(text: str) -> int:
