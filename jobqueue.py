@@ -1337,20 +1337,23 @@ class Queue:
                 if "_expires" in task.__dict__:
                     task.expires_at = _from_timestamp(now + task.__dict__.pop("_expires"))
             existing = self._add(tasks, now)
-            for index, task in enumerate(tasks) if dependent else ():
-                if task.depends_on and index not in existing:
-                    self._as_stored(task)
+            if dependent:
+                self._as_stored([task for index, task in enumerate(tasks) if task.depends_on and index not in existing])
         if not existing:
             return list(tasks)
         return [existing.get(index, task) for index, task in enumerate(tasks)]
 
-    def _as_stored(self, task: Task) -> None:
-        """What adding decided for a task with dependencies: failed at once (one failed), or waiting for
-        the task that holds a unique key in place of a redundant one of the batch."""
-        stored = self._find(task.identifier)
-        if stored is not None:
-            task.status, task.error, task.finished_at = stored.status, stored.error, stored.finished_at
-            task.depends_on = stored.depends_on
+    def _as_stored(self, tasks: list[Task]) -> None:
+        """What adding decided for tasks with dependencies: failed at once (one failed), or waiting for
+        the task that holds a unique key in place of a redundant one of the batch. One read for them all."""
+        for task, stored in zip(tasks, self._read_back(tasks)):
+            if stored is not None:
+                task.status, task.error, task.finished_at = stored.status, stored.error, stored.finished_at
+                task.depends_on = stored.depends_on
+
+    def _read_back(self, tasks: list[Task]) -> list[Task | None]:
+        """The stored form of tasks just added (their profile known), in their order."""
+        raise NotImplementedError
 
     def chain(self, *tasks: Task) -> list[Task]:
         """Add the tasks in one batch, each depending on the one before: they run in this order."""
@@ -3229,6 +3232,10 @@ class RedisQueue(Queue):
         self._deliver([profile for profile, (size,) in zip(profiles, sizes) if size])
         return recovered
 
+    def _read_back(self, tasks: list[Task]) -> list[Task | None]:
+        return [self._task(fields) for fields in
+                self._read([("HGETALL", f"{self._base(task.profile)}:task:{task.identifier}") for task in tasks])]
+
     def _locate(self, identifier: str) -> tuple:
         """(profile, stored fields) of a task: one pipeline over the profiles, one round trip per master."""
         profiles, replies = self._across(None, lambda p: [("HGETALL", f"{self._base(p)}:task:{identifier}")])
@@ -4063,6 +4070,15 @@ class SQLiteQueue(Queue):
             "SELECT * FROM jobqueue_tasks WHERE identifier = ?", (identifier,)
         ).fetchone()
         return None if row is None else _decode_task(row)
+
+    def _read_back(self, tasks: list[Task]) -> list[Task | None]:
+        found: dict[str, Task] = {}
+        for start in range(0, len(tasks), 500):
+            chunk = [task.identifier for task in tasks[start:start + 500]]
+            rows = self._connection().execute(
+                f"SELECT * FROM jobqueue_tasks WHERE identifier IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update((row["identifier"], _decode_task(row)) for row in rows.fetchall())
+        return [found.get(task.identifier) for task in tasks]
 
     @staticmethod
     def _seq_and_status(connection: sqlite3.Connection, identifier: str) -> dict | None:
