@@ -1371,9 +1371,7 @@ class Queue:
             raise ValidationError("timeout must be 0 or more seconds")
         _seconds("lease", lease, allow_zero=False)
         with self._errors():
-            if len(profiles) > 1:
-                return self._fetch_any(profiles, timeout, worker or _default_worker_name(), float(lease))
-            return self._fetch(profiles[0], timeout, worker or _default_worker_name(), float(lease))
+            return self._fetch(profiles, timeout, worker or _default_worker_name(), float(lease))
 
     def set_limits(self, profile: str, concurrency: int | None = None, rate: str | None = None) -> dict[str, Any]:
         """Set both limits of a profile (None lifts one); return them as ``limits`` shows them."""
@@ -1410,9 +1408,9 @@ class Queue:
         with self._errors():
             if profiles and list(profiles) != [task.profile]:
                 if profiles[0] != task.profile:
-                    return self._complete(task), self._fetch_any(list(profiles), 0, worker, float(lease))
+                    return self._complete(task), self._fetch(list(profiles), 0, worker, float(lease))
                 recorded, following = self._complete_and_fetch(task, worker, float(lease))
-                return recorded, following or self._fetch_any(list(profiles[1:]), 0, worker, float(lease))
+                return recorded, following or self._fetch(list(profiles[1:]), 0, worker, float(lease))
             return self._complete_and_fetch(task, worker, float(lease))
 
     def _check_outcome(self, task: Task) -> None:
@@ -1621,11 +1619,9 @@ class Queue:
         """Store the tasks; return, by position, the existing task each one a unique_key made redundant."""
         raise NotImplementedError
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
-        raise NotImplementedError
-
-    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
-        """Claim the next ready task of the first of ``profiles`` that has one, blocking like ``_fetch``."""
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+        """Claim the next ready task of the first of ``profiles`` that has one; wait up to ``timeout`` (None:
+        for ever) for one."""
         raise NotImplementedError
 
     def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
@@ -1642,7 +1638,7 @@ class Queue:
         raise NotImplementedError
 
     def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        return self._complete(task), self._fetch(task.profile, 0, worker, lease)
+        return self._complete(task), self._fetch([task.profile], 0, worker, lease)
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         raise NotImplementedError
@@ -3150,10 +3146,7 @@ class RedisQueue(Queue):
             return self._task(reply["task"])
         return float(reply["due"]) if "due" in reply else None
 
-    def _fetch(self, profile: str, timeout: float | None, worker: str, lease: float) -> Task | None:
-        return self._fetch_any([profile], timeout, worker, lease)
-
-    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
         """Claim from each profile in turn; idle, block on their wake lists until a token or the next due time."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -3916,9 +3909,9 @@ class SQLiteQueue(Queue):
             if failed is not None:
                 pending += [(d, dependent, "failed") for d in self._dependents(connection, dependent)]
 
-    def _claim(self, profile: str | list[str], worker: str, lease: float) -> Task | None:
-        """Claim without taking the write lock when a cheap read shows nothing is ready; several profiles in turn."""
-        for name in [profile] if isinstance(profile, str) else profile:
+    def _claim(self, profiles: list[str], worker: str, lease: float) -> Task | None:
+        """Claim without taking the write lock when a cheap read shows nothing is ready; the profiles in turn."""
+        for name in profiles:
             now = self.clock()
             ready = self._connection().execute(_SQLITE_READY, {"profile": name, "now": now}).fetchone()["ready"]
             if ready:
@@ -3970,9 +3963,6 @@ class SQLiteQueue(Queue):
                                      (profile,)).fetchone()["n"]
         return None if started >= limits["rate"] else True
 
-    def _fetch_any(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
-        return self._fetch(profiles, timeout, worker, lease)  # type: ignore[arg-type]
-
     def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
         with self._write() as connection:
             connection.execute("DELETE FROM jobqueue_limits WHERE profile = ?", (profile,))
@@ -3988,11 +3978,11 @@ class SQLiteQueue(Queue):
             return None, None
         return row["concurrency"], None if row["rate"] is None else (row["rate"], row["period"])
 
-    def _fetch(self, profile: str | list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            task = self._claim(profile, worker, lease)
+            task = self._claim(profiles, worker, lease)
             if task is not None:
                 return task
             remaining = _remaining(deadline)
