@@ -1855,6 +1855,21 @@ local function tell_waiters(id)
   end
 end
 
+local function wake(count)
+  local tokens = {}
+  for i = 1, math.min(count, WAKE_MAX) do tokens[i] = 1 end
+  if redis.call('LPUSH', WAKE, unpack(tokens)) > WAKE_MAX then redis.call('LTRIM', WAKE, 0, WAKE_MAX - 1) end
+end
+
+-- A running task ended or left: under a concurrency limit, a waiting worker may go.
+local function freed()
+  if redis.call('HEXISTS', LIMITS, 'concurrency') == 1 then wake(1) end
+end
+
+local function release(id, unique_key)
+  if unique_key and redis.call('HGET', UNIQUE, unique_key) == id then redis.call('HDEL', UNIQUE, unique_key) end
+end
+
 -- The index moves every status change shares; the FIFO list is the callers'.
 local function move(id, score, old, new, now)
   local key = task_key(id)
@@ -1864,20 +1879,20 @@ local function move(id, score, old, new, now)
   if old == 'running' then
     redis.call('ZREM', LEASES, id)
     redis.call('HDEL', key, 'lease_until')
+    freed()
   end
   if ended(old) then redis.call('ZREM', ENDED, id) end
   if ended(new) then
     redis.call('ZADD', ENDED, now, id)
     redis.call('HSET', key, 'finished_at', now)
     tell_waiters(id)
+    if not ended(old) then  -- its unique key and its expiry go with it
+      release(id, redis.call('HGET', key, 'unique_key'))
+      redis.call('ZREM', EXPIRES, id)
+    end
   end
 end
 
-local function wake(count)
-  local tokens = {}
-  for i = 1, math.min(count, WAKE_MAX) do tokens[i] = 1 end
-  if redis.call('LPUSH', WAKE, unpack(tokens)) > WAKE_MAX then redis.call('LTRIM', WAKE, 0, WAKE_MAX - 1) end
-end
 
 -- Ready tasks: priority 0 in the FIFO list QUEUE (pushed left, popped right), any other priority in a list
 -- of its own, QUEUE .. ':' .. priority; LEVELS holds those priorities, scored -priority (highest first).
@@ -1962,9 +1977,6 @@ local function kept(tasks, existing)
   return stored
 end
 
-local function release(id, unique_key)
-  if unique_key and redis.call('HGET', UNIQUE, unique_key) == id then redis.call('HDEL', UNIQUE, unique_key) end
-end
 
 local function requeue(id, score, old, now)
   move(id, score, old, 'waiting', now)
@@ -1991,23 +2003,21 @@ end
 -- What waits for a task that ended hears of it (defined with the dependencies, below).
 local settle
 
--- A waiting task that never started fails once its expires_at passes (f: status, created_at, unique_key).
-local function expire(id, f, now)
-  move(id, f[2], 'waiting', 'failed', now)
+-- A waiting task that never started fails once its expires_at passes.
+local function expire(id, created_at, now)
+  move(id, created_at, 'waiting', 'failed', now)
   redis.call('HSET', task_key(id), 'error', 'Expired before it started')
-  redis.call('ZREM', EXPIRES, id)
-  release(id, f[3])
   if settle(id, 'failed', now) == 2 then expired_news = true end
 end
 
 local function expire_due(now)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', EXPIRES, '-inf', now, 'LIMIT', 0, 1000)) do
-    local f = redis.call('HMGET', task_key(id), 'status', 'created_at', 'unique_key', 'attempts')
+    local f = redis.call('HMGET', task_key(id), 'status', 'created_at', 'attempts')
     redis.call('ZREM', EXPIRES, id)
-    if f[1] == 'waiting' and not f[4] then
+    if f[1] == 'waiting' and not f[3] then
       -- Not LREM from the ready list (a scan of it per task): a claim drops ids that are no longer waiting.
       redis.call('ZREM', DELAYED, id)
-      expire(id, f, now)
+      expire(id, f[2], now)
     end
   end
 end
@@ -2039,18 +2049,14 @@ local function started(id, now)
   if counting then redis.call('ZADD', STARTS, now, id .. '@' .. now) end
 end
 
--- A running task ended or left: under a concurrency limit, a waiting worker may go.
-local function freed()
-  if redis.call('HEXISTS', LIMITS, 'concurrency') == 1 then wake(1) end
-end
 
 local function claim(id, worker, now, lease)
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'created_at', 'lease', 'expires_at', 'unique_key', 'attempts')
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'lease', 'expires_at', 'attempts')
   if f[1] ~= 'waiting' then return false end
-  if f[4] and not f[6] then
+  if f[4] and not f[5] then
     redis.call('ZREM', EXPIRES, id)
-    if tonumber(f[4]) <= tonumber(now) then expire(id, {f[1], f[2], f[5]}, now) return false end
+    if tonumber(f[4]) <= tonumber(now) then expire(id, f[2], now) return false end
   end
   move(id, f[2], 'waiting', 'running', now)
   local expiry = tonumber(now) + (tonumber(f[3]) or tonumber(lease))
@@ -2144,8 +2150,6 @@ local function handle(ctx, m)
     end
   else
     move(id, f[3], 'waiting', 'failed', ctx.now)
-    release(id, redis.call('HGET', key, 'unique_key'))
-    redis.call('ZREM', EXPIRES, id)
     redis.call('HDEL', key, 'waits')
     redis.call('HSET', key, 'error', 'Dependency ' .. m[4] .. ' ' .. m[5])
     tell_dependents(ctx, id, 'fail', 'failed')
@@ -2191,11 +2195,9 @@ end
 local function complete(a)
   local now, id, new, err, result = a.now, a.id, a.status, a.error, a.result
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'profile', 'status', 'created_at', 'attempts', 'unique_key')
-  if f[2] ~= 'running' or f[4] ~= a.attempts then return 0 end
-  move(id, f[3], 'running', new, now)
-  if new ~= 'waiting' then release(id, f[5]) end
-  freed()
+  local f = redis.call('HMGET', key, 'status', 'created_at', 'attempts')
+  if f[1] ~= 'running' or f[3] ~= a.attempts then return 0 end
+  move(id, f[2], 'running', new, now)
   redis.call('HSET', key, 'failures', a.failures)
   if err ~= '' then redis.call('HSET', key, 'error', err) else redis.call('HDEL', key, 'error') end
   if result ~= '' then redis.call('HSET', key, 'result', result) end
@@ -2311,8 +2313,6 @@ H.recover = change({'now', 'max_lost'}, function(a)
       local worker = f[3] or '?'
       if lost >= max_lost then
         move(id, f[2], 'running', 'failed', now)
-        freed()
-        release(id, redis.call('HGET', key, 'unique_key'))
         redis.call('HSET', key, 'error', 'Worker lost ' .. lost .. ' times (last: ' .. worker .. ')')
         redis.call('HINCRBY', COMPLETED, 'failed', 1)
         settle(id, 'failed', now)
@@ -2333,14 +2333,12 @@ end)
 H.update = change({'now', 'id', 'status', 'only_failed'}, function(a)
   local now, id, new = a.now, a.id, a.status
   local key = task_key(id)
-  local f = redis.call('HMGET', key, 'status', 'created_at', 'unique_key')
+  local f = redis.call('HMGET', key, 'status', 'created_at')
   if not f[1] then return {} end
   local old, score = f[1], f[2]
   if a.only_failed == '1' and old ~= 'failed' then return redis.error_reply('NOTFAILED ' .. id .. ' ' .. old) end
   if old ~= new then
     if old == 'waiting' then unqueue(id) end
-    if old == 'running' then freed() end
-    if ended(new) then release(id, f[3]) end
     if new == 'waiting' then requeue(id, score, old, now) else move(id, score, old, new, now) end
     redis.call('HDEL', key, 'waits')
     return {task = fields(key), posted = settle(id, new, now)}
@@ -2383,14 +2381,11 @@ end)
 -- A waiting or running task ends failed with a.error ('Cancelled'); its worker sees it and stops the job.
 H.cancel = change({'now', 'id', 'error'}, function(a)
   local key = task_key(a.id)
-  local f = redis.call('HMGET', key, 'status', 'created_at', 'unique_key')
+  local f = redis.call('HMGET', key, 'status', 'created_at')
   if not f[1] then return {} end
   if ended(f[1]) then return redis.error_reply('ENDED ' .. a.id .. ' ' .. f[1]) end
   if f[1] == 'waiting' then unqueue(a.id) end
-  if f[1] == 'running' then freed() end
   move(a.id, f[2], f[1], 'failed', a.now)
-  release(a.id, f[3])
-  redis.call('ZREM', EXPIRES, a.id)
   redis.call('HSET', key, 'error', a.error)
   redis.call('HDEL', key, 'result', 'waits')
   return {task = fields(key), posted = settle(a.id, 'failed', a.now)}
