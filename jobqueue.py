@@ -5358,8 +5358,8 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
 
     def header(self, name: str) -> str | None:
-        """The first value of a header, whatever its case."""
-        return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
+        """The first value of a header, whatever its case (``headers`` is the server's HTTPMessage)."""
+        return self.headers.get(name)
 
     def arg(self, name: str) -> str | None:
         """The value of a query parameter given at most once; an empty value counts as absent."""
