@@ -5727,16 +5727,19 @@ class WebService:
         total = self.queue.count(**filters)
         return Response(200, [task.to_json() for task in tasks], {"X-Total-Count": str(total)})
 
-    def create_task(self, request: Request) -> Response:
-        data = request.json(NEW_TASK_KEYS)
-        if data.get("job") in (None, ""):
-            raise ValidationError("Missing job")
-        if data.get("profile") in (None, ""):
-            raise ValidationError("Missing profile")
+    def _new_task_values(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A task's keys from a body (POST /tasks, PUT /schedule): job and profile given, nulls dropped,
+        the job path allowed."""
+        for key in ("job", "profile"):
+            if data.get(key) in (None, ""):
+                raise ValidationError(f"Missing {key}")
         if not isinstance(data["job"], str):
             raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
-        options = {name: value for name, value in data.items() if value is not None}
-        task = Task(**{**options, "job": self.config.check_job(data["job"])})
+        values = {name: value for name, value in data.items() if value is not None}
+        return {**values, "job": self.config.check_job(data["job"])}
+
+    def create_task(self, request: Request) -> Response:
+        task = Task(**self._new_task_values(request.json(NEW_TASK_KEYS)))
         stored = self.queue.add(task)[0]
         return Response(201 if stored is task else 200, stored.to_json(), {"Location": f"/task/{stored.identifier}"})
 
@@ -5786,16 +5789,10 @@ class WebService:
 
     def put_schedule(self, request: Request) -> Response:
         data = request.json(NEW_SCHEDULE_KEYS)
-        for key in ("job", "profile"):
-            if data.get(key) in (None, ""):
-                raise ValidationError(f"Missing {key}")
-        if not isinstance(data["job"], str):
-            raise ValidationError('Job must be an import path such as "myapp.jobs.SendMailJob"')
         for key in ("cron", "every"):
             if key in data and data[key] is None:
                 raise ValidationError(f"{key} must not be null: give either cron or every")
-        values = {name: value for name, value in data.items() if value is not None}
-        schedule = Schedule(request.params["name"], **{**values, "job": self.config.check_job(data["job"])})
+        schedule = Schedule(request.params["name"], **self._new_task_values(data))
         if schedule.timezone not in time_zone_names():
             raise ValidationError(f'Unknown time zone "{schedule.timezone}"')
         return Response(200, self.queue.add_schedule(schedule).to_json())
@@ -6153,11 +6150,15 @@ def _print_json(data: Any) -> None:
 # -- manager ------------------------------------------------------------------
 
 
+def _parameters_and_tags(args: argparse.Namespace) -> tuple[dict[str, Scalar], list[str]]:
+    """The name:value words (after --tags too, where a person may type them) and the plain tags."""
+    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
+    return dict(parse_parameter(text) for text in words), [tag for tag in args.tags if ":" not in tag]
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     config = ServiceContainer.get_instance().config
-    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
-    parameters = dict(parse_parameter(text) for text in words)
-    tags = [tag for tag in args.tags if ":" not in tag]
+    parameters, tags = _parameters_and_tags(args)
     options = {name: getattr(args, name) for name in ("retries", "retry_delay", "timeout", "lease", "delay",
                                                       "depends_on", "priority", "unique_key", "expires")
                if getattr(args, name) is not None}
@@ -6420,9 +6421,7 @@ def format_schedule(schedule: Schedule) -> str:
 
 def cmd_schedule_add(args: argparse.Namespace) -> int:
     config = ServiceContainer.get_instance().config
-    words = [*args.parameters, *[tag for tag in args.tags if ":" in tag]]
-    parameters = dict(parse_parameter(text) for text in words)
-    tags = [tag for tag in args.tags if ":" not in tag]
+    parameters, tags = _parameters_and_tags(args)
     options = {name: getattr(args, name) for name in schedule_options() if getattr(args, name, None) is not None}
     schedule = Schedule(args.name, args.profile, config.check_job(args.job), parameters, tags, cron=args.cron,
                         every=args.every, timezone=args.timezone, **options)
