@@ -4239,6 +4239,13 @@ class SQLiteQueue(Queue):
 
 # == DSN =====================================================================
 
+def _sqlite_file(dsn: str) -> str:
+    """The file of ``sqlite:///relative.db``, ``sqlite:////absolute.db`` or a bare path; '' for anything else."""
+    if dsn.lower().startswith("sqlite:///"):
+        return dsn[len("sqlite:///"):]
+    return "" if "://" in dsn else dsn
+
+
 def queue_from_dsn(dsn: str) -> Queue:
     """Build a queue from a DSN.
 
@@ -4261,7 +4268,7 @@ def queue_from_dsn(dsn: str) -> Queue:
             raise BackendUnavailable(f"{parsed.text} is unavailable: {error}") from error
         return RedisQueue(client, parsed.prefix, replicas=parsed.replicas, description=parsed.text.split("?")[0])
     if scheme == "sqlite":
-        path = dsn[len("sqlite:///"):] if dsn.lower().startswith("sqlite:///") else ""
+        path = _sqlite_file(dsn)
         if not path:
             raise ConfigurationError(f'"{dsn}" names no file: use sqlite:///path/to/jobqueue.db')
         return SQLiteQueue(path)
@@ -5238,8 +5245,8 @@ class Config:
         """The SQLite file's absolute path if that is the queue and the file does not exist yet."""
         if self.redis_dsn:
             return None
-        path = self.db[len("sqlite:///"):] if self.db.lower().startswith("sqlite:///") else self.db
-        return None if "://" in path or os.path.exists(path) else os.path.abspath(path)
+        path = _sqlite_file(self.db)
+        return None if not path or os.path.exists(path) else os.path.abspath(path)
 
     def queue(self) -> Queue:
         return queue_from_dsn(self.dsn)
