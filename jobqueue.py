@@ -3606,7 +3606,7 @@ RETURNING *
 _SQLITE_EXPIRE = f"""
 UPDATE jobqueue_tasks
 SET status = 'failed', status_rank = 3, error = '{EXPIRED_ERROR}', finished_at = :now, position = NULL, waits = NULL
-WHERE status = 'waiting' AND expires_at <= :now AND attempts = 0 AND profile = :profile
+WHERE status = 'waiting' AND expires_at <= :now AND attempts = 0
 RETURNING identifier
 """
 
@@ -4022,10 +4022,8 @@ class SQLiteQueue(Queue):
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         recovered = []
         with self._write() as connection:
-            for row in connection.execute("SELECT DISTINCT profile FROM jobqueue_tasks WHERE status = 'waiting'"
-                                          " AND expires_at <= ? AND attempts = 0", (now,)).fetchall():
-                for gone in connection.execute(_SQLITE_EXPIRE, {"profile": row["profile"], "now": now}).fetchall():
-                    self._settle(connection, gone["identifier"], Status.FAILED, now)
+            for gone in connection.execute(_SQLITE_EXPIRE, {"now": now}).fetchall():
+                self._settle(connection, gone["identifier"], Status.FAILED, now)
             expired = connection.execute(
                 "SELECT * FROM jobqueue_tasks WHERE status = 'running' AND lease_until <= ?"
                 " ORDER BY lease_until LIMIT 1000", (now,)
