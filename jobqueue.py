@@ -517,6 +517,15 @@ def _moment(seconds: float | None, at: Any, relative: str, absolute: str) -> dat
         raise ValidationError(f"{absolute}: {error}") from None
 
 
+def _integer_in(value: Any, lowest: int, highest: int, message: str) -> int:
+    """A whole number from lowest to highest (a float such as 2.0 counts; a bool does not), else ValidationError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+        raise ValidationError(message)
+    return value
+
+
 def _seconds(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
     """A duration in seconds from a number (None stays None); ValidationError otherwise."""
     if value is None:
@@ -733,10 +742,8 @@ class Task:
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
         self.depends_on = validate_dependencies(self.depends_on, self.identifier)
-        if isinstance(self.retries, float) and self.retries.is_integer():
-            self.retries = int(self.retries)
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= RETRIES_MAX:
-            raise ValidationError(f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
+        self.retries = _integer_in(self.retries, 0, RETRIES_MAX,
+                                   f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
         self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
         self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
         self.lease = _seconds("lease", self.lease, allow_zero=False)
@@ -748,11 +755,8 @@ class Task:
 
     def _check_scheduling(self, expires: float | None) -> None:
         """The scheduling options: priority, unique_key, expires (seconds from when it is stored), expires_at."""
-        if isinstance(self.priority, float) and self.priority.is_integer():
-            self.priority = int(self.priority)
-        if (isinstance(self.priority, bool) or not isinstance(self.priority, int)
-                or not -PRIORITY_MAX <= self.priority <= PRIORITY_MAX):
-            raise ValidationError(f"priority must be a whole number from {-PRIORITY_MAX} to {PRIORITY_MAX}")
+        self.priority = _integer_in(self.priority, -PRIORITY_MAX, PRIORITY_MAX,
+                                    f"priority must be a whole number from {-PRIORITY_MAX} to {PRIORITY_MAX}")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key
                                             or len(self.unique_key) > UNIQUE_KEY_MAX or not _is_text(self.unique_key)):
             raise ValidationError(f"unique_key must be a non-empty string of at most {UNIQUE_KEY_MAX} characters")
@@ -1376,11 +1380,9 @@ class Queue:
     def set_limits(self, profile: str, concurrency: int | None = None, rate: str | None = None) -> dict[str, Any]:
         """Set both limits of a profile (None lifts one); return them as ``limits`` shows them."""
         validate_profile(profile)
-        if isinstance(concurrency, float) and concurrency.is_integer():
-            concurrency = int(concurrency)
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
-                                        or not 1 <= concurrency <= RETRIES_MAX):
-            raise ValidationError(f"concurrency must be a whole number from 1 to {RETRIES_MAX}, or null")
+        if concurrency is not None:
+            concurrency = _integer_in(concurrency, 1, RETRIES_MAX,
+                                      f"concurrency must be a whole number from 1 to {RETRIES_MAX}, or null")
         parsed = None if rate is None else parse_rate(rate)
         with self._errors():
             self._set_limits(profile, concurrency, parsed)
