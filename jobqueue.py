@@ -1392,8 +1392,13 @@ class Queue:
         """``{"concurrency": n or None, "rate": "10/s" or None}``."""
         validate_profile(profile)
         with self._errors():
-            concurrency, rate = self._limits(profile)
-        return {"concurrency": concurrency, "rate": None if rate is None else format_rate(*rate)}
+            return _limits_shown_as_json(*self._limits(profile))
+
+    def all_limits(self) -> dict[str, dict[str, Any]]:
+        """The limits of every profile that has some, as ``limits`` shows them, in one read."""
+        with self._errors():
+            return {profile: _limits_shown_as_json(*limits) for profile, limits in sorted(self._all_limits().items())
+                    if any(limit is not None for limit in limits)}
 
     def renew(self, task: Task, lease: float = DEFAULT_LEASE) -> bool:
         with self._errors():
@@ -1633,6 +1638,10 @@ class Queue:
         """(concurrency or None, (count, period seconds) or None)."""
         raise NotImplementedError
 
+    def _all_limits(self) -> dict[str, tuple]:
+        """``_limits`` of every profile that may have some."""
+        raise NotImplementedError
+
     def _renew(self, task: Task, until: float) -> bool:
         raise NotImplementedError
 
@@ -1735,6 +1744,16 @@ def parse_rate(text: object) -> tuple[int, float]:
 
 def format_rate(count: int, period: float) -> str:
     return f"{count}/{next(unit for unit, seconds in RATE_PERIODS.items() if seconds == period)}"
+
+
+def _stored_limits(concurrency: Any, rate: Any, period: Any) -> tuple:
+    """(concurrency or None, (count, period seconds) or None) from how a backend keeps them."""
+    return (None if concurrency is None else int(concurrency),
+            None if rate is None else (int(rate), float(period)))
+
+
+def _limits_shown_as_json(concurrency: int | None, rate: tuple | None) -> dict[str, Any]:
+    return {"concurrency": concurrency, "rate": None if rate is None else format_rate(*rate)}
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -3183,9 +3202,12 @@ class RedisQueue(Queue):
                    rate="" if rate is None else rate[0], period="" if rate is None else repr(rate[1]))
 
     def _limits(self, profile: str) -> tuple:
-        concurrency, rate, period = self.client.hmget(f"{self._base(profile)}:limits", "concurrency", "rate", "period")
-        return (None if concurrency is None else int(concurrency),
-                None if rate is None else (int(rate), float(period)))
+        return _stored_limits(*self.client.hmget(f"{self._base(profile)}:limits", "concurrency", "rate", "period"))
+
+    def _all_limits(self) -> dict[str, tuple]:
+        profiles, replies = self._across(None, lambda p: [("HMGET", f"{self._base(p)}:limits", "concurrency", "rate",
+                                                           "period")])
+        return {profile: _stored_limits(*reply) for profile, (reply,) in zip(profiles, replies)}
 
     def _renew(self, task: Task, until: float) -> bool:
         return bool(self._call(task.profile, "renew", until=repr(until), held=[task.identifier, task.attempts]))
@@ -3971,9 +3993,11 @@ class SQLiteQueue(Queue):
 
     def _limits(self, profile: str) -> tuple:
         row = self._connection().execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
-        if row is None:
-            return None, None
-        return row["concurrency"], None if row["rate"] is None else (row["rate"], row["period"])
+        return (None, None) if row is None else _stored_limits(row["concurrency"], row["rate"], row["period"])
+
+    def _all_limits(self) -> dict[str, tuple]:
+        return {row["profile"]: _stored_limits(row["concurrency"], row["rate"], row["period"])
+                for row in self._connection().execute("SELECT * FROM jobqueue_limits").fetchall()}
 
     def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -5548,6 +5572,8 @@ ROUTES = (
           body={"$ref": "#/components/schemas/NewSchedule"}),
     Route("DELETE", "/schedule/{name}", "delete_schedule", "Delete a schedule (its tasks stay)", ok=204, reply={},
           errors=(404,)),
+    Route("GET", "/limits", "list_limits", "The limits of every profile that has some",
+          reply={"application/json": {"type": "object", "additionalProperties": LIMITS_SCHEMA}}),
     Route("GET", "/profile/{profile}/limits", "show_limits", "A profile's limits",
           reply={"application/json": LIMITS_SCHEMA}, errors=(404,)),
     Route("PUT", "/profile/{profile}/limits", "set_limits", "Set a profile's limits (null or absent lifts one)",
@@ -5813,6 +5839,9 @@ class WebService:
             return validate_profile(request.params["profile"])
         except ValidationError as error:
             raise HTTPError(404, f"No such profile: {error}") from None
+
+    def list_limits(self, request: Request) -> Response:
+        return Response(200, self.queue.all_limits())
 
     def show_limits(self, request: Request) -> Response:
         return Response(200, self.queue.limits(self._profile(request)))
@@ -6330,7 +6359,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lines = [header, *rows[:-1], ["-" * width for width in widths], rows[-1]]
     for line in lines:
         print("  ".join([line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]))
-    limited = {profile: limits for profile in stats if any((limits := queue.limits(profile)).values())}
+    limited = queue.all_limits()
     if limited:
         print("\nLimits:")
         for profile, limits in limited.items():
@@ -7218,15 +7247,14 @@ function progressOf(task) {
 }
 
 async function refreshCounts() {
-  const [{ data: stats }, { data: completed }] = await Promise.all([api("GET", "/stats"), api("GET", "/completed")]);
+  const [{ data: stats }, { data: completed }, { data: limits }] = await Promise.all(
+    [api("GET", "/stats"), api("GET", "/completed"), api("GET", "/limits")]);
   const profiles = Object.keys(stats);
-  const limits = await Promise.all(profiles.map((profile) =>
-    api("GET", `/profile/${encodeURIComponent(profile)}/limits`).then(({ data }) => data)));
   const body = $("counts").tBodies[0];
-  body.replaceChildren(...profiles.map((profile, index) => element("tr", {},
+  body.replaceChildren(...profiles.map((profile) => element("tr", {},
     element("td", {}, profile),
     ...["waiting", "running", "finished", "failed"].map((s) => element("td", { class: "number" }, stats[profile][s])),
-    element("td", { class: "limits" }, limitsText(limits[index])))));
+    element("td", { class: "limits" }, limitsText(limits[profile] || { concurrency: null, rate: null })))));
   let executed = 0, failed = 0;
   for (const counts of Object.values(completed)) { executed += counts.finished; failed += counts.failed; }
   const now = Date.now();

@@ -2034,6 +2034,16 @@ def test_fetch_over_several_profiles_takes_the_first_that_has_a_task_and_wakes_f
 
 
 @contract
+def test_the_limits_of_every_profile_are_read_at_once(queue):
+    assert queue.all_limits() == {}
+    queue.set_limits("mail", concurrency=2)
+    queue.set_limits("sms", rate="5/m")
+    queue.set_limits("lifted", concurrency=1)
+    queue.set_limits("lifted")
+    assert queue.all_limits() == {"mail": {"concurrency": 2, "rate": None}, "sms": {"concurrency": None, "rate": "5/m"}}
+
+
+@contract
 def test_profile_limits_hold_tasks_back_until_they_allow_them(queue):
     assert queue.limits("p") == {"concurrency": None, "rate": None}
     assert queue.set_limits("p", concurrency=2) == {"concurrency": 2, "rate": None}
@@ -3720,6 +3730,7 @@ def test_http_profile_limits_read_and_set(serve, queue):
     unknown = call(server, "GET", "/profile/Bad/limits")
     assert unknown.status == 404 and "Profile name only allows lowercase" in unknown.json["message"]
     assert queue.limits("mail") == {"concurrency": None, "rate": "1000/h"}
+    assert call(server, "GET", "/limits").json == {"mail": {"concurrency": None, "rate": "1000/h"}}
 
 
 def test_http_retry_route(serve, queue):
