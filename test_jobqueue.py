@@ -1455,7 +1455,7 @@ def test_cancel_ends_a_waiting_task_that_then_never_runs(queue):
     for task in (ready, delayed):
         cancelled = queue.cancel(task.identifier)
         assert (cancelled.status, cancelled.error) == (Status.FAILED, "Cancelled") and cancelled.finished_at
-    time.sleep(0.25)
+    later(queue, 1)  # the delayed one's time has come
     assert queue.fetch("p", timeout=0) is None
     assert queue.find(ready.identifier).error == "Cancelled" and queue.count(status=Status.FAILED) == 2
     for ended in (done, ready):
@@ -1983,7 +1983,7 @@ def test_a_task_not_started_before_it_expires_fails_without_running(queue):
     assert queue.add(Task("p", RecordingJob, unique_key="k"))[0].identifier != expired.identifier
     unattended = Task("nobody-fetches", RecordingJob, expires=0.01)
     queue.add(unattended)
-    time.sleep(0.05)
+    later(queue, 1)
     queue.recover()
     assert queue.find(unattended.identifier).status is Status.FAILED
     with pytest.raises(ValidationError, match="Give expires or expires_at, not both"):
@@ -3767,7 +3767,7 @@ def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_s
              threading.Thread(target=finish_later)]
     for thread in polls:
         thread.start()
-    time.sleep(0.1)
+    wait_until(lambda: sum(handler.busy for handler in list(server._handlers)) >= 2, timeout=5)
     started = time.monotonic()
     assert call(server, "GET", "/stats").status == 200 and call(server, "GET", "/health").status == 200
     assert time.monotonic() - started < 0.3, "other requests are served while two requests wait"
@@ -3788,7 +3788,7 @@ def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_s
         assert refused.status == 400 and refused.json["message"] == "wait must be a number of seconds from 0 to 60"
     last = threading.Thread(target=poll, args=("last", f"/task/{never.identifier}?wait=30"))
     last.start()
-    time.sleep(0.2)
+    wait_until(lambda: any(handler.busy for handler in list(server._handlers)), timeout=5)
     server.stop()
     last.join(5)
     answer, seconds = answers["last"]
