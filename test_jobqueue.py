@@ -3740,10 +3740,15 @@ def test_http_retry_route(serve, queue):
     queue.update_status(failed, Status.FAILED)
     retried = call(server, "POST", f"/task/{failed.identifier}/retry")
     assert retried.status == 200 and retried.json["status"] == "waiting"
-    refused = call(server, "POST", f"/task/{waiting.identifier}/retry")
-    assert refused.status == 409 and "only failed tasks can be retried" in refused.json["message"]
-    assert call(server, "POST", "/task/nope/retry").status == 404
-    assert call(server, "GET", f"/task/{failed.identifier}/retry").headers["Allow"] == "POST"
+    assert_task_action_refusals(server, "retry", waiting, "only failed tasks can be retried")
+
+
+def assert_task_action_refusals(server, action: str, refused_task: Task, message: str) -> None:
+    """POST /task/{id}/<action>: 409 for a task in the wrong state, 404 for none, POST only."""
+    refused = call(server, "POST", f"/task/{refused_task.identifier}/{action}")
+    assert refused.status == 409 and message in refused.json["message"]
+    assert call(server, "POST", f"/task/nope/{action}").status == 404
+    assert call(server, "GET", f"/task/{refused_task.identifier}/{action}").headers["Allow"] == "POST"
 
 
 def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_served(serve, queue):
@@ -3805,10 +3810,7 @@ def test_http_cancel_route(serve, queue):
                                       "Connection: close\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 200 ") and b'"error": "Cancelled"' in answer
         assert queue.find(task.identifier).status is Status.FAILED
-    refused = call(server, "POST", f"/task/{waiting.identifier}/cancel")
-    assert refused.status == 409 and "only waiting and running tasks can be cancelled" in refused.json["message"]
-    assert call(server, "POST", "/task/nope/cancel").status == 404
-    assert call(server, "GET", f"/task/{waiting.identifier}/cancel").headers["Allow"] == "POST"
+    assert_task_action_refusals(server, "cancel", waiting, "only waiting and running tasks can be cancelled")
 
 
 def test_http_a_request_without_a_body_needs_none(serve, queue):
