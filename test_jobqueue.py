@@ -111,11 +111,18 @@ def timed(task):
         log.write(f"{task.identifier} {task.profile} {start!r} {time.time()!r}\n")
 
 
+def announce(path: Path, text: str) -> None:
+    """Write ``text`` whole before ``path`` appears, so a test that waits for the file never reads it half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 class SlowJob(Job):
     """Touches the ``started`` file, then sleeps ``seconds``: a job to stop workers in."""
 
     def perform(self, task):
-        Path(task.get_parameter("started")).write_text(str(os.getpid()))
+        announce(Path(task.get_parameter("started")), str(os.getpid()))
         time.sleep(task.get_parameter("seconds"))
         return "slept"
 
@@ -146,7 +153,7 @@ class FirstRunHangsJob(Job):
         with open(task.get_parameter("log"), "a") as log:
             log.write(f"perform {task.attempts} {os.getpid()}\n")
         if task.attempts == 1:
-            Path(task.get_parameter("started")).write_text(str(os.getpid()))
+            announce(Path(task.get_parameter("started")), str(os.getpid()))
             time.sleep(60)
         return "redone"
 
@@ -233,13 +240,13 @@ class StepsJob(Job):
     def perform(self, task):
         task.set_progress(0.5, "half way")
         started = Path(task.get_parameter("started"))
-        started.write_text(str(os.getpid()))
+        announce(started, str(os.getpid()))
         try:
             deadline = time.monotonic() + 60
             while not Path(task.get_parameter("release")).exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
         except BaseException as error:
-            started.with_suffix(".stopped").write_text(type(error).__name__)
+            announce(started.with_suffix(".stopped"), type(error).__name__)
             raise
         return "released"
 
