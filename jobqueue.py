@@ -103,6 +103,9 @@ RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 CANCELLED = "Cancelled"  # the error of a cancelled task
 CANCEL_CHECK_INTERVAL = 0.5  # how often a worker asks whether a task in hand was cancelled
 WAIT_MAX = 60.0  # the longest GET /task/{id}?wait=S
+MAX_FETCH = 1000  # the most tasks one fetch_many or complete_many claims
+DEFAULT_PREFETCH = 20  # the most tasks a worker claims at once (see Worker)
+PREFETCH_WINDOW = 0.01  # a worker holds as many tasks as it expects to start within this many seconds
 PROGRESS_MESSAGE_MAX = 1000
 
 Scalar = Union[str, int, float, bool, None]
@@ -1257,6 +1260,9 @@ class Queue:
       task whose ``expires_at`` passed before it ever started is failed on the
       way (``Expired before it started``), never handed out. The profile's
       limits hold every task back while they are reached.
+    - ``fetch_many(profile, count, timeout=None, worker=None, lease=30)``: the
+      same, up to ``count`` tasks in one round trip (a worker's prefetch), each
+      under its own lease; an empty list on timeout.
     - ``set_limits(profile, concurrency=None, rate=None)``, ``limits(profile)``:
       at most ``concurrency`` tasks of the profile running at once, at most
       ``rate`` (``"10/s"``, ``"600/m"``, ``"1000/h"``) started in any window of
@@ -1266,9 +1272,13 @@ class Queue:
       ``failed`` (with error), or ``waiting`` with ``run_at`` (a retry later).
       Fenced by ``attempts``: False, and nothing written, if the task is no
       longer held by that run (recovered, restored, edited or deleted meanwhile).
-    - ``complete_and_fetch(task, worker, lease)``: ``complete(task)`` and a
-      non-blocking ``fetch`` of the same profile, in one round trip; returns
-      (recorded, the next task or None). What keeps a busy worker fast.
+    - ``complete_many(tasks, fetch=0, worker=None, lease=30, profiles=None)``:
+      ``complete`` each task, in order, then a non-blocking ``fetch_many`` of up
+      to ``fetch`` tasks of ``profiles`` (default: the first task's), in one
+      round trip per profile; returns (recorded, one bool a task; the tasks
+      claimed). What keeps a busy worker fast.
+    - ``complete_and_fetch(task, worker, lease)``: ``complete_many`` of one task
+      and one fetch; returns (recorded, the next task or None).
     - ``recover(max_lost=3)``: tasks whose lease expired go back to waiting at
       the head of their queue, ``lost`` counting it, or fail once lost
       ``max_lost`` times. Returns them. Waiting tasks past their ``expires_at``
@@ -1370,12 +1380,20 @@ class Queue:
         self, profile: str | Sequence[str], timeout: float | None = None, worker: str | None = None,
         lease: float = DEFAULT_LEASE
     ) -> Task | None:
+        claimed = self.fetch_many(profile, 1, timeout, worker, lease)
+        return claimed[0] if claimed else None
+
+    def fetch_many(
+        self, profile: str | Sequence[str], count: int, timeout: float | None = None, worker: str | None = None,
+        lease: float = DEFAULT_LEASE
+    ) -> list[Task]:
         profiles = _profiles(profile)
+        count = _integer_in(count, 1, MAX_FETCH, f"count must be a whole number from 1 to {MAX_FETCH}")
         if timeout is not None and timeout < 0:
             raise ValidationError("timeout must be 0 or more seconds")
         _seconds("lease", lease, allow_zero=False)
         with self._errors():
-            return self._fetch(profiles, timeout, worker or _default_worker_name(), float(lease))
+            return self._fetch(profiles, timeout, worker or _default_worker_name(), float(lease), count)
 
     def set_limits(self, profile: str, concurrency: int | None = None, rate: str | None = None) -> dict[str, Any]:
         """Set both limits of a profile (None lifts one); return them as ``limits`` shows them."""
@@ -1405,20 +1423,32 @@ class Queue:
             return self._renew(task, self.clock() + (task.lease or lease))
 
     def complete(self, task: Task) -> bool:
-        self._check_outcome(task)
+        return self.complete_many([task])[0][0]
+
+    def complete_many(self, tasks: Sequence[Task], fetch: int = 0, worker: str | None = None,
+                      lease: float = DEFAULT_LEASE, profiles: str | Sequence[str] | None = None) -> tuple:
+        for task in tasks:
+            self._check_outcome(task)
+        fetch = _integer_in(fetch, 0, MAX_FETCH, f"fetch must be a whole number from 0 to {MAX_FETCH}")
+        if profiles:
+            chosen = _profiles(profiles)
+        elif tasks:
+            chosen = [tasks[0].profile]
+        elif fetch:
+            raise ValidationError("complete_many needs profiles to fetch from when it is given no task")
+        else:
+            return [], []
+        worker = worker or _default_worker_name()
         with self._errors():
-            return self._complete(task)
+            recorded, claimed = self._complete_many(tasks, worker, float(lease), fetch, chosen[0] if fetch else None)
+            if fetch and not claimed and len(chosen) > 1:
+                claimed = self._fetch(chosen[1:], 0, worker, float(lease), fetch)
+            return recorded, claimed
 
     def complete_and_fetch(self, task: Task, worker: str, lease: float = DEFAULT_LEASE,
                            profiles: Sequence[str] | None = None) -> tuple:
-        self._check_outcome(task)
-        with self._errors():
-            if profiles and list(profiles) != [task.profile]:
-                if profiles[0] != task.profile:
-                    return self._complete(task), self._fetch(list(profiles), 0, worker, float(lease))
-                recorded, following = self._complete_and_fetch(task, worker, float(lease))
-                return recorded, following or self._fetch(list(profiles[1:]), 0, worker, float(lease))
-            return self._complete_and_fetch(task, worker, float(lease))
+        recorded, claimed = self.complete_many([task], 1, worker, lease, profiles)
+        return recorded[0], claimed[0] if claimed else None
 
     def _check_outcome(self, task: Task) -> None:
         if task.status is Status.RUNNING or (task.status is Status.WAITING and task.run_at is None):
@@ -1626,9 +1656,10 @@ class Queue:
         """Store the tasks; return, by position, the existing task each one a unique_key made redundant."""
         raise NotImplementedError
 
-    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
-        """Claim the next ready task of the first of ``profiles`` that has one; wait up to ``timeout`` (None:
-        for ever) for one."""
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float,
+               count: int = 1) -> list[Task]:
+        """Claim up to ``count`` ready tasks of the first of ``profiles`` that has one; wait up to ``timeout``
+        (None: for ever) for one."""
         raise NotImplementedError
 
     def _set_limits(self, profile: str, concurrency: int | None, rate: tuple | None) -> None:
@@ -1645,11 +1676,10 @@ class Queue:
     def _renew(self, task: Task, until: float) -> bool:
         raise NotImplementedError
 
-    def _complete(self, task: Task) -> bool:
+    def _complete_many(self, tasks: Sequence[Task], worker: str, lease: float, count: int,
+                       profile: str | None) -> tuple:
+        """Record each outcome, then claim up to ``count`` ready tasks of ``profile`` (without waiting)."""
         raise NotImplementedError
-
-    def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        return self._complete(task), self._fetch([task.profile], 0, worker, lease)
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         raise NotImplementedError
@@ -2089,20 +2119,23 @@ local function claim(id, worker, now, lease)
   return fields(key)
 end
 
--- {task = the oldest ready task, claimed}, else {due = when the next delayed one is}, else {};
--- with posted = 2 when tasks it found expired have news for other slots (the client delivers it).
-local function claim_next(now, worker, lease)
+-- {tasks = up to count of the oldest ready tasks, claimed, the limits allowing}, else what holds them back
+-- (see limited), else {due = when the next delayed one is}, else {}; with posted = 2 when tasks it found
+-- expired have news for other slots (the client delivers it).
+local function claim_next(now, worker, lease, count)
+  if count < 1 then return {} end
   promote(now)
-  local held = limited(now)
-  if held then return held end
-  local id = pop_ready()
-  local reply
-  while id do
+  local claimed, held = {}, nil
+  while #claimed < count do
+    held = limited(now)
+    if held then break end
+    local id = pop_ready()
+    if not id then break end
     local task = claim(id, worker, now, lease)
-    if task then reply = {task = task} break end
-    id = pop_ready()
+    if task then claimed[#claimed + 1] = task end
   end
-  reply = reply or {due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')[2]}
+  local reply = held or {due = redis.call('ZRANGE', DELAYED, 0, 0, 'WITHSCORES')[2]}
+  if #claimed > 0 then reply = {tasks = claimed} end
   if expired_news then reply.posted = 2 end
   return reply
 end
@@ -2287,7 +2320,9 @@ H.add = change({'now', '...tasks'}, function(a)
   return {hold(tasks, now) == 1 and 2 or 1, existing}
 end)
 
-H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
+H.claim = change({'now', 'worker', 'lease', 'count'}, function(a)
+  return claim_next(a.now, a.worker, a.lease, tonumber(a.count))
+end)
 
 -- Both limits at once ('' lifts one); period is the rate's, in seconds.
 H.limits = plain({'concurrency', 'rate', 'period'}, function(a)
@@ -2298,12 +2333,17 @@ H.limits = plain({'concurrency', 'rate', 'period'}, function(a)
   return 1
 end)
 
-H.complete = change({'now', 'id', 'attempts', 'status', 'error', 'result', 'failures', 'run_at'}, complete)
-
--- One round trip from one task to the next: its outcome, then the next claim.
-H.complete_and_claim = change({'now', 'id', 'attempts', 'status', 'error', 'result', 'failures', 'run_at',
-                               'worker', 'lease'}, function(a)
-  return {complete(a), claim_next(a.now, a.worker, a.lease)}
+-- The outcomes of runs, each a JSON object {now (when it ended; '': a.now), id, attempts, status, error,
+-- result, failures, run_at}, recorded in order; then up to a.count claims (a worker's next tasks) in the
+-- same round trip. Returns {what complete() said of each outcome, claim_next's reply}.
+H.complete = change({'now', 'worker', 'lease', 'count', '...outcomes'}, function(a)
+  local recorded = {}
+  for i, text in ipairs(a.outcomes) do
+    local outcome = cjson.decode(text)
+    if outcome.now == '' then outcome.now = a.now end
+    recorded[i] = complete(outcome)
+  end
+  return {recorded, claim_next(a.now, a.worker, a.lease, tonumber(a.count))}
 end)
 
 -- held: identifier and attempts of each task its worker still runs.
@@ -3155,27 +3195,29 @@ class RedisQueue(Queue):
             if len(messages) == _REDIS_BATCH and delivered:
                 pending.add(profile)
 
-    def _claim_reply(self, profile: str, reply: Any) -> Task | float | None:
+    def _claim_reply(self, profile: str, reply: Any) -> list[Task] | float | None:
+        """The tasks a claim took; else when the next one is due (a delay, a rate), or None."""
         if reply.get("posted") == 2:
             self._deliver([profile])
-        if "task" in reply:
-            return self._task(reply["task"])
+        if "tasks" in reply:
+            return [self._task(fields) for fields in reply["tasks"]]
         return float(reply["due"]) if "due" in reply else None
 
-    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float,
+               count: int = 1) -> list[Task]:
         """Claim from each profile in turn; idle, block on their wake lists until a token or the next due time."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now, due = self.clock(), math.inf
             for profile in profiles:
                 claimed = self._claim_reply(profile, self._call(profile, "claim", now=repr(now), worker=worker,
-                                                       lease=repr(lease)))
-                if isinstance(claimed, Task):
+                                                                lease=repr(lease), count=count))
+                if isinstance(claimed, list):
                     return claimed
                 due = min(due, math.inf if claimed is None else claimed)
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
-                return None
+                return []
             block = min(5.0 if remaining is None else remaining, max(due - now, 0.01))
             if self._block_limit:
                 block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
@@ -3212,26 +3254,37 @@ class RedisQueue(Queue):
     def _renew(self, task: Task, until: float) -> bool:
         return bool(self._call(task.profile, "renew", until=repr(until), held=[task.identifier, task.attempts]))
 
-    def _outcome(self, task: Task) -> dict[str, Any]:
+    @staticmethod
+    def _outcome(task: Task) -> str:
+        """One run's outcome as the complete handler reads it (a retry's ``now`` is the call's)."""
         finished = task.finished_at if task.status is not Status.WAITING else None
-        return {"now": _stamp(finished) or repr(self.clock()), "id": task.identifier, "attempts": task.attempts,
-                "status": task.status.value, "error": task.error or "", "failures": task.failures,
-                "result": "" if task.result is None else json.dumps(task.result), "run_at": _stamp(task.run_at)}
+        return json.dumps({
+            "now": _stamp(finished), "id": task.identifier, "attempts": str(task.attempts),
+            "status": task.status.value, "error": task.error or "", "failures": str(task.failures),
+            "result": "" if task.result is None else json.dumps(task.result), "run_at": _stamp(task.run_at),
+        })
 
-    def _complete(self, task: Task) -> bool:
-        recorded = self._call(task.profile, "complete", **self._outcome(task))
-        if recorded == 2:
-            self._deliver([task.profile])
-        return bool(recorded)
-
-    def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        recorded, following = self._call(
-            task.profile, "complete_and_claim", **self._outcome(task), worker=worker, lease=repr(lease)
-        )
-        if recorded == 2:
-            self._deliver([task.profile])
-        claimed = self._claim_reply(task.profile, following)
-        return bool(recorded), claimed if isinstance(claimed, Task) else None
+    def _complete_many(self, tasks: Sequence[Task], worker: str, lease: float, count: int,
+                       profile: str | None) -> tuple:
+        """One call per profile of the outcomes; the claims ride with those of ``profile`` (its slot's)."""
+        groups: dict[str, list[int]] = {}
+        for position, task in enumerate(tasks):
+            groups.setdefault(task.profile, []).append(position)
+        if count and profile is not None:
+            groups.setdefault(profile, [])
+        recorded, claimed = [False] * len(tasks), []
+        for name, positions in groups.items():
+            take = count if name == profile else 0
+            results, reply = self._call(name, "complete", now=repr(self.clock()), worker=worker, lease=repr(lease),
+                                        count=take, outcomes=[self._outcome(tasks[p]) for p in positions])
+            for position, result in zip(positions, results or ()):
+                recorded[position] = bool(result)
+            if 2 in (results or ()):
+                self._deliver([name])
+            if take:
+                following = self._claim_reply(name, reply)
+                claimed = following if isinstance(following, list) else []
+        return recorded, claimed
 
     def _recover(self, now: float, max_lost: int) -> list[Task]:
         recovered = []
@@ -3928,32 +3981,38 @@ class SQLiteQueue(Queue):
             if failed is not None:
                 pending += [(d, dependent, "failed") for d in self._dependents(connection, dependent)]
 
-    def _claim(self, profiles: list[str], worker: str, lease: float) -> Task | None:
+    def _claim(self, profiles: list[str], worker: str, lease: float, count: int) -> list[Task]:
         """Claim without taking the write lock when a cheap read shows nothing is ready; the profiles in turn."""
         for name in profiles:
             now = self.clock()
             ready = self._connection().execute(_SQLITE_READY, {"profile": name, "now": now}).fetchone()["ready"]
             if ready:
                 with self._write() as connection:
-                    task = self._claim_next(connection, name, worker, lease, now)
-                if task is not None:
-                    return task
-        return None
+                    claimed = self._claim_next(connection, name, worker, lease, now, count)
+                if claimed:
+                    return claimed
+        return []
 
     def _claim_next(self, connection: sqlite3.Connection, profile: str, worker: str, lease: float,
-                    now: float) -> Task | None:
-        """Promote due delayed tasks, then claim the oldest ready one (inside the caller's transaction)."""
+                    now: float, count: int) -> list[Task]:
+        """Promote due delayed tasks, then claim up to ``count`` of the oldest ready ones, the limits allowing
+        (inside the caller's transaction)."""
         self._promote(connection, profile, now)
-        counting = self._limited(connection, profile, now)
-        if counting is None:
-            return None
+        claimed: list[Task] = []
         claim = {"profile": profile, "now": now, "worker": worker, "lease": lease}
-        row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
-        while row is not None and self._expired(connection, row, now):
+        while len(claimed) < count:
+            counting = self._limited(connection, profile, now)
+            if counting is None:
+                break
             row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
-        if row is not None and counting:
-            connection.execute("INSERT INTO jobqueue_starts (profile, at) VALUES (?, ?)", (profile, now))
-        return None if row is None else _decode_task(row)
+            while row is not None and self._expired(connection, row, now):
+                row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
+            if row is None:
+                break
+            if counting:
+                connection.execute("INSERT INTO jobqueue_starts (profile, at) VALUES (?, ?)", (profile, now))
+            claimed.append(_decode_task(row))
+        return claimed
 
     def _expired(self, connection: sqlite3.Connection, row: dict, now: float) -> bool:
         """Whether a task just claimed had expired before it ever started: then it is failed instead."""
@@ -3999,16 +4058,17 @@ class SQLiteQueue(Queue):
         return {row["profile"]: _stored_limits(row["concurrency"], row["rate"], row["period"])
                 for row in self._connection().execute("SELECT * FROM jobqueue_limits").fetchall()}
 
-    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float) -> Task | None:
+    def _fetch(self, profiles: list[str], timeout: float | None, worker: str, lease: float,
+               count: int = 1) -> list[Task]:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.001
         while True:
-            task = self._claim(profiles, worker, lease)
-            if task is not None:
-                return task
+            claimed = self._claim(profiles, worker, lease, count)
+            if claimed:
+                return claimed
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
-                return None
+                return []
             time.sleep(pause if remaining is None else min(pause, remaining))
             pause = min(pause * 2, self.poll_interval)
 
@@ -4021,14 +4081,13 @@ class SQLiteQueue(Queue):
             )
         return cursor.rowcount == 1
 
-    def _complete(self, task: Task) -> bool:
+    def _complete_many(self, tasks: Sequence[Task], worker: str, lease: float, count: int,
+                       profile: str | None) -> tuple:
         with self._write() as connection:
-            return self._record(connection, task)
-
-    def _complete_and_fetch(self, task: Task, worker: str, lease: float) -> tuple:
-        with self._write() as connection:
-            recorded = self._record(connection, task)
-            return recorded, self._claim_next(connection, task.profile, worker, lease, self.clock())
+            recorded = [self._record(connection, task) for task in tasks]
+            if not count or profile is None:
+                return recorded, []
+            return recorded, self._claim_next(connection, profile, worker, lease, self.clock(), count)
 
     def _record(self, connection: sqlite3.Connection, task: Task) -> bool:
         """Write a run's outcome inside the caller's transaction, if the run still holds the task."""
@@ -4408,20 +4467,24 @@ class _Quota:
         self.limit, self.taken, self.done = limit, 0, 0
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, wanted: int = 1) -> int:
+        """Up to ``wanted`` tasks more, as many as the limit leaves (0: none)."""
         with self._lock:
-            if self.limit is not None and self.taken >= self.limit:
-                return False
-            self.taken += 1
-            return True
+            granted = wanted if self.limit is None else max(min(wanted, self.limit - self.taken), 0)
+            self.taken += granted
+            return granted
 
-    def release(self) -> None:
+    def release(self, count: int = 1) -> None:
         with self._lock:
-            self.taken -= 1
+            self.taken -= count
 
     def finish(self) -> None:
         with self._lock:
             self.done += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.taken >= self.limit
 
 
 def _async_raise(thread_id: int, exception: type | None) -> None:
@@ -4740,6 +4803,63 @@ class _WatchedRun:
         return min(self.renew_at, self.deadline or math.inf, self.check_at)
 
 
+class _Batch:
+    """One runner's tasks claimed but not started yet (``held``), and outcomes not recorded yet (``ended``).
+
+    A runner claims as many tasks as it expects to start within
+    PREFETCH_WINDOW, judged by how long its recent runs took (at most the
+    worker's ``prefetch``; one while a run takes longer than the window), and
+    records their outcomes together, with its next claim, once it has run
+    them: one round trip for a batch of short jobs, and slow jobs never hoard
+    tasks that other workers could run. The watchdog renews the leases of held
+    tasks, notes those cancelled meanwhile (they are skipped), and records
+    outcomes left waiting longer than PREFETCH_WINDOW (a long job after short
+    ones), so an outcome is stored within about that long after its run ended.
+    """
+
+    def __init__(self, prefetch: int):
+        self.prefetch = prefetch
+        self.held: collections.deque[Task] = collections.deque()
+        self.cancelled: set[str] = set()
+        self.flush_at = math.inf
+        self._ended: list[tuple[Task, bool]] = []
+        self._typical: float | None = None
+        self._lock = threading.Lock()
+
+    def size(self) -> int:
+        """How many tasks to claim next."""
+        if self.prefetch <= 1 or self._typical is None:
+            return 1
+        return max(1, min(self.prefetch, int(PREFETCH_WINDOW / max(self._typical, 1e-6))))
+
+    def ran(self, seconds: float) -> None:
+        self._typical = seconds if self._typical is None else (self._typical + seconds) / 2
+
+    @property
+    def unrecorded(self) -> bool:
+        return bool(self._ended)
+
+    def end(self, task: Task, cancelled: bool) -> bool:
+        """Keep a run's outcome for the next record; True if it is the first kept (the watchdog should know)."""
+        with self._lock:
+            self._ended.append((task, cancelled))
+            if len(self._ended) == 1:
+                self.flush_at = time.monotonic() + PREFETCH_WINDOW
+                return True
+            return False
+
+    def take_ended(self) -> list[tuple[Task, bool]]:
+        with self._lock:
+            ended, self._ended, self.flush_at = self._ended, [], math.inf
+            return ended
+
+    def put_back(self, ended: list[tuple[Task, bool]]) -> None:
+        """Outcomes whose record failed (an outage), to be tried again in a second, or with the next claim."""
+        with self._lock:
+            self._ended[:0] = ended
+            self.flush_at = time.monotonic() + 1.0
+
+
 class _Watchdog:
     """Renews the lease of every task in hand and fires the timeouts of in-thread jobs, from a thread of its own.
 
@@ -4753,6 +4873,8 @@ class _Watchdog:
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None  # the watchdog thread; one that is no longer it ends
         self._runs: dict[int, _WatchedRun] = {}
+        self._held: dict[int, _WatchedRun] = {}  # by id(task): tasks claimed, not started yet (see _Batch)
+        self._batches: list[_Batch] = []
 
     @contextlib.contextmanager
     def watching(self, task: Task, guard: _Guard | None, timeout: float | None,
@@ -4765,15 +4887,46 @@ class _Watchdog:
                           on_cancel, math.inf if on_cancel is None else now + CANCEL_CHECK_INTERVAL)
         with self._condition:
             self._runs[id(run)] = run
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
-                self._thread.start()
-            self._condition.notify()
+            self._start()
         try:
             yield
         finally:
             with self._condition:
                 self._runs.pop(id(run), None)
+
+    def hold(self, batch: _Batch, tasks: Sequence[Task]) -> None:
+        """Renew the leases of tasks claimed ahead, and note in ``batch`` those cancelled, until they start."""
+        now = time.monotonic()
+        with self._condition:
+            for task in tasks:
+                self._held[id(task)] = _WatchedRun(
+                    task, None, None, now + self._lease(task) / 3,
+                    lambda identifier=task.identifier: batch.cancelled.add(identifier),
+                    now + CANCEL_CHECK_INTERVAL)
+            if batch not in self._batches:
+                self._batches.append(batch)
+            self._start()
+
+    def unhold(self, task: Task) -> None:
+        with self._condition:
+            self._held.pop(id(task), None)
+
+    def outcome_kept(self) -> None:
+        """A batch keeps an outcome now: its time to be recorded is among the watchdog's."""
+        with self._condition:
+            self._condition.notify()
+
+    def forget(self, batch: _Batch) -> None:
+        with self._condition:
+            if batch in self._batches:
+                self._batches.remove(batch)
+
+    def _start(self) -> None:
+        """(With the condition held.) Wake the watchdog thread to a new due time, or start it."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
+            self._thread.start()
+        self._condition.notify()
 
     def close(self) -> None:
         with self._condition:
@@ -4789,14 +4942,17 @@ class _Watchdog:
             with self._condition:
                 while self._thread is me:
                     now = time.monotonic()
-                    due = min((run.due for run in self._runs.values()), default=math.inf)
+                    runs = [*self._runs.values(), *self._held.values()]
+                    due = min(min((run.due for run in runs), default=math.inf),
+                              min((batch.flush_at for batch in self._batches), default=math.inf))
                     if now >= due:
                         break
                     self._condition.wait(None if due == math.inf else due - now)
                 if self._thread is not me:
                     return
                 renewals = []
-                for run in self._runs.values():
+                flushes = [batch for batch in self._batches if now >= batch.flush_at]
+                for run in runs:
                     if run.deadline is not None and now >= run.deadline:
                         run.deadline = None
                         if run.guard is not None:
@@ -4804,13 +4960,21 @@ class _Watchdog:
                     if now >= run.renew_at:
                         run.renew_at = now + self._lease(run.task) / 3
                         renewals.append(run.task)
-                checks = [run for run in self._runs.values() if now >= run.check_at]
+                checks = [run for run in runs if now >= run.check_at]
                 for run in checks:
                     run.check_at = now + CANCEL_CHECK_INTERVAL
             for task in renewals:
                 self._renew(task)
             if checks:
                 self._stop_cancelled(checks)
+            for batch in flushes:
+                self._record(batch)
+
+    def _record(self, batch: _Batch) -> None:
+        try:
+            self.worker._record(batch)
+        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+            self.worker.logger.debug("Outcomes not recorded yet: %s", error)
 
     def _stop_cancelled(self, runs: list[_WatchedRun]) -> None:
         """Ask the queue which runs were cancelled (one read); stop those still in hand, once."""
@@ -4821,7 +4985,8 @@ class _Watchdog:
             return
         with self._condition:
             for run in runs:
-                if run.task.identifier in cancelled and self._runs.get(id(run)) is run and run.on_cancel:
+                still = self._runs.get(id(run)) is run or self._held.get(id(run.task)) is run
+                if run.task.identifier in cancelled and still and run.on_cancel:
                     self.worker.logger.warning("%s %s cancelled: stopping its job", run.task.identifier,
                                                run.task.job_name)
                     run.on_cancel()
@@ -4854,6 +5019,10 @@ class Worker:
     it dies or is killed at a timeout), for jobs that may crash, leak, or hold
     the GIL.
 
+    While jobs are short it claims up to ``prefetch`` tasks at once and
+    records their outcomes with its next claim (see ``_Batch``); ``prefetch=1``
+    takes one at a time.
+
     A watchdog thread renews the lease of every task in hand every third of
     it and interrupts in-process jobs at their timeout; the interruption lands
     only in the job's own code (see ``_Guard``). Every ``maintenance_interval``
@@ -4878,6 +5047,7 @@ class Worker:
         finished_ttl: float | None = None,
         isolation: str = "thread",
         threads: int = 1,
+        prefetch: int = DEFAULT_PREFETCH,
     ):
         self.name = name or _default_worker_name()
         self.queue = queue
@@ -4894,6 +5064,7 @@ class Worker:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValidationError("threads must be a whole number, 1 or more")
         self.isolation, self.threads = isolation, threads
+        self.prefetch = _integer_in(prefetch, 1, MAX_FETCH, f"prefetch must be a whole number from 1 to {MAX_FETCH}")
         self.maintenance_interval = min(self.lease / 2, 5.0)  # type: ignore[operator]
         self.schedule_interval = 1.0
         self.logger = logging.getLogger("jobqueue.worker")
@@ -4957,9 +5128,10 @@ class Worker:
 
     def run(self, task: Task) -> Task:
         """Run one fetched task, record its outcome and emit its events."""
-        slot = _Slot(self)
+        slot, batch = _Slot(self), _Batch(1)
         try:
-            self._run(task, False, slot)
+            self._run(task, slot, batch)
+            self._backend(lambda: self._record(batch))
         finally:
             slot.close()
         return task
@@ -4989,43 +5161,79 @@ class Worker:
             raise
 
     def _serve(self, quota: _Quota, burst: bool) -> None:
-        """One runner: fetch, run, record, until the quota, the end of a burst, or a stop."""
-        slot, following = _Slot(self), None
+        """One runner: claim, run, record, until the quota, the end of a burst, or a stop (see _Batch)."""
+        slot, batch = _Slot(self), _Batch(self.prefetch)
         try:
             while not self.stopping:
-                if following is None:
-                    if not quota.take():
+                if not batch.held and not self._claim(batch, quota, burst):
+                    if burst or quota.exhausted:
                         break
-                    self.maintain()
-                    following = self._backend(
-                        lambda: self.queue.fetch(
-                            self.profiles, timeout=0 if burst else self.poll, worker=self.name, lease=self.lease
-                        ),
-                        give_up_when_stopping=True,
-                    )
-                    if following is _UNAVAILABLE or following is None:
-                        following = None
-                        quota.release()
-                        if burst:
-                            break
-                        continue
-                current, following = following, None
-                fetch_next = not self.stopping and quota.take()
-                following = self._run(current, fetch_next, slot)
-                quota.finish()
-                if fetch_next and following is None:
+                    continue
+                task = batch.held.popleft()
+                self.watchdog.unhold(task)
+                if task.identifier in batch.cancelled:
                     quota.release()
+                    continue
+                self._run(task, slot, batch)
+                quota.finish()
         except (KeyboardInterrupt, _JobAbandoned):
             if threading.current_thread() is threading.main_thread():
                 raise
         finally:
-            if following is not None:
-                quota.release()
-                self._give_back(following, "claimed but not started")
+            self._let_go(batch, quota)
             slot.close()
 
-    def _run(self, task: Task, fetch_next: bool, slot: _Slot) -> Task | None:
-        """Run ``task``; with ``fetch_next``, claim the next one as its outcome is recorded, and return it."""
+    def _claim(self, batch: _Batch, quota: _Quota, burst: bool) -> bool:
+        """Record what the batch ran and claim the next tasks in one round trip; idle, wait for some."""
+        wanted = 0 if self.stopping else quota.take(batch.size())
+        claimed = self._backend(lambda: self._record(batch, wanted)) if batch.unrecorded else []
+        if claimed is _UNAVAILABLE:
+            claimed = []
+        if not claimed and wanted and not self.stopping:
+            self.maintain()
+            claimed = self._backend(
+                lambda: self.queue.fetch_many(self.profiles, wanted, timeout=0 if burst else self.poll,
+                                              worker=self.name, lease=self.lease),
+                give_up_when_stopping=True,
+            )
+            claimed = [] if claimed is _UNAVAILABLE else claimed
+        quota.release(wanted - len(claimed))
+        if claimed:
+            batch.held.extend(claimed)
+            self.watchdog.hold(batch, claimed)
+        return bool(claimed)
+
+    def _record(self, batch: _Batch, fetch: int = 0) -> list[Task]:
+        """Record the outcomes the batch keeps, claiming up to ``fetch`` tasks in the same round trip."""
+        ended = batch.take_ended()
+        if not ended and not fetch:
+            return []
+        try:
+            recorded, claimed = self.queue.complete_many([task for task, _ in ended], fetch, self.name,
+                                                         self.lease, self.profiles)
+        except BaseException:
+            batch.put_back(ended)
+            raise
+        for (task, cancelled), stored in zip(ended, recorded):
+            if not stored and not cancelled:
+                self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
+                                    task.identifier, task.job_name)
+        return claimed
+
+    def _let_go(self, batch: _Batch, quota: _Quota) -> None:
+        """On the way out: record what ran, give back what was claimed and never started."""
+        self.watchdog.forget(batch)
+        if batch.unrecorded:
+            self._backend(lambda: self._record(batch), give_up_when_stopping=True)
+        while batch.held:
+            task = batch.held.popleft()
+            self.watchdog.unhold(task)
+            quota.release()
+            if task.identifier not in batch.cancelled:
+                self._give_back(task, "claimed but not started")
+
+    def _run(self, task: Task, slot: _Slot, batch: _Batch) -> None:
+        """Run ``task``; its outcome is kept in ``batch``, to be recorded with the next claim (or sooner)."""
         self.dispatcher.dispatch(TASK_FETCHED, TaskEvent(TASK_FETCHED, task, self))
         started = time.monotonic()
         timeout = task.timeout or self.timeout
@@ -5047,17 +5255,11 @@ class Worker:
         else:
             self._failed(task, error)
         task.finished_at = None if task.status is Status.WAITING else self._now()
-        following = None
-        if fetch_next:
-            recorded, following = self._backend(
-                lambda: self.queue.complete_and_fetch(task, self.name, self.lease, self.profiles))
-        else:
-            recorded = self._backend(lambda: self.queue.complete(task))
-        if not recorded and not slot.cancelled:
-            self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
-                                task.identifier, task.job_name)
-        self._report(task, time.monotonic() - started)
-        return following
+        seconds = time.monotonic() - started
+        batch.ran(seconds)
+        if batch.end(task, slot.cancelled):
+            self.watchdog.outcome_kept()
+        self._report(task, seconds)
 
     def maintain(self, force: bool = False) -> None:
         """Recover tasks of lost workers and expire old finished tasks, when it is time to."""
@@ -6538,7 +6740,7 @@ def _stop_with_supervisor(worker: Worker, supervisor: int) -> None:
 def _child_command(args: argparse.Namespace, name: str) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "worker", args.profile, "--name", name,
                "--lease", repr(args.lease), "--isolation", args.isolation, "--threads", str(args.threads),
-               "--supervisor", str(os.getpid())]
+               "--prefetch", str(args.prefetch), "--supervisor", str(os.getpid())]
     if args.timeout is not None:
         command += ["--timeout", repr(args.timeout)]
     if args.quantity is not None:
@@ -6639,7 +6841,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = services.config
     worker = Worker(args.name, queue, args.profile, services.dispatcher, lease=args.lease, timeout=args.timeout,
                     max_lost=config.max_lost, finished_ttl=config.finished_ttl, isolation=args.isolation,
-                    threads=args.threads)
+                    threads=args.threads, prefetch=args.prefetch)
     _stop_on_signals(worker)
     if args.supervisor is not None:
         _die_with_parent(signal.SIGTERM, args.supervisor)
@@ -6817,6 +7019,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run N worker processes under one supervisor")
     worker.add_argument("--threads", type=_positive, default=1, metavar="N",
                         help="run up to N tasks at once in each worker process, for jobs that wait on I/O")
+    worker.add_argument("--prefetch", type=_positive, default=DEFAULT_PREFETCH, metavar="N",
+                        help=f"claim up to N tasks at once while jobs are short (default {DEFAULT_PREFETCH}; "
+                             "1: one at a time)")
     worker.add_argument("--isolation", choices=ISOLATIONS, default="thread",
                         help="run each job in this process (thread, the default) or in a child process (process)")
     worker.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)

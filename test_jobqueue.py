@@ -2083,6 +2083,40 @@ def test_profile_limits_hold_tasks_back_until_they_allow_them(queue):
 
 
 @contract
+def test_fetch_many_claims_in_order_within_the_limits_and_complete_many_records_then_claims(queue):
+    low, last = Task("p", RecordingJob), Task("p", RecordingJob)
+    high = [Task("p", RecordingJob, priority=5) for _ in range(3)]
+    queue.add(low, *high, last)
+    claimed = queue.fetch_many("p", 3, timeout=0, worker="w", lease=5)
+    assert [task.identifier for task in claimed] == [task.identifier for task in high], "priority, then FIFO"
+    assert all(queue.find(task.identifier).status is Status.RUNNING for task in claimed)
+    assert all(task.worker == "w" and task.attempts == 1 and task.started_at for task in claimed)
+    stale = queue.find(claimed[2].identifier)
+    queue.update_status(stale, Status.FAILED)
+    claimed[0].status, claimed[0].result = Status.FINISHED, "one"
+    claimed[1].status, claimed[1].error = Status.FAILED, "two"
+    claimed[2].status = Status.FINISHED
+    recorded, following = queue.complete_many(claimed, fetch=5, worker="w")
+    assert recorded == [True, True, False], "a run that no longer holds its task records nothing"
+    assert [task.identifier for task in following] == [low.identifier, last.identifier]
+    assert (queue.find(claimed[0].identifier).result, queue.find(claimed[1].identifier).error) == ("one", "two")
+    assert queue.find(stale.identifier).result is None
+    assert queue.fetch_many("p", 10, timeout=0.05) == []
+    queue.add(*[Task("q", RecordingJob) for _ in range(4)])
+    queue.set_limits("q", concurrency=3)
+    assert len(queue.fetch_many("q", 10, timeout=0)) == 3, "a batch stops at the concurrency limit"
+    queue.add(*[Task("r", RecordingJob) for _ in range(4)])
+    queue.set_limits("r", rate="2/m")
+    assert len(queue.fetch_many("r", 10, timeout=0)) == 2, "a batch stops at the rate"
+    assert queue.complete_many([], fetch=10, profiles=["r"]) == ([], []), "the rate holds the rest back"
+    for call, message in ((lambda: queue.fetch_many("p", 0), "count must be a whole number from 1 to 1000"),
+                          (lambda: queue.complete_many([], fetch=1), "needs profiles"),
+                          (lambda: queue.complete_many([], fetch=-1, profiles="p"), "fetch must be a whole number")):
+        with pytest.raises(ValidationError, match=message):
+            call()
+
+
+@contract
 def test_a_rate_lets_the_next_start_through_as_soon_as_its_window_allows(queue):
     queue.set_limits("p", rate="3/s")
     queue.add(*[Task("p", RecordingJob) for _ in range(4)])
@@ -2134,7 +2168,7 @@ def test_profiles_spread_over_the_cluster_masters(redis_cluster):
 def test_every_remembered_handler_takes_now_first():
     """A call sent again is known by its arguments but ``now``, which _call leaves out of the key as the first."""
     changes = {name: names for name, (remembered, names, _) in jobqueue._REDIS_HANDLERS.items() if remembered}
-    assert {"add", "claim", "complete", "complete_and_claim", "update", "delete"} <= set(changes)
+    assert {"add", "claim", "complete", "update", "delete"} <= set(changes)
     assert all(names[0] == "now" for names in changes.values()), changes
 
 
@@ -5089,6 +5123,35 @@ def test_wait_returns_within_bounds_once_a_worker_process_finishes_the_task(dsn,
     ended, returned_at = waited[0]
     assert (ended.status, ended.result) == (Status.FINISHED, "released") and ended.progress["message"] == "half way"
     assert returned_at - ended.finished_at.timestamp() < (0.05 if dsn.startswith("redis") else 0.2)
+
+
+def test_a_worker_claims_short_tasks_ahead_renews_them_and_gives_back_what_it_never_started(dsn, queue, tmp_path,
+                                                                                            running):
+    log, started = tmp_path / "ran.log", tmp_path / "started"
+    queue.add(*[Task("ahead", count_execution, {"log": str(log)}) for _ in range(20)])
+    holder = running(dsn, "worker", "ahead", "--lease", "1", "--prefetch", "20", "--name", "holder")
+    wait_until(lambda: queue.count(profile="ahead", status="finished") == 20)
+    early = Task("ahead", count_execution, {"log": str(log)})
+    slow = Task("ahead", SlowJob, {"started": str(started), "seconds": 2.5})
+    later = [Task("ahead", count_execution, {"log": str(log)}) for _ in range(5)]
+    queue.add(early, slow, *later)
+    wait_for_file(started)
+    held = [queue.find(task.identifier) for task in later]
+    assert all(task.status is Status.RUNNING and task.worker == "holder" for task in held), "short jobs: claimed ahead"
+    wait_until(lambda: queue.find(early.identifier).status is Status.FINISHED, timeout=1)
+    assert queue.find(slow.identifier).status is Status.RUNNING, "an outcome does not wait for the next long job"
+    queue.cancel(later[0].identifier)
+    running(dsn, "worker", "ahead", "--lease", "1", "--name", "bystander")
+    holder.signal(signal.SIGTERM)
+    assert holder.wait() == 0
+    assert "claimed but not started; back to waiting" in "".join(holder.err)
+    wait_until(lambda: all(queue.find(task.identifier).status is Status.FINISHED for task in later[1:]))
+    assert later[0].identifier not in log.read_text(), "a task cancelled while held never ran"
+    assert queue.find(later[0].identifier).error == "Cancelled"
+    done = [queue.find(task.identifier) for task in later[1:]]
+    assert all(task.worker == "bystander" and task.lost == 0 for task in done), "held leases were kept alive"
+    finished = queue.find(slow.identifier)
+    assert (finished.worker, finished.result, finished.lost) == ("holder", "slept", 0)
 
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])
