@@ -5162,7 +5162,7 @@ class Worker:
 
     def _serve(self, quota: _Quota, burst: bool) -> None:
         """One runner: claim, run, record, until the quota, the end of a burst, or a stop (see _Batch)."""
-        slot, batch = _Slot(self), _Batch(self.prefetch)
+        slot, batch, interrupted = _Slot(self), _Batch(self.prefetch), False
         try:
             while not self.stopping:
                 if not batch.held and not self._claim(batch, quota, burst):
@@ -5177,10 +5177,11 @@ class Worker:
                 self._run(task, slot, batch)
                 quota.finish()
         except (KeyboardInterrupt, _JobAbandoned):
+            interrupted = True
             if threading.current_thread() is threading.main_thread():
                 raise
         finally:
-            self._let_go(batch, quota)
+            self._let_go(batch, quota, interrupted)
             slot.close()
 
     def _claim(self, batch: _Batch, quota: _Quota, burst: bool) -> bool:
@@ -5220,11 +5221,12 @@ class Worker:
                                     task.identifier, task.job_name)
         return claimed
 
-    def _let_go(self, batch: _Batch, quota: _Quota) -> None:
-        """On the way out: record what ran, give back what was claimed and never started."""
+    def _let_go(self, batch: _Batch, quota: _Quota, interrupted: bool) -> None:
+        """On the way out: record what ran (waiting out an outage, unless interrupted), give back what was
+        claimed and never started."""
         self.watchdog.forget(batch)
         if batch.unrecorded:
-            self._backend(lambda: self._record(batch), give_up_when_stopping=True)
+            self._backend(lambda: self._record(batch), give_up_when_stopping=interrupted)
         while batch.held:
             task = batch.held.popleft()
             self.watchdog.unhold(task)

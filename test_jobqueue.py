@@ -3834,7 +3834,8 @@ def test_http_long_poll_answers_when_the_task_ends_or_on_time_while_others_are_s
         assert refused.status == 400 and refused.json["message"] == "wait must be a number of seconds from 0 to 60"
     last = threading.Thread(target=poll, args=("last", f"/task/{never.identifier}?wait=30"))
     last.start()
-    wait_until(lambda: any(handler.busy for handler in list(server._handlers)), timeout=5)
+    wait_until(lambda: any(handler.busy and "wait=30" in handler.path for handler in list(server._handlers)),
+               timeout=5)
     server.stop()
     last.join(5)
     answer, seconds = answers["last"]
