@@ -4875,6 +4875,7 @@ class _Watchdog:
         self._runs: dict[int, _WatchedRun] = {}
         self._held: dict[int, _WatchedRun] = {}  # by id(task): tasks claimed, not started yet (see _Batch)
         self._batches: list[_Batch] = []
+        self._wakes_at = -math.inf  # when the watchdog thread, waiting, wakes next (-inf: it is not waiting)
 
     @contextlib.contextmanager
     def watching(self, task: Task, guard: _Guard | None, timeout: float | None,
@@ -4887,7 +4888,7 @@ class _Watchdog:
                           on_cancel, math.inf if on_cancel is None else now + CANCEL_CHECK_INTERVAL)
         with self._condition:
             self._runs[id(run)] = run
-            self._start()
+            self._start(run.due)
         try:
             yield
         finally:
@@ -4905,28 +4906,30 @@ class _Watchdog:
                     now + CANCEL_CHECK_INTERVAL)
             if batch not in self._batches:
                 self._batches.append(batch)
-            self._start()
+            self._start(now + CANCEL_CHECK_INTERVAL)
 
     def unhold(self, task: Task) -> None:
         with self._condition:
             self._held.pop(id(task), None)
 
-    def outcome_kept(self) -> None:
-        """A batch keeps an outcome now: its time to be recorded is among the watchdog's."""
+    def outcome_kept(self, batch: _Batch) -> None:
+        """``batch`` keeps an outcome while it runs its next task: the watchdog records it if that takes long."""
         with self._condition:
-            self._condition.notify()
+            self._start(batch.flush_at)
 
     def forget(self, batch: _Batch) -> None:
         with self._condition:
             if batch in self._batches:
                 self._batches.remove(batch)
 
-    def _start(self) -> None:
-        """(With the condition held.) Wake the watchdog thread to a new due time, or start it."""
+    def _start(self, due: float) -> None:
+        """(With the condition held.) Start the watchdog thread, or wake it if ``due`` comes before it would
+        wake anyway: not once a task, which would cost the runner a thread switch each time."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name=f"{self.worker.name}-watchdog", daemon=True)
             self._thread.start()
-        self._condition.notify()
+        elif due < self._wakes_at:
+            self._condition.notify()
 
     def close(self) -> None:
         with self._condition:
@@ -4947,7 +4950,9 @@ class _Watchdog:
                               min((batch.flush_at for batch in self._batches), default=math.inf))
                     if now >= due:
                         break
+                    self._wakes_at = due
                     self._condition.wait(None if due == math.inf else due - now)
+                    self._wakes_at = -math.inf
                 if self._thread is not me:
                     return
                 renewals = []
@@ -5259,8 +5264,8 @@ class Worker:
         task.finished_at = None if task.status is Status.WAITING else self._now()
         seconds = time.monotonic() - started
         batch.ran(seconds)
-        if batch.end(task, slot.cancelled):
-            self.watchdog.outcome_kept()
+        if batch.end(task, slot.cancelled) and batch.held:
+            self.watchdog.outcome_kept(batch)
         self._report(task, seconds)
 
     def maintain(self, force: bool = False) -> None:
