@@ -1279,6 +1279,10 @@ class Queue:
       claimed). What keeps a busy worker fast.
     - ``complete_and_fetch(task, worker, lease)``: ``complete_many`` of one task
       and one fetch; returns (recorded, the next task or None).
+    - ``give_back(tasks)``: runs claimed and never started go back to waiting
+      as they were (first in their queue, in the given order, the attempt not
+      counted, their expiry kept); one bool a task: False if that run no longer
+      held it.
     - ``recover(max_lost=3)``: tasks whose lease expired go back to waiting at
       the head of their queue, ``lost`` counting it, or fail once lost
       ``max_lost`` times. Returns them. Waiting tasks past their ``expires_at``
@@ -1293,7 +1297,9 @@ class Queue:
     - ``cancel(identifier)``: a waiting or running task ends failed with the
       error ``Cancelled`` and is never retried; TaskConflict if it had ended.
     - ``cancelled(tasks)``: which of these runs were cancelled since they were
-      fetched, so their worker interrupts them.
+      fetched, so their worker interrupts them; ``gone(tasks)``: which no
+      longer hold their task at all (cancelled, recovered, restored, changed by
+      hand or deleted), so their worker never starts them.
     - ``set_progress(task, fraction, message=None)``: store a run's progress.
     - ``search(...)`` and ``count(...)``: tasks matching every filter given
       (``tags``: at least one of them), served from indexes.
@@ -1450,6 +1456,12 @@ class Queue:
         recorded, claimed = self.complete_many([task], 1, worker, lease, profiles)
         return recorded[0], claimed[0] if claimed else None
 
+    def give_back(self, tasks: Sequence[Task]) -> list[bool]:
+        if not tasks:
+            return []
+        with self._errors():
+            return self._give_back(tasks, self.clock())
+
     def _check_outcome(self, task: Task) -> None:
         if task.status is Status.RUNNING or (task.status is Status.WAITING and task.run_at is None):
             raise ValidationError("A run completes as finished, failed, or waiting with a run_at (a retry)")
@@ -1505,10 +1517,20 @@ class Queue:
 
     def cancelled(self, tasks: Sequence[Task]) -> set[str]:
         """The identifiers of those runs (tasks as their worker fetched them) that were cancelled since."""
+        return {task.identifier for task, (status, attempts, error) in zip(tasks, self._states(tasks))
+                if status == Status.FAILED.value and error == CANCELLED and attempts == str(task.attempts)}
+
+    def gone(self, tasks: Sequence[Task]) -> set[str]:
+        """The identifiers of those runs that no longer hold their task (the run is not the task's current one)."""
+        return {task.identifier for task, (status, attempts, _) in zip(tasks, self._states(tasks))
+                if status != Status.RUNNING.value or attempts != str(task.attempts)}
+
+    def _states(self, tasks: Sequence[Task]) -> list[tuple]:
         if not tasks:
-            return set()
+            return []
         with self._errors():
-            return self._cancelled(tasks)
+            return [(status, None if attempts is None else str(attempts), error)
+                    for status, attempts, error in self._run_states(tasks)]
 
     def set_progress(self, task: Task, fraction: float, message: str | None = None) -> bool:
         """Store how far a run got (``task`` as its worker fetched it); False if that run no longer holds it."""
@@ -1706,7 +1728,11 @@ class Queue:
         """Cancel the task (TaskConflict if it ended); return it as it now is, or None if there is none."""
         raise NotImplementedError
 
-    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+    def _run_states(self, tasks: Sequence[Task]) -> list[tuple]:
+        """(status, attempts, error) of each task as stored now; Nones for a task that is gone."""
+        raise NotImplementedError
+
+    def _give_back(self, tasks: Sequence[Task], now: float) -> list[bool]:
         raise NotImplementedError
 
     def _set_progress(self, task: Task, progress: str) -> bool:
@@ -1796,12 +1822,6 @@ def _not_cancellable(identifier: str, status: str) -> TaskConflict:
 
 def _not_retryable(identifier: str, status: str) -> TaskConflict:
     return TaskConflict(f"Task {identifier} is {status}: only failed tasks can be retried")
-
-
-def _cancelled_runs(tasks: Sequence[Task], stored: Iterable[tuple]) -> set[str]:
-    """The runs among ``tasks`` whose stored (status, attempts, error) say they were cancelled."""
-    return {task.identifier for task, (status, attempts, error) in zip(tasks, stored)
-            if status == Status.FAILED.value and error == CANCELLED and str(attempts) == str(task.attempts)}
 
 
 # == Queue: Redis ============================================================
@@ -2124,6 +2144,8 @@ end
 -- expired have news for other slots (the client delivers it).
 local function claim_next(now, worker, lease, count)
   if count < 1 then return {} end
+  -- Under a limit, one at a time: a limit counts tasks as they start, and a task claimed ahead starts later.
+  if count > 1 and redis.call('EXISTS', LIMITS) == 1 then count = 1 end
   promote(now)
   local claimed, held = {}, nil
   while #claimed < count do
@@ -2344,6 +2366,29 @@ H.complete = change({'now', 'worker', 'lease', 'count', '...outcomes'}, function
     recorded[i] = complete(outcome)
   end
   return {recorded, claim_next(a.now, a.worker, a.lease, tonumber(a.count))}
+end)
+
+-- held: identifier and attempts of each run claimed and never started. Each goes back to waiting as it
+-- was: first in its queue, in the given order, its attempt not counted, its expiry kept. Returns 1 or 0 each.
+H.give_back = change({'now', '...held'}, function(a)
+  local given = {}
+  for i = #a.held - 1, 1, -2 do
+    local id, key = a.held[i], task_key(a.held[i])
+    local f = redis.call('HMGET', key, 'status', 'created_at', 'attempts', 'expires_at')
+    given[(i + 1) / 2] = 0
+    if f[1] == 'running' and f[3] == a.held[i + 1] then
+      move(id, f[2], 'running', 'waiting', a.now)
+      redis.call('HDEL', key, 'worker', 'started_at')
+      if redis.call('HINCRBY', key, 'attempts', -1) == 0 then
+        redis.call('HDEL', key, 'attempts')
+        if f[4] then redis.call('ZADD', EXPIRES, f[4], id) end
+      end
+      ready(id, nil, true)
+      wake(1)
+      given[(i + 1) / 2] = 1
+    end
+  end
+  return given
 end)
 
 -- held: identifier and attempts of each task its worker still runs.
@@ -3037,16 +3082,16 @@ class RedisQueue(Queue):
                 lambda error: connection.disconnect(),
             )
         except self._exceptions.ResponseError:
-            self._give_back(connection)
+            self._keep_connection(connection)
             raise
         except BaseException:
             connection.disconnect()
             self._pool.release(connection)
             raise
-        self._give_back(connection)
+        self._keep_connection(connection)
         return reply
 
-    def _give_back(self, connection: Any) -> None:
+    def _keep_connection(self, connection: Any) -> None:
         idle = self._held[1]
         if len(idle) < HELD_CONNECTIONS:
             idle.append(connection)
@@ -3266,12 +3311,13 @@ class RedisQueue(Queue):
 
     def _complete_many(self, tasks: Sequence[Task], worker: str, lease: float, count: int,
                        profile: str | None) -> tuple:
-        """One call per profile of the outcomes; the claims ride with those of ``profile`` (its slot's)."""
+        """One call per profile of the outcomes; the claims ride with those of ``profile`` (its slot's), last,
+        so that no call that fails after them can leave tasks claimed that the caller never hears of."""
         groups: dict[str, list[int]] = {}
         for position, task in enumerate(tasks):
             groups.setdefault(task.profile, []).append(position)
         if count and profile is not None:
-            groups.setdefault(profile, [])
+            groups[profile] = groups.pop(profile, [])
         recorded, claimed = [False] * len(tasks), []
         for name, positions in groups.items():
             take = count if name == profile else 0
@@ -3361,11 +3407,21 @@ class RedisQueue(Queue):
             self._deliver({profile})
         return self._task(reply.get("task"))
 
-    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+    def _run_states(self, tasks: Sequence[Task]) -> list[tuple]:
         replies = self._read([("HMGET", f"{self._base(task.profile)}:task:{task.identifier}", "status", "attempts",
                                "error") for task in tasks])
-        return _cancelled_runs(tasks, [[None if value is None else _text(value) for value in reply]
-                                       for reply in replies])
+        return [tuple(None if value is None else _text(value) for value in reply) for reply in replies]
+
+    def _give_back(self, tasks: Sequence[Task], now: float) -> list[bool]:
+        groups: dict[str, list[int]] = {}
+        for position, task in enumerate(tasks):
+            groups.setdefault(task.profile, []).append(position)
+        given = [False] * len(tasks)
+        for profile, positions in groups.items():
+            held = [value for p in positions for value in (tasks[p].identifier, tasks[p].attempts)]
+            for position, result in zip(positions, self._call(profile, "give_back", now=repr(now), held=held) or ()):
+                given[position] = bool(result)
+        return given
 
     def _set_progress(self, task: Task, progress: str) -> bool:
         return bool(self._call(task.profile, "progress", id=task.identifier, attempts=task.attempts,
@@ -3998,6 +4054,8 @@ class SQLiteQueue(Queue):
         """Promote due delayed tasks, then claim up to ``count`` of the oldest ready ones, the limits allowing
         (inside the caller's transaction)."""
         self._promote(connection, profile, now)
+        if count > 1 and connection.execute("SELECT 1 FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone():
+            count = 1  # a limit counts tasks as they start, and a task claimed ahead starts later
         claimed: list[Task] = []
         claim = {"profile": profile, "now": now, "worker": worker, "lease": lease}
         while len(claimed) < count:
@@ -4186,12 +4244,21 @@ class SQLiteQueue(Queue):
             self._settle(connection, identifier, Status.FAILED, now)
         return _decode_task(updated)
 
-    def _cancelled(self, tasks: Sequence[Task]) -> set[str]:
+    def _run_states(self, tasks: Sequence[Task]) -> list[tuple]:
         rows = self._connection().execute(
             f"SELECT identifier, status, attempts, error FROM jobqueue_tasks"
             f" WHERE identifier IN ({', '.join('?' * len(tasks))})", [task.identifier for task in tasks]).fetchall()
         stored = {row["identifier"]: (row["status"], row["attempts"], row["error"]) for row in rows}
-        return _cancelled_runs(tasks, [stored.get(task.identifier, (None, None, None)) for task in tasks])
+        return [stored.get(task.identifier, (None, None, None)) for task in tasks]
+
+    def _give_back(self, tasks: Sequence[Task], now: float) -> list[bool]:
+        """A claim keeps the task's place in its queue (``position``): undoing it is enough."""
+        with self._write() as connection:
+            return [connection.execute(
+                "UPDATE jobqueue_tasks SET status = 'waiting', status_rank = 0, attempts = attempts - 1,"
+                " worker = NULL, started_at = NULL, lease_until = NULL"
+                " WHERE identifier = ? AND status = 'running' AND attempts = ?",
+                (task.identifier, task.attempts)).rowcount == 1 for task in tasks]
 
     def _set_progress(self, task: Task, progress: str) -> bool:
         with self._write() as connection:
@@ -4588,7 +4655,7 @@ class _JobAbandoned(BaseException):
 _CHILD_BOOT = """\
 import importlib, importlib.util, json, sys
 name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-if name == "__main__":
+if name in ("__main__", "jobqueue"):  # by its path: the very file the worker runs, whatever sys.path finds
     spec = importlib.util.spec_from_file_location("jobqueue", path)
     module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -4638,11 +4705,9 @@ class _Child:
     def _start(self) -> None:
         import subprocess
 
-        module = sys.modules[__name__]
-        name = __name__ if __name__ != "__main__" else "__main__"
         root = logging.getLogger()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_BOOT, name, os.path.abspath(module.__file__ or ""), json.dumps(sys.path),
+            [sys.executable, "-c", _CHILD_BOOT, __name__, os.path.abspath(__file__), json.dumps(sys.path),
              str(root.getEffectiveLevel() if root.handlers else 0), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
@@ -4804,25 +4869,28 @@ class _WatchedRun:
 
 
 class _Batch:
-    """One runner's tasks claimed but not started yet (``held``), and outcomes not recorded yet (``ended``).
+    """One runner's tasks claimed but not started yet (``held``), and outcomes not recorded yet.
 
     A runner claims as many tasks as it expects to start within
     PREFETCH_WINDOW, judged by how long its recent runs took (at most the
-    worker's ``prefetch``; one while a run takes longer than the window), and
-    records their outcomes together, with its next claim, once it has run
-    them: one round trip for a batch of short jobs, and slow jobs never hoard
-    tasks that other workers could run. The watchdog renews the leases of held
-    tasks, notes those cancelled meanwhile (they are skipped), and records
-    outcomes left waiting longer than PREFETCH_WINDOW (a long job after short
-    ones), so an outcome is stored within about that long after its run ended.
+    worker's ``prefetch``), and records their outcomes together, with its next
+    claim, once it has run them: one round trip for a batch of short jobs.
+    The watchdog keeps the promise that makes this safe: a job that runs past
+    the window gives the held tasks back at once (other workers take them, in
+    their order); outcomes left unrecorded that long are recorded; held tasks'
+    leases are renewed, and those cancelled or taken back meanwhile are
+    skipped. Events are dispatched by the runner once outcomes are stored.
     """
 
-    def __init__(self, prefetch: int):
-        self.prefetch = prefetch
-        self.held: collections.deque[Task] = collections.deque()
-        self.cancelled: set[str] = set()
-        self.flush_at = math.inf
-        self._ended: list[tuple[Task, bool]] = []
+    def __init__(self, prefetch: int, quota: _Quota):
+        self.prefetch, self.quota = prefetch, quota
+        self.skipped: set[str] = set()  # held runs cancelled or taken back meanwhile: never to start
+        self.flush_at = math.inf  # when the oldest unrecorded outcome is due to be recorded
+        self.running_since: float | None = None
+        self.recording = threading.Lock()  # one record at a time: none is left half done when the runner stops
+        self._held: collections.deque[Task] = collections.deque()
+        self._ended: list[tuple[Task, bool, float]] = []  # (task, cancelled, seconds) not recorded yet
+        self._recorded: list[tuple[Task, bool, float, bool]] = []  # ... and stored: events still to dispatch
         self._typical: float | None = None
         self._lock = threading.Lock()
 
@@ -4832,32 +4900,60 @@ class _Batch:
             return 1
         return max(1, min(self.prefetch, int(PREFETCH_WINDOW / max(self._typical, 1e-6))))
 
-    def ran(self, seconds: float) -> None:
-        self._typical = seconds if self._typical is None else (self._typical + seconds) / 2
+    @property
+    def due(self) -> float:
+        """When the watchdog should look at this batch next."""
+        since = self.running_since
+        return min(self.flush_at, math.inf if since is None or not self._held else since + PREFETCH_WINDOW)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
 
     @property
     def unrecorded(self) -> bool:
         return bool(self._ended)
 
-    def end(self, task: Task, cancelled: bool) -> bool:
-        """Keep a run's outcome for the next record; True if it is the first kept (the watchdog should know)."""
+    def hold(self, tasks: Sequence[Task]) -> None:
         with self._lock:
-            self._ended.append((task, cancelled))
+            self._held.extend(tasks)
+
+    def next(self) -> Task | None:
+        with self._lock:
+            return self._held.popleft() if self._held else None
+
+    def take_held(self) -> list[Task]:
+        with self._lock:
+            held, self._held = list(self._held), collections.deque()
+            return held
+
+    def end(self, task: Task, cancelled: bool, seconds: float) -> None:
+        """Keep a run's outcome for the next record."""
+        self._typical = seconds if self._typical is None else (self._typical + seconds) / 2
+        with self._lock:
+            self._ended.append((task, cancelled, seconds))
             if len(self._ended) == 1:
                 self.flush_at = time.monotonic() + PREFETCH_WINDOW
-                return True
-            return False
 
-    def take_ended(self) -> list[tuple[Task, bool]]:
+    def take_ended(self) -> list[tuple[Task, bool, float]]:
         with self._lock:
             ended, self._ended, self.flush_at = self._ended, [], math.inf
             return ended
 
-    def put_back(self, ended: list[tuple[Task, bool]]) -> None:
+    def put_back(self, ended: list[tuple[Task, bool, float]]) -> None:
         """Outcomes whose record failed (an outage), to be tried again in a second, or with the next claim."""
         with self._lock:
             self._ended[:0] = ended
             self.flush_at = time.monotonic() + 1.0
+
+    def stored(self, ended: list[tuple[Task, bool, float]], recorded: Sequence[bool]) -> None:
+        with self._lock:
+            self._recorded += [(*run, bool(stored)) for run, stored in zip(ended, recorded)]
+
+    def take_recorded(self) -> list[tuple[Task, bool, float, bool]]:
+        with self._lock:
+            recorded, self._recorded = self._recorded, []
+            return recorded
 
 
 class _Watchdog:
@@ -4896,13 +4992,14 @@ class _Watchdog:
                 self._runs.pop(id(run), None)
 
     def hold(self, batch: _Batch, tasks: Sequence[Task]) -> None:
-        """Renew the leases of tasks claimed ahead, and note in ``batch`` those cancelled, until they start."""
+        """Renew the leases of tasks claimed ahead, and note in ``batch`` those cancelled or taken back (gone),
+        until they start."""
         now = time.monotonic()
         with self._condition:
             for task in tasks:
                 self._held[id(task)] = _WatchedRun(
                     task, None, None, now + self._lease(task) / 3,
-                    lambda identifier=task.identifier: batch.cancelled.add(identifier),
+                    lambda identifier=task.identifier: batch.skipped.add(identifier),
                     now + CANCEL_CHECK_INTERVAL)
             if batch not in self._batches:
                 self._batches.append(batch)
@@ -4912,10 +5009,10 @@ class _Watchdog:
         with self._condition:
             self._held.pop(id(task), None)
 
-    def outcome_kept(self, batch: _Batch) -> None:
-        """``batch`` keeps an outcome while it runs its next task: the watchdog records it if that takes long."""
+    def look_at(self, batch: _Batch) -> None:
+        """``batch`` has a new due time (a job starts while tasks are held, an outcome waits)."""
         with self._condition:
-            self._start(batch.flush_at)
+            self._start(batch.due)
 
     def forget(self, batch: _Batch) -> None:
         with self._condition:
@@ -4947,16 +5044,17 @@ class _Watchdog:
                     now = time.monotonic()
                     runs = [*self._runs.values(), *self._held.values()]
                     due = min(min((run.due for run in runs), default=math.inf),
-                              min((batch.flush_at for batch in self._batches), default=math.inf))
+                              min((batch.due for batch in self._batches), default=math.inf))
                     if now >= due:
                         break
                     self._wakes_at = due
                     self._condition.wait(None if due == math.inf else due - now)
-                    self._wakes_at = -math.inf
+                    if self._thread is me:
+                        self._wakes_at = -math.inf
                 if self._thread is not me:
                     return
                 renewals = []
-                flushes = [batch for batch in self._batches if now >= batch.flush_at]
+                batches = [batch for batch in self._batches if now >= batch.due]
                 for run in runs:
                     if run.deadline is not None and now >= run.deadline:
                         run.deadline = None
@@ -4972,28 +5070,36 @@ class _Watchdog:
                 self._renew(task)
             if checks:
                 self._stop_cancelled(checks)
-            for batch in flushes:
-                self._record(batch)
+            for batch in batches:
+                self._look_after(batch, now)
 
-    def _record(self, batch: _Batch) -> None:
-        try:
-            self.worker._record(batch)
-        except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
-            self.worker.logger.debug("Outcomes not recorded yet: %s", error)
+    def _look_after(self, batch: _Batch, now: float) -> None:
+        """Give back what a long job holds up; record outcomes that waited their time."""
+        since = batch.running_since
+        if since is not None and now >= since + PREFETCH_WINDOW and batch.held:
+            self.worker._return_held(batch, "held up by a long job", logging.DEBUG)
+        if now >= batch.flush_at:
+            try:
+                self.worker._record(batch)
+            except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
+                self.worker.logger.debug("Outcomes not recorded yet: %s", error)
 
     def _stop_cancelled(self, runs: list[_WatchedRun]) -> None:
-        """Ask the queue which runs were cancelled (one read); stop those still in hand, once."""
+        """Ask the queue which runs were cancelled, and which held ones are gone; stop those still in hand, once."""
+        running = [run.task for run in runs if self._runs.get(id(run)) is run]
+        held = [run.task for run in runs if self._held.get(id(run.task)) is run]
         try:
-            cancelled = self.worker.queue.cancelled([run.task for run in runs])
+            cancelled = self.worker.queue.cancelled(running) | self.worker.queue.gone(held)
         except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
             self.worker.logger.debug("Cancellations not checked: %s", error)
             return
         with self._condition:
             for run in runs:
-                still = self._runs.get(id(run)) is run or self._held.get(id(run.task)) is run
-                if run.task.identifier in cancelled and still and run.on_cancel:
-                    self.worker.logger.warning("%s %s cancelled: stopping its job", run.task.identifier,
-                                               run.task.job_name)
+                held = self._held.get(id(run.task)) is run
+                if run.task.identifier in cancelled and (held or self._runs.get(id(run)) is run) and run.on_cancel:
+                    self.worker.logger.warning("%s %s %s", run.task.identifier, run.task.job_name,
+                                               "no longer ours: it will not start" if held
+                                               else "cancelled: stopping its job")
                     run.on_cancel()
                     run.on_cancel, run.check_at = None, math.inf
 
@@ -5133,10 +5239,11 @@ class Worker:
 
     def run(self, task: Task) -> Task:
         """Run one fetched task, record its outcome and emit its events."""
-        slot, batch = _Slot(self), _Batch(1)
+        slot, batch = _Slot(self), _Batch(1, _Quota(None))
         try:
             self._run(task, slot, batch)
             self._backend(lambda: self._record(batch))
+            self._report_recorded(batch)
         finally:
             slot.close()
         return task
@@ -5167,16 +5274,17 @@ class Worker:
 
     def _serve(self, quota: _Quota, burst: bool) -> None:
         """One runner: claim, run, record, until the quota, the end of a burst, or a stop (see _Batch)."""
-        slot, batch, interrupted = _Slot(self), _Batch(self.prefetch), False
+        slot, batch, interrupted = _Slot(self), _Batch(self.prefetch, quota), False
         try:
             while not self.stopping:
-                if not batch.held and not self._claim(batch, quota, burst):
-                    if burst or quota.exhausted:
+                self._report_recorded(batch)
+                task = batch.next()
+                if task is None:
+                    if not self._claim(batch, quota, burst) and (burst or quota.exhausted):
                         break
                     continue
-                task = batch.held.popleft()
                 self.watchdog.unhold(task)
-                if task.identifier in batch.cancelled:
+                if task.identifier in batch.skipped:
                     quota.release()
                     continue
                 self._run(task, slot, batch)
@@ -5186,15 +5294,17 @@ class Worker:
             if threading.current_thread() is threading.main_thread():
                 raise
         finally:
-            self._let_go(batch, quota, interrupted)
-            slot.close()
+            try:
+                self._let_go(batch, interrupted)
+            finally:
+                slot.close()
 
     def _claim(self, batch: _Batch, quota: _Quota, burst: bool) -> bool:
         """Record what the batch ran and claim the next tasks in one round trip; idle, wait for some."""
         wanted = 0 if self.stopping else quota.take(batch.size())
         claimed = self._backend(lambda: self._record(batch, wanted)) if batch.unrecorded else []
-        if claimed is _UNAVAILABLE:
-            claimed = []
+        claimed = [] if claimed is _UNAVAILABLE else claimed
+        self._report_recorded(batch)
         if not claimed and wanted and not self.stopping:
             self.maintain()
             claimed = self._backend(
@@ -5205,39 +5315,60 @@ class Worker:
             claimed = [] if claimed is _UNAVAILABLE else claimed
         quota.release(wanted - len(claimed))
         if claimed:
-            batch.held.extend(claimed)
+            batch.hold(claimed)
             self.watchdog.hold(batch, claimed)
         return bool(claimed)
 
     def _record(self, batch: _Batch, fetch: int = 0) -> list[Task]:
         """Record the outcomes the batch keeps, claiming up to ``fetch`` tasks in the same round trip."""
-        ended = batch.take_ended()
-        if not ended and not fetch:
-            return []
-        try:
-            recorded, claimed = self.queue.complete_many([task for task, _ in ended], fetch, self.name,
-                                                         self.lease, self.profiles)
-        except BaseException:
-            batch.put_back(ended)
-            raise
-        for (task, cancelled), stored in zip(ended, recorded):
+        with batch.recording:
+            ended = batch.take_ended()
+            if not ended and not fetch:
+                return []
+            try:
+                recorded, claimed = self.queue.complete_many([run[0] for run in ended], fetch, self.name,
+                                                             self.lease, self.profiles)
+            except BaseException:
+                batch.put_back(ended)
+                raise
+            batch.stored(ended, recorded)
+            return claimed
+
+    def _report_recorded(self, batch: _Batch) -> None:
+        """The events and log lines of runs whose outcomes are stored now (listeners find them so)."""
+        for task, cancelled, seconds, stored in batch.take_recorded():
             if not stored and not cancelled:
                 self.logger.warning("%s %s ended, but its lease had passed to another run: outcome not recorded",
                                     task.identifier, task.job_name)
-        return claimed
+            self._report(task, seconds)
 
-    def _let_go(self, batch: _Batch, quota: _Quota, interrupted: bool) -> None:
+    def _return_held(self, batch: _Batch, why: str, level: int = logging.WARNING) -> None:
+        """Give back, in one call, the tasks the batch holds and will not start."""
+        with batch.recording:
+            tasks = batch.take_held()
+            for task in tasks:
+                self.watchdog.unhold(task)
+            batch.quota.release(len(tasks))
+            tasks = [task for task in tasks if task.identifier not in batch.skipped]
+            if not tasks:
+                return
+            try:
+                given = self.queue.give_back(tasks)
+            except (JobQueueError, OSError) as error:
+                self.logger.error("%d tasks %s and not given back (%s): their leases will expire", len(tasks), why,
+                                  error)
+                return
+        for task, back in zip(tasks, given):
+            if back:
+                self.logger.log(level, "%s %s %s; back to waiting", task.identifier, task.job_name, why)
+
+    def _let_go(self, batch: _Batch, interrupted: bool) -> None:
         """On the way out: record what ran (waiting out an outage, unless interrupted), give back what was
         claimed and never started."""
         self.watchdog.forget(batch)
-        if batch.unrecorded:
-            self._backend(lambda: self._record(batch), give_up_when_stopping=interrupted)
-        while batch.held:
-            task = batch.held.popleft()
-            self.watchdog.unhold(task)
-            quota.release()
-            if task.identifier not in batch.cancelled:
-                self._give_back(task, "claimed but not started")
+        self._backend(lambda: self._record(batch), give_up_when_stopping=interrupted)
+        self._report_recorded(batch)
+        self._return_held(batch, "claimed but not started")
 
     def _run(self, task: Task, slot: _Slot, batch: _Batch) -> None:
         """Run ``task``; its outcome is kept in ``batch``, to be recorded with the next claim (or sooner)."""
@@ -5245,12 +5376,17 @@ class Worker:
         started = time.monotonic()
         timeout = task.timeout or self.timeout
         slot.prepare()
+        batch.running_since = started
+        if batch.held:
+            self.watchdog.look_at(batch)
         try:
             with self.watchdog.watching(task, slot.guard, timeout, slot.cancel):
                 result, error = slot.execute(task, timeout)
         except BaseException:
             self._give_back(task, "interrupted")
             raise
+        finally:
+            batch.running_since = None
         if slot.cancelled:
             task.status, task.error, task.result = Status.FAILED, CANCELLED, None
         elif error is None:
@@ -5262,11 +5398,9 @@ class Worker:
         else:
             self._failed(task, error)
         task.finished_at = None if task.status is Status.WAITING else self._now()
-        seconds = time.monotonic() - started
-        batch.ran(seconds)
-        if batch.end(task, slot.cancelled) and batch.held:
-            self.watchdog.outcome_kept(batch)
-        self._report(task, seconds)
+        batch.end(task, slot.cancelled, time.monotonic() - started)
+        if batch.held:
+            self.watchdog.look_at(batch)
 
     def maintain(self, force: bool = False) -> None:
         """Recover tasks of lost workers and expire old finished tasks, when it is time to."""
@@ -6835,6 +6969,24 @@ def supervise(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------
 
 
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only), before a worker settles down to wait.
+
+    Where no compiled bytecode is cached (a read-only folder,
+    ``PYTHONDONTWRITEBYTECODE``), this file is compiled at every start; the
+    compiler's trees, freed by now, leave about 12 MiB of heap that glibc
+    keeps unless asked.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     _configure_logging(args)
     if os.getcwd() not in sys.path:
@@ -6856,6 +7008,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # One write per line: the workers of --concurrency share this pipe, and a separate "\n" could interleave.
     print(f'Worker {worker.name} handles "{worker.profile}" tasks...\n', end="", flush=True)
     print(f"Queue: {queue.describe()}", file=sys.stderr, flush=True)
+    _return_freed_memory()
     worker.consume(args.quantity, burst=args.burst)
     print(f"Worker {worker.name} is done.\n", end="", flush=True)
     return 0
@@ -7265,6 +7418,43 @@ def _patiently(args: argparse.Namespace) -> int:
             time.sleep(0.5)
 
 
+def _answer_to_import_names() -> None:
+    """Make every name of ``_import_names`` give this module, when it runs as ``__main__``."""
+    for name in _import_names():
+        sys.modules.setdefault(name, sys.modules[__name__])
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[__name__])
+
+
+# Runs this file as a module named jobqueue: argv[1] is its path, the rest the command line.
+_IMPORTED_BOOT = """\
+import importlib.util, os, sys
+path = sys.argv.pop(1)
+sys.argv[0], sys.path[0] = path, os.path.dirname(path)
+spec = importlib.util.spec_from_file_location("jobqueue", path)
+module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module._answer_to_import_names()
+sys.exit(module.main())
+"""
+
+
+def _run_again_imported() -> None:
+    """Replace this process (same pid, same signals) with one that imports this file instead of running it.
+
+    CPython keeps a script's syntax tree for as long as the script runs (it
+    frees it when the top-level code returns): about 14 MiB for this file, in
+    every long-lived ``worker`` and ``serve`` started as ``python
+    jobqueue.py``. An imported module's tree is freed once compiled.
+    """
+    import subprocess
+
+    options = subprocess._args_from_interpreter_flags()  # -O, -X, -W...: what multiprocessing passes on too
+    os.execv(sys.executable, [sys.executable, *options, "-c", _IMPORTED_BOOT, os.path.abspath(__file__),
+                              *sys.argv[1:]])
+
+
 def _import_names() -> list[str]:
     """Every name user code may import this file by: ``jobqueue``, its ``-m`` name, its package path.
 
@@ -7608,9 +7798,7 @@ setInterval(refresh, 2000);
 
 
 if __name__ == "__main__":
-    for _name in _import_names():
-        sys.modules.setdefault(_name, sys.modules[__name__])
-        _parent, _, _child = _name.rpartition(".")
-        if _parent in sys.modules:
-            setattr(sys.modules[_parent], _child, sys.modules[__name__])
+    if __spec__ is None and sys.argv[1:2] in (["worker"], ["serve"]) and hasattr(os, "execv"):
+        _run_again_imported()
+    _answer_to_import_names()
     sys.exit(main())
