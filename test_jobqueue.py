@@ -2310,7 +2310,7 @@ def test_the_library_is_loaded_again_when_the_server_lost_it_and_runs_as_a_scrip
     assert older_server.complete(claimed) and queue.count(status="finished") == 1
 
 
-def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_server):
+def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_server, monkeypatch):
     ahead, behind = (RedisQueue(redis_server.client(), prefix="clocks") for _ in range(2))
     ahead._local_clock = lambda: time.time() + 600
     behind._local_clock = lambda: time.time() - 600
@@ -2324,7 +2324,7 @@ def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_serv
     wait_until(lambda: behind.recover(), timeout=5)
     ahead.add(Task("q", RecordingJob, retries=1, retry_delay=30), Task("q", RecordingJob))
     slow_worker = Worker("slow", behind, "q", lease=2)
-    slow_worker.logger.disabled = True
+    monkeypatch.setattr(slow_worker.logger, "disabled", True)
     first = behind.fetch("q", timeout=0, worker="slow", lease=2)
     first.status = Status.FINISHED
     recorded, following = behind.complete_and_fetch(first, "slow", lease=2)
@@ -3098,12 +3098,12 @@ def test_timeouts_and_leases_still_work_after_thousands_of_timeouts_at_the_edge(
     assert renewed.status is Status.FINISHED and renewed.lost == 0 and renewed.attempts == 1
 
 
-def test_the_recipe_that_wedged_the_old_watchdog_leaves_timeouts_working(tmp_path):
+def test_the_recipe_that_wedged_the_old_watchdog_leaves_timeouts_working(tmp_path, monkeypatch):
     """4,000 jobs of 2.3 ms under a 2 ms timeout stopped every later timeout before (3 runs out of 3)."""
     queue = SQLiteQueue(tmp_path / "edge.db")
     queue.add(*[Task("edge", spin, {"seconds": 0.0023}, timeout=0.002) for _ in range(4000)])
     worker = Worker("edge", queue, "edge")
-    worker.logger.disabled = True
+    monkeypatch.setattr(worker.logger, "disabled", True)
     assert worker.consume(quantity=4000) == 4000
     last = Task("edge", spin, {"seconds": 5}, timeout=0.05)
     queue.add(last)
