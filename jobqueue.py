@@ -381,7 +381,7 @@ def job_path(target: object) -> str:
             raise ValidationError(
                 f'Job "{target}" must be an import path such as "myapp.jobs.SendMailJob"'
             )
-        if re.match(r"__main__[.:]", target):
+        if target.startswith(("__main__.", "__main__:")):
             raise ValidationError(f'Job "{target}" names the script being run (__main__), which a worker cannot'
                                   " import: move the job to a module")
         return target
@@ -557,6 +557,20 @@ def _stamp(value: datetime | None) -> str:
     return "" if value is None else repr(value.timestamp())
 
 
+def _json_text(value: Any) -> str:
+    """``json.dumps``, at once for the empty object and list most tasks store (no parameters, no tags)."""
+    if not value and value.__class__ in (dict, list):
+        return "{}" if value.__class__ is dict else "[]"
+    return json.dumps(value)
+
+
+def _new_identifier() -> str:
+    """``str(uuid.uuid4())`` in half the time: 122 random bits, the version (4) and the variant (10) bits."""
+    digits = os.urandom(16).hex()
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(digits[16], 16) & 3]}{digits[17:20]}"
+            f"-{digits[20:]}")
+
+
 @dataclass(frozen=True)
 class Codec:
     """How one kind of task field is stored (text in Redis, a typed SQLite column) and shown in JSON.
@@ -572,7 +586,7 @@ class Codec:
 
 
 TEXT = Codec("TEXT", str, str)
-JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
+JSON_TEXT = Codec("TEXT", _json_text, json.loads)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
 NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
 COUNT = Codec("INTEGER", str, int)
@@ -638,6 +652,10 @@ def _progress_shown(task: Task) -> str | None:
     return f"{progress['fraction']:.0%}{message} (at {progress['at']})"
 
 
+_RETRIES_MESSAGE = f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})"
+_PRIORITY_MESSAGE = f"priority must be a whole number from {-PRIORITY_MAX} to {PRIORITY_MAX}"
+
+
 def _is_required(column: dataclasses.Field) -> bool:
     return column.default is dataclasses.MISSING and column.default_factory is dataclasses.MISSING
 
@@ -677,7 +695,7 @@ class Task:
         then={"job_name": {"type": "string"}},
         new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
         show=((7, "Tags", lambda task: ", ".join(task.tags) or "(none)"),))  # type: ignore[arg-type]
-    identifier: str = _column(TEXT, sql="NOT NULL UNIQUE", first=True, default_factory=lambda: str(uuid.uuid4()),
+    identifier: str = _column(TEXT, sql="NOT NULL UNIQUE", first=True, default_factory=_new_identifier,
                               schema={"type": "string", "format": "uuid"},
                               show=((1, "Identifier", _if_set("identifier")),))
     status: Status = _column(STATUS, Status.WAITING, sql="NOT NULL", state=True, first=True,
@@ -734,35 +752,43 @@ class Task:
     expires: InitVar[float | None] = None
 
     def __post_init__(self, delay: float | None, expires: float | None) -> None:
+        # Every task is built here, on add and whenever one is read back (a worker's claim): the checks
+        # skip what a value of the usual type, in range, already is (a None option, a float in range...).
         self.profile = validate_profile(self.profile)
         self.job = job_path(self.job)
         self.parameters = validate_parameters(self.parameters)
-        self.tags = validate_tags(self.tags)
-        self.status = Status(self.status)
+        self.tags = [] if self.tags is None else validate_tags(self.tags)
+        if self.status.__class__ is not Status:
+            self.status = Status(self.status)
         if not isinstance(self.identifier, str) or not self.identifier:
             raise ValidationError("Task identifier must be a non-empty string")
-        self.depends_on = validate_dependencies(self.depends_on, self.identifier)
-        self.retries = _integer_in(self.retries, 0, RETRIES_MAX,
-                                   f"retries must be a whole number, 0 or more (at most {RETRIES_MAX})")
-        self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
-        self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
-        self.lease = _seconds("lease", self.lease, allow_zero=False)
-        delay = _seconds("delay", delay)
-        self.run_at = _moment(delay, self.run_at, "delay", "run_at")
-        if delay is not None:
-            self.__dict__["_delay"] = delay  # counted again from when the queue stores it
-        self._check_scheduling(_seconds("expires", expires, allow_zero=False))
+        self.depends_on = [] if self.depends_on is None else validate_dependencies(self.depends_on, self.identifier)
+        if self.retries.__class__ is not int or not 0 <= self.retries <= RETRIES_MAX:
+            self.retries = _integer_in(self.retries, 0, RETRIES_MAX, _RETRIES_MESSAGE)
+        if self.retry_delay.__class__ is not float or not 0 <= self.retry_delay <= DURATION_MAX:
+            self.retry_delay = _seconds("retry_delay", self.retry_delay)  # type: ignore[assignment]
+        if self.timeout is not None:
+            self.timeout = _seconds("timeout", self.timeout, allow_zero=False)
+        if self.lease is not None:
+            self.lease = _seconds("lease", self.lease, allow_zero=False)
+        if delay is not None or self.run_at is not None:
+            delay = _seconds("delay", delay)
+            self.run_at = _moment(delay, self.run_at, "delay", "run_at")
+            if delay is not None:
+                self.__dict__["_delay"] = delay  # counted again from when the queue stores it
+        self._check_scheduling(None if expires is None else _seconds("expires", expires, allow_zero=False))
 
     def _check_scheduling(self, expires: float | None) -> None:
         """The scheduling options: priority, unique_key, expires (seconds from when it is stored), expires_at."""
-        self.priority = _integer_in(self.priority, -PRIORITY_MAX, PRIORITY_MAX,
-                                    f"priority must be a whole number from {-PRIORITY_MAX} to {PRIORITY_MAX}")
+        if self.priority.__class__ is not int or not -PRIORITY_MAX <= self.priority <= PRIORITY_MAX:
+            self.priority = _integer_in(self.priority, -PRIORITY_MAX, PRIORITY_MAX, _PRIORITY_MESSAGE)
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key
                                             or len(self.unique_key) > UNIQUE_KEY_MAX or not _is_text(self.unique_key)):
             raise ValidationError(f"unique_key must be a non-empty string of at most {UNIQUE_KEY_MAX} characters")
-        self.expires_at = _moment(expires, self.expires_at, "expires", "expires_at")
-        if expires is not None:
-            self.__dict__["_expires"] = expires
+        if expires is not None or self.expires_at is not None:
+            self.expires_at = _moment(expires, self.expires_at, "expires", "expires_at")
+            if expires is not None:
+                self.__dict__["_expires"] = expires
 
     @property
     def job_name(self) -> str:
