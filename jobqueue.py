@@ -855,9 +855,13 @@ _STORED_FIELDS = tuple((column.name, column.default, column.metadata["codec"].st
 
 
 def _encode_task(task: Task) -> dict[str, str]:
-    """The storage form both backends share: text (JSON, epoch seconds), '' for a default; never pickle."""
-    return {name: "" if (value := getattr(task, name)) is None or value == default else store(value)
-            for name, default, store in _STORED_FIELDS}
+    """The storage form both backends share: text (JSON, epoch seconds); never pickle.
+
+    A field at its default, or stored as '' (no dependencies), is left out: the default is what a missing
+    field reads back as, and a task most often has few options, so Redis decodes and stores less.
+    """
+    return {name: text for name, default, store in _STORED_FIELDS
+            if (value := getattr(task, name)) is not None and value != default and (text := store(value))}
 
 
 _LOADED_FIELDS = tuple((column.name, column.metadata["codec"].load) for column in TASK_FIELDS)
@@ -2007,16 +2011,16 @@ local function kept(tasks, existing)
   local taken, stored, holders = {}, {}, {}
   for position, task in ipairs(tasks) do
     local key = task.unique_key
-    local held = key ~= '' and (taken[key] or holder(key))
+    local held = key and (taken[key] or holder(key))
     if held then
       holders[task.identifier] = held
       existing[#existing + 1] = {position - 1, held, taken[key] and {} or fields(task_key(held))}
     else
-      if key ~= '' then
+      if key then
         taken[key] = task.identifier
         redis.call('HSET', UNIQUE, key, task.identifier)
       end
-      if task.expires_at ~= '' then redis.call('ZADD', EXPIRES, task.expires_at, task.identifier) end
+      if task.expires_at then redis.call('ZADD', EXPIRES, task.expires_at, task.identifier) end
       stored[#stored + 1] = task
     end
   end
@@ -2276,9 +2280,9 @@ local function remove(id)
   return 1
 end
 
--- Each task comes as its stored fields, a JSON object of strings.
+-- Each task comes as its stored fields, a JSON object of strings; a field at its default is left out.
 H.add = change({'now', '...tasks'}, function(a)
-  local now, tasks, existing = tonumber(a.now), {}, {}
+  local now, tasks, existing, held = tonumber(a.now), {}, {}, false
   for _, text in ipairs(a.tasks) do
     local task = cjson.decode(text)
     if redis.call('EXISTS', task_key(task.identifier)) == 1 then
@@ -2295,12 +2299,15 @@ H.add = change({'now', '...tasks'}, function(a)
     end
     redis.call('HSET', task_key(id), unpack(hash))
     redis.call('ZADD', status_key('waiting'), task.created_at, id)
-    for _, tag in ipairs(cjson.decode(task.tags)) do
-      redis.call('ZADD', tag_key(tag), task.created_at, id)
-      redis.call('SADD', TAGS, tag)
+    if task.tags and task.tags ~= '[]' then
+      for _, tag in ipairs(cjson.decode(task.tags)) do
+        redis.call('ZADD', tag_key(tag), task.created_at, id)
+        redis.call('SADD', TAGS, tag)
+      end
     end
     if task.waits then  -- held by its dependencies: see hold()
-    elseif task.run_at ~= '' and tonumber(task.run_at) > now then
+      held = true
+    elseif task.run_at and tonumber(task.run_at) > now then
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
     else
@@ -2310,7 +2317,7 @@ H.add = change({'now', '...tasks'}, function(a)
   end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
-  return {hold(tasks, now) == 1 and 2 or 1, existing}
+  return {held and hold(tasks, now) == 1 and 2 or 1, existing}
 end)
 
 H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
@@ -3686,11 +3693,24 @@ _SQLITE_INSERT = (f"INSERT INTO jobqueue_tasks ({', '.join(_ADDED_NAMES)}, statu
                   f" VALUES ({'?, ' * len(_ADDED_NAMES)}'waiting', 0, ?)")
 
 
-def _sql_value(column: dataclasses.Field, text: str) -> Any:
-    """An encoded field as its column holds it: '' is the field's default."""
-    if text == "" and column.default is not MISSING:
-        text = None if column.default is None else column.metadata["codec"].store(column.default)
-    return None if text is None else _SQLITE_TYPES[column.metadata["codec"].sql](text)
+def _sql_default(column: dataclasses.Field) -> Any:
+    """What the column holds for a field left out of the encoded form: its default, typed (NULL for None)."""
+    if column.default is MISSING or column.default is None:
+        return None
+    return _SQLITE_TYPES[column.metadata["codec"].sql](column.metadata["codec"].store(column.default))
+
+
+# Each added column: (name, its type from the encoded text, its value when the encoded form leaves it out).
+_SQLITE_ADDED_VALUES = tuple((column.name, _SQLITE_TYPES[column.metadata["codec"].sql], _sql_default(column))
+                             for column in _SQLITE_ADDED)
+
+
+def _sql_row(encoded: Mapping[str, str], position: int | None) -> list[Any]:
+    """The values of ``_SQLITE_INSERT`` for an encoded task."""
+    row = [default if (text := encoded.get(name)) is None else typed(text)
+           for name, typed, default in _SQLITE_ADDED_VALUES]
+    row.append(position)
+    return row
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -3846,12 +3866,11 @@ class SQLiteQueue(Queue):
                 if holders and task.depends_on:
                     task.depends_on = list(dict.fromkeys(holders.get(d, d) for d in task.depends_on))
             rows = [_encode_task(task) for task in tasks]
-            delayed = [(bool(r["run_at"]) and float(r["run_at"]) > now) or bool(r["depends_on"]) for r in rows]
+            delayed = [("run_at" in r and float(r["run_at"]) > now) or "depends_on" in r for r in rows]
             positions = iter(self._positions(connection, delayed.count(False)))
             try:
-                connection.executemany(_SQLITE_INSERT, [
-                    [*map(_sql_value, _SQLITE_ADDED, map(row.get, _ADDED_NAMES)), None if later else next(positions)]
-                    for row, later in zip(rows, delayed)])
+                connection.executemany(_SQLITE_INSERT, [_sql_row(row, None if later else next(positions))
+                                                        for row, later in zip(rows, delayed)])
             except _sqlite3().IntegrityError:
                 raise ValidationError("A task with the same identifier already exists") from None
             connection.executemany(
