@@ -2280,25 +2280,53 @@ local function remove(id)
   return 1
 end
 
--- Each task comes as its stored fields, a JSON object of strings; a field at its default is left out.
-H.add = change({'now', '...tasks'}, function(a)
-  local now, tasks, existing, held = tonumber(a.now), {}, {}, false
-  for _, text in ipairs(a.tasks) do
-    local task = cjson.decode(text)
-    if redis.call('EXISTS', task_key(task.identifier)) == 1 then
-      return redis.error_reply('EXISTS ' .. task.identifier)
+-- redis.call(command, key, items...) for a long list of items, a thousand at a time (Lua's unpack takes a few
+-- thousand values at most); without key, redis.call(command, items...). The sum of the replies.
+local function chunked(command, key, items)
+  local total = 0
+  for i = 1, #items, 1000 do
+    local last = math.min(i + 999, #items)
+    total = total + (key and redis.call(command, key, unpack(items, i, last))
+                         or redis.call(command, unpack(items, i, last)))
+  end
+  return total
+end
+
+-- What ready() does for each id, for the ids of one add at once: ids_by_priority is {priority = {id...}}.
+local function ready_all(ids_by_priority)
+  for priority, ids in pairs(ids_by_priority) do
+    local list = QUEUE
+    if priority ~= 0 then
+      list = QUEUE .. ':' .. priority
+      redis.call('ZADD', LEVELS, -priority, priority)
     end
-    tasks[#tasks + 1] = task
+    chunked('LPUSH', list, ids)
+  end
+end
+
+-- Each task comes as its stored fields, a JSON object of strings; a field at its default is left out.
+-- The indexes every task joins (the waiting set, the ready lists) take the whole call's ids in one command.
+H.add = change({'now', '...tasks'}, function(a)
+  local now, tasks, existing, held, keys = tonumber(a.now), {}, {}, false, {}
+  for i, text in ipairs(a.tasks) do
+    tasks[i] = cjson.decode(text)
+    keys[i] = task_key(tasks[i].identifier)
+  end
+  if chunked('EXISTS', nil, keys) > 0 then
+    for i, key in ipairs(keys) do
+      if redis.call('EXISTS', key) == 1 then return redis.error_reply('EXISTS ' .. tasks[i].identifier) end
+    end
   end
   tasks = kept(tasks, existing)
-  local ready_count, delayed = 0, 0
+  local ready_count, delayed, waiting, ready_ids = 0, 0, {}, {}
   for _, task in ipairs(tasks) do
     local id, hash = task.identifier, {'status', 'waiting'}
     for name, value in pairs(task) do
       if value ~= '' then hash[#hash + 1] = name; hash[#hash + 1] = value end
     end
     redis.call('HSET', task_key(id), unpack(hash))
-    redis.call('ZADD', status_key('waiting'), task.created_at, id)
+    waiting[#waiting + 1] = task.created_at
+    waiting[#waiting + 1] = id
     if task.tags and task.tags ~= '[]' then
       for _, tag in ipairs(cjson.decode(task.tags)) do
         redis.call('ZADD', tag_key(tag), task.created_at, id)
@@ -2311,10 +2339,14 @@ H.add = change({'now', '...tasks'}, function(a)
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
     else
-      ready(id, tonumber(task.priority) or 0)
+      local priority = tonumber(task.priority) or 0
+      ready_ids[priority] = ready_ids[priority] or {}
+      table.insert(ready_ids[priority], id)
       ready_count = ready_count + 1
     end
   end
+  if #waiting > 0 then chunked('ZADD', status_key('waiting'), waiting) end
+  ready_all(ready_ids)
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
   return {held and hold(tasks, now) == 1 and 2 or 1, existing}
