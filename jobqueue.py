@@ -557,11 +557,32 @@ def _stamp(value: datetime | None) -> str:
     return "" if value is None else repr(value.timestamp())
 
 
-def _json_text(value: Any) -> str:
-    """``json.dumps``, at once for the empty object and list most tasks store (no parameters, no tags)."""
+def _flat_json_encoder() -> Callable[[Any], str]:
+    """``json.dumps`` for an object or list of strings and numbers, at a third of its cost per call.
+
+    What the enqueue path encodes a few times per task (parameters, tags, the stored form) is flat and
+    validated: it can never be circular nor hold other types. json.dumps builds CPython's C encoder anew on
+    each call; this one is built once. Plain json.dumps where there is none or it does not answer the same.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        encoder = make(None, None, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+        sample = {"a": ["é\u2028", 1, 2.5, None, True]}
+        if "".join(encoder(sample, 0)) == json.dumps(sample):
+            return lambda value: "".join(encoder(value, 0))
+    except (TypeError, ValueError):  # no C encoder (PyPy: None is not callable), or one whose arguments changed
+        pass
+    return json.dumps
+
+
+_flat_json = _flat_json_encoder()
+
+
+def _flat_json_text(value: Any) -> str:
+    """Parameters and tags as stored: at once for the empty object and list most tasks have."""
     if not value and value.__class__ in (dict, list):
         return "{}" if value.__class__ is dict else "[]"
-    return json.dumps(value)
+    return _flat_json(value)
 
 
 def _new_identifier() -> str:
@@ -586,7 +607,8 @@ class Codec:
 
 
 TEXT = Codec("TEXT", str, str)
-JSON_TEXT = Codec("TEXT", _json_text, json.loads)
+JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
+FLAT_JSON_TEXT = Codec("TEXT", _flat_json_text, json.loads)  # an object or list of scalars (validated)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
 NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
 COUNT = Codec("INTEGER", str, int)
@@ -687,11 +709,11 @@ class Task:
                        then={"date": {"type": "string", "description": "RFC 2822"}},
                        show=((3, "Job class", _if_set("job")), (4, "Job name", lambda task: task.job_name)))
     parameters: dict[str, Scalar] | None = _column(
-        JSON_TEXT, None, sql="NOT NULL", show=((8, "Parameters", _parameters_shown),),
+        FLAT_JSON_TEXT, None, sql="NOT NULL", show=((8, "Parameters", _parameters_shown),),
         schema={"type": "object", "additionalProperties": SCALAR_SCHEMA},
         new={"type": ["object", "null"], "additionalProperties": SCALAR_SCHEMA})
     tags: Sequence[str] | None = _column(
-        JSON_TEXT, None, sql="NOT NULL", schema={"type": "array", "items": {"type": "string"}},
+        FLAT_JSON_TEXT, None, sql="NOT NULL", schema={"type": "array", "items": {"type": "string"}},
         then={"job_name": {"type": "string"}},
         new={"type": ["array", "null"], "items": {"type": "string", "minLength": 1}},
         show=((7, "Tags", lambda task: ", ".join(task.tags) or "(none)"),))  # type: ignore[arg-type]
@@ -3153,7 +3175,7 @@ class RedisQueue(Queue):
             encoded = _encode_task(task)
             if task.depends_on:
                 encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
-            batches.setdefault(task.profile, []).append((index, json.dumps(encoded)))
+            batches.setdefault(task.profile, []).append((index, _flat_json(encoded)))
         existing: dict[int, Task] = {}
         news: set[str] = set()
         for profile, entries in batches.items():
