@@ -374,17 +374,27 @@ def _module_name(target: Any) -> str:
     return module
 
 
+def _checked_job_path(path: str) -> str:
+    if not JOB_PATH_PATTERN.fullmatch(path):
+        raise ValidationError(
+            f'Job "{path}" must be an import path such as "myapp.jobs.SendMailJob"'
+        )
+    if path.startswith(("__main__.", "__main__:")):
+        raise ValidationError(f'Job "{path}" names the script being run (__main__), which a worker cannot'
+                              " import: move the job to a module")
+    return path
+
+
+# Every task built checks its job's path; a program names a few jobs, checked once each here.
+_known_job_path = functools.lru_cache(maxsize=1024)(_checked_job_path)
+
+
 def job_path(target: object) -> str:
     """The import path that names ``target``: a Job subclass or instance, a @job function or a path."""
+    if target.__class__ is str:
+        return _known_job_path(target)
     if isinstance(target, str):
-        if not JOB_PATH_PATTERN.fullmatch(target):
-            raise ValidationError(
-                f'Job "{target}" must be an import path such as "myapp.jobs.SendMailJob"'
-            )
-        if target.startswith(("__main__.", "__main__:")):
-            raise ValidationError(f'Job "{target}" names the script being run (__main__), which a worker cannot'
-                                  " import: move the job to a module")
-        return target
+        return _checked_job_path(target)
     if isinstance(target, Job):
         target = type(target)
     if (isinstance(target, type) and issubclass(target, Job)) or _is_job_function(target):
