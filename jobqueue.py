@@ -617,8 +617,17 @@ class Codec:
 
 
 TEXT = Codec("TEXT", str, str)
+_EMPTY_JSON = {"[]": list, "{}": dict}
+
+
+def _flat_json_value(text: str) -> Any:
+    """Parameters and tags read back: at once for the empty list and object most tasks have."""
+    empty = _EMPTY_JSON.get(text)
+    return json.loads(text) if empty is None else empty()
+
+
 JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
-FLAT_JSON_TEXT = Codec("TEXT", _flat_json_text, json.loads)  # an object or list of scalars (validated)
+FLAT_JSON_TEXT = Codec("TEXT", _flat_json_text, _flat_json_value)  # an object or list of scalars (validated)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
 NUMBER = Codec("REAL", lambda value: repr(float(value)), float)
 COUNT = Codec("INTEGER", str, int)
@@ -3937,11 +3946,10 @@ class SQLiteQueue(Queue):
                                                         for row, later in zip(rows, delayed)])
             except _sqlite3().IntegrityError:
                 raise ValidationError("A task with the same identifier already exists") from None
-            connection.executemany(
-                "INSERT INTO jobqueue_tags (tag, seq)"
-                " SELECT ?, seq FROM jobqueue_tasks WHERE identifier = ?",
-                [(tag, task.identifier) for task in tasks for tag in task.tags],  # type: ignore[union-attr]
-            )
+            tagged = [(tag, task.identifier) for task in tasks for tag in task.tags]  # type: ignore[union-attr]
+            if tagged:
+                connection.executemany("INSERT INTO jobqueue_tags (tag, seq)"
+                                       " SELECT ?, seq FROM jobqueue_tasks WHERE identifier = ?", tagged)
             self._hold(connection, [task for task in tasks if task.depends_on], now)
         return existing
 
