@@ -251,6 +251,8 @@ def validate_profile(name: object) -> str:
 
 def _is_text(value: str) -> bool:
     """Whether ``value`` can be stored and sent: no lone surrogate such as JSON's "\\ud800"."""
+    if value.isascii():
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
