@@ -597,6 +597,15 @@ def _flat_json_text(value: Any) -> str:
     return _flat_json(value)
 
 
+_EMPTY_JSON = {"[]": list, "{}": dict}
+
+
+def _flat_json_value(text: str) -> Any:
+    """Parameters and tags read back: at once for the empty list and object most tasks have."""
+    empty = _EMPTY_JSON.get(text)
+    return json.loads(text) if empty is None else empty()
+
+
 def _new_identifier() -> str:
     """``str(uuid.uuid4())`` in half the time: 122 random bits, the version (4) and the variant (10) bits."""
     digits = os.urandom(16).hex()
@@ -619,15 +628,6 @@ class Codec:
 
 
 TEXT = Codec("TEXT", str, str)
-_EMPTY_JSON = {"[]": list, "{}": dict}
-
-
-def _flat_json_value(text: str) -> Any:
-    """Parameters and tags read back: at once for the empty list and object most tasks have."""
-    empty = _EMPTY_JSON.get(text)
-    return json.loads(text) if empty is None else empty()
-
-
 JSON_TEXT = Codec("TEXT", json.dumps, json.loads)
 FLAT_JSON_TEXT = Codec("TEXT", _flat_json_text, _flat_json_value)  # an object or list of scalars (validated)
 EPOCH = Codec("REAL", _stamp, _from_timestamp, _iso, _parse_datetime)
@@ -2335,7 +2335,8 @@ local function chunked(command, key, items)
   return total
 end
 
--- What ready() does for each id, for the ids of one add at once: ids_by_priority is {priority = {id...}}.
+-- What ready() does for each id (keep the two alike), for the ids of one add at once:
+-- ids_by_priority is {priority = {id...}}.
 local function ready_all(ids_by_priority)
   for priority, ids in pairs(ids_by_priority) do
     local list = QUEUE
@@ -2350,7 +2351,7 @@ end
 -- Each task comes as its stored fields, a JSON object of strings; a field at its default is left out.
 -- The indexes every task joins (the waiting set, the ready lists) take the whole call's ids in one command.
 H.add = change({'now', '...tasks'}, function(a)
-  local now, tasks, existing, held, keys = tonumber(a.now), {}, {}, false, {}
+  local now, tasks, existing, dependent, keys = tonumber(a.now), {}, {}, false, {}
   for i, text in ipairs(a.tasks) do
     tasks[i] = cjson.decode(text)
     keys[i] = task_key(tasks[i].identifier)
@@ -2377,7 +2378,7 @@ H.add = change({'now', '...tasks'}, function(a)
       end
     end
     if task.waits then  -- held by its dependencies: see hold()
-      held = true
+      dependent = true
     elseif task.run_at and tonumber(task.run_at) > now then
       redis.call('ZADD', DELAYED, task.run_at, id)
       delayed = delayed + 1
@@ -2392,7 +2393,7 @@ H.add = change({'now', '...tasks'}, function(a)
   ready_all(ready_ids)
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
-  return {held and hold(tasks, now) == 1 and 2 or 1, existing}
+  return {dependent and hold(tasks, now) == 1 and 2 or 1, existing}
 end)
 
 H.claim = change({'now', 'worker', 'lease'}, function(a) return claim_next(a.now, a.worker, a.lease) end)
