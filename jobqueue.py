@@ -898,7 +898,8 @@ _STORED_FIELDS = tuple((column.name, column.default, column.metadata["codec"].st
 
 
 def _encode_task(task: Task) -> dict[str, str]:
-    """The storage form both backends share: text (JSON, epoch seconds); never pickle.
+    """The storage form: text (JSON, epoch seconds), never pickle; Redis keeps it as it is, SQLite types
+    each field for its column (``_sql_row``, the same rules in one pass).
 
     A field at its default, or stored as '' (no dependencies), is left out: the default is what a missing
     field reads back as, and a task most often has few options, so Redis decodes and stores less.
