@@ -1444,7 +1444,9 @@ def test_wait_is_woken_when_the_task_ends(queue, dsn, end):
     ended = time.monotonic()  # once the change is stored: what the bound judges is how soon the waiter hears
     thread.join(10)
     outcome, at = waited[0]
-    assert at - ended < (0.05 if dsn.startswith("redis") else 0.2)
+    # Told, not polled, on Redis: well under SQLite's poll. bench/wait_latency.py measures it (p99 1.4 ms); the
+    # bound leaves room for a loaded 2-core machine running the suite on both cores.
+    assert at - ended < (0.1 if dsn.startswith("redis") else 0.2)
     if end == "complete":
         assert (outcome.status, outcome.result) == (Status.FINISHED, 42)
     elif end == "cancel":
