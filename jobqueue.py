@@ -2484,9 +2484,10 @@ H.give_back = change({'now', '...held'}, function(a)
   local given = {}
   for i = #a.held - 1, 1, -2 do
     local id, key = a.held[i], task_key(a.held[i])
-    local f = redis.call('HMGET', key, 'status', 'created_at', 'attempts', 'expires_at')
+    local f = redis.call('HMGET', key, 'status', 'created_at', 'attempts', 'expires_at', 'started_at')
     given[(i + 1) / 2] = 0
     if f[1] == 'running' and f[3] == a.held[i + 1] then
+      if f[5] then redis.call('ZREM', STARTS, id .. '@' .. f[5]) end  -- never started: no start counted
       move(id, f[2], 'running', 'waiting', a.now)
       redis.call('HDEL', key, 'worker', 'started_at')
       if redis.call('HINCRBY', key, 'attempts', -1) == 0 then
@@ -4377,11 +4378,23 @@ class SQLiteQueue(Queue):
     def _give_back(self, tasks: Sequence[Task], now: float) -> list[bool]:
         """A claim keeps the task's place in its queue (``position``): undoing it is enough."""
         with self._write() as connection:
-            return [connection.execute(
-                "UPDATE jobqueue_tasks SET status = 'waiting', status_rank = 0, attempts = attempts - 1,"
-                " worker = NULL, started_at = NULL, lease_until = NULL"
-                " WHERE identifier = ? AND status = 'running' AND attempts = ?",
-                (task.identifier, task.attempts)).rowcount == 1 for task in tasks]
+            return [self._unclaim(connection, task) for task in tasks]
+
+    @staticmethod
+    def _unclaim(connection: sqlite3.Connection, task: Task) -> bool:
+        claimed = connection.execute(
+            "SELECT profile, started_at FROM jobqueue_tasks WHERE identifier = ? AND status = 'running'"
+            " AND attempts = ?", (task.identifier, task.attempts)).fetchone()
+        if claimed is None:
+            return False
+        connection.execute(
+            "UPDATE jobqueue_tasks SET status = 'waiting', status_rank = 0, attempts = attempts - 1, worker = NULL,"
+            " started_at = NULL, lease_until = NULL WHERE identifier = ?", (task.identifier,))
+        connection.execute(  # never started: no start counted against a rate
+            "DELETE FROM jobqueue_starts WHERE rowid IN"
+            " (SELECT rowid FROM jobqueue_starts WHERE profile = ? AND at = ? LIMIT 1)",
+            (claimed["profile"], claimed["started_at"]))
+        return True
 
     def _set_progress(self, task: Task, progress: str) -> bool:
         with self._write() as connection:
@@ -4998,18 +5011,20 @@ class _Batch:
     PREFETCH_WINDOW, judged by how long its recent runs took (at most the
     worker's ``prefetch``), and records their outcomes together, with its next
     claim, once it has run them: one round trip for a batch of short jobs.
-    The watchdog keeps the promise that makes this safe: a job that runs past
-    the window gives the held tasks back at once (other workers take them, in
-    their order); outcomes left unrecorded that long are recorded; held tasks'
-    leases are renewed, and those cancelled or taken back meanwhile are
-    skipped. Events are dispatched by the runner once outcomes are stored.
+    The watchdog keeps the promise that makes this safe: what is still held
+    when the window has passed goes back at once (other workers take those
+    tasks, in their order, and a task of an earlier profile or a higher
+    priority waits no longer than the window); outcomes left unrecorded that
+    long are recorded, and their events dispatched; held tasks' leases are
+    renewed, and those cancelled or taken back meanwhile are skipped. Events
+    are dispatched once outcomes are stored.
     """
 
     def __init__(self, prefetch: int, quota: _Quota):
         self.prefetch, self.quota = prefetch, quota
-        self.skipped: set[str] = set()  # held runs cancelled or taken back meanwhile: never to start
+        self.skipped: set[tuple[str, int]] = set()  # held runs cancelled or taken back meanwhile: never to start
         self.flush_at = math.inf  # when the oldest unrecorded outcome is due to be recorded
-        self.running_since: float | None = None
+        self.held_since = math.inf  # when the tasks held now were claimed
         self.recording = threading.Lock()  # one record at a time: none is left half done when the runner stops
         self._held: collections.deque[Task] = collections.deque()
         self._ended: list[tuple[Task, bool, float]] = []  # (task, cancelled, seconds) not recorded yet
@@ -5026,8 +5041,7 @@ class _Batch:
     @property
     def due(self) -> float:
         """When the watchdog should look at this batch next."""
-        since = self.running_since
-        return min(self.flush_at, math.inf if since is None or not self._held else since + PREFETCH_WINDOW)
+        return min(self.flush_at, self.held_since + PREFETCH_WINDOW)
 
     @property
     def held(self) -> bool:
@@ -5040,14 +5054,29 @@ class _Batch:
     def hold(self, tasks: Sequence[Task]) -> None:
         with self._lock:
             self._held.extend(tasks)
+            self.held_since = time.monotonic()
 
     def next(self) -> Task | None:
+        """The next held task to start; None if there is none (or it was cancelled or taken back meanwhile)."""
         with self._lock:
-            return self._held.popleft() if self._held else None
+            if not self._held:
+                return None
+            task = self._held.popleft()
+            if not self._held:
+                self.held_since = math.inf
+            run = (task.identifier, task.attempts)
+        if run in self.skipped:
+            self.skipped.discard(run)
+            self.quota.release()
+            return None
+        return task
 
-    def take_held(self) -> list[Task]:
+    def take_held(self, claimed_at: float | None = None) -> list[Task]:
+        """All held tasks; with ``claimed_at``, only if they are still those claimed then."""
         with self._lock:
-            held, self._held = list(self._held), collections.deque()
+            if claimed_at is not None and claimed_at != self.held_since:
+                return []
+            held, self._held, self.held_since = list(self._held), collections.deque(), math.inf
             return held
 
     def end(self, task: Task, cancelled: bool, seconds: float) -> None:
@@ -5122,7 +5151,8 @@ class _Watchdog:
             for task in tasks:
                 self._held[id(task)] = _WatchedRun(
                     task, None, None, now + self._lease(task) / 3,
-                    lambda identifier=task.identifier: batch.skipped.add(identifier),
+                    lambda task=task: (batch.skipped.add((task.identifier, task.attempts)),
+                                       self._held.pop(id(task), None)),
                     now + CANCEL_CHECK_INTERVAL)
             if batch not in self._batches:
                 self._batches.append(batch)
@@ -5133,7 +5163,7 @@ class _Watchdog:
             self._held.pop(id(task), None)
 
     def look_at(self, batch: _Batch) -> None:
-        """``batch`` has a new due time (a job starts while tasks are held, an outcome waits)."""
+        """``batch`` has a new due time (an outcome waits while tasks are held)."""
         with self._condition:
             self._start(batch.due)
 
@@ -5197,15 +5227,19 @@ class _Watchdog:
                 self._look_after(batch, now)
 
     def _look_after(self, batch: _Batch, now: float) -> None:
-        """Give back what a long job holds up; record outcomes that waited their time."""
-        since = batch.running_since
-        if since is not None and now >= since + PREFETCH_WINDOW and batch.held:
-            self.worker._return_held(batch, "held up by a long job", logging.DEBUG)
+        """Give back what was held past the window; record outcomes that waited as long, and tell of them."""
+        claimed_at = batch.held_since
+        if now >= claimed_at + PREFETCH_WINDOW:
+            self.worker._return_held(batch, "held past the prefetch window", logging.DEBUG, claimed_at)
         if now >= batch.flush_at:
             try:
                 self.worker._record(batch)
             except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
                 self.worker.logger.debug("Outcomes not recorded yet: %s", error)
+                return
+            # The runner is in a long job: its listeners hear of these now, from a thread of their own.
+            threading.Thread(target=self.worker._report_recorded, args=(batch,), daemon=True,
+                             name=f"{self.worker.name}-events").start()
 
     def _stop_cancelled(self, runs: list[_WatchedRun]) -> None:
         """Ask the queue which runs were cancelled, and which held ones are gone; stop those still in hand, once."""
@@ -5401,15 +5435,14 @@ class Worker:
         try:
             while not self.stopping:
                 self._report_recorded(batch)
-                task = batch.next()
-                if task is None:
+                if not batch.held:
                     if not self._claim(batch, quota, burst) and (burst or quota.exhausted):
                         break
                     continue
-                self.watchdog.unhold(task)
-                if task.identifier in batch.skipped:
-                    quota.release()
+                task = batch.next()
+                if task is None:
                     continue
+                self.watchdog.unhold(task)
                 self._run(task, slot, batch)
                 quota.finish()
         except (KeyboardInterrupt, _JobAbandoned):
@@ -5438,8 +5471,9 @@ class Worker:
             claimed = [] if claimed is _UNAVAILABLE else claimed
         quota.release(wanted - len(claimed))
         if claimed:
-            batch.hold(claimed)
             self.watchdog.hold(batch, claimed)
+            batch.hold(claimed)
+            self.watchdog.look_at(batch)
         return bool(claimed)
 
     def _record(self, batch: _Batch, fetch: int = 0) -> list[Task]:
@@ -5465,14 +5499,17 @@ class Worker:
                                     task.identifier, task.job_name)
             self._report(task, seconds)
 
-    def _return_held(self, batch: _Batch, why: str, level: int = logging.WARNING) -> None:
-        """Give back, in one call, the tasks the batch holds and will not start."""
+    def _return_held(self, batch: _Batch, why: str, level: int = logging.WARNING,
+                     claimed_at: float | None = None) -> None:
+        """Give back, in one call, the tasks the batch holds (if still those claimed at ``claimed_at``)."""
         with batch.recording:
-            tasks = batch.take_held()
+            tasks = batch.take_held(claimed_at)
             for task in tasks:
                 self.watchdog.unhold(task)
             batch.quota.release(len(tasks))
-            tasks = [task for task in tasks if task.identifier not in batch.skipped]
+            runs = {(task.identifier, task.attempts) for task in tasks}
+            tasks = [task for task in tasks if (task.identifier, task.attempts) not in batch.skipped]
+            batch.skipped -= runs
             if not tasks:
                 return
             try:
@@ -5499,17 +5536,12 @@ class Worker:
         started = time.monotonic()
         timeout = task.timeout or self.timeout
         slot.prepare()
-        batch.running_since = started
-        if batch.held:
-            self.watchdog.look_at(batch)
         try:
             with self.watchdog.watching(task, slot.guard, timeout, slot.cancel):
                 result, error = slot.execute(task, timeout)
         except BaseException:
             self._give_back(task, "interrupted")
             raise
-        finally:
-            batch.running_since = None
         if slot.cancelled:
             task.status, task.error, task.result = Status.FAILED, CANCELLED, None
         elif error is None:

@@ -2111,8 +2111,13 @@ def test_fetch_many_claims_in_order_within_the_limits_and_complete_many_records_
     assert queue.fetch_many("q", 10, timeout=0) == [], "three running: the concurrency limit holds the fourth back"
     queue.add(*[Task("r", RecordingJob) for _ in range(4)])
     queue.set_limits("r", rate="2/m")
-    assert [len(queue.fetch_many("r", 10, timeout=0)) for _ in range(2)] == [1, 1]
+    first, second = queue.fetch_many("r", 10, timeout=0), queue.fetch_many("r", 10, timeout=0)
+    assert len(first) == len(second) == 1
     assert queue.complete_many([], fetch=10, profiles=["r"]) == ([], []), "the rate holds the rest back"
+    assert queue.give_back(second) == [True] and queue.give_back(second) == [False]
+    again = queue.fetch_many("r", 10, timeout=0)
+    assert [(task.identifier, task.attempts) for task in again] == [(second[0].identifier, 1)], \
+        "given back: first in line, its attempt and its start no longer counted"
     for call, message in ((lambda: queue.fetch_many("p", 0), "count must be a whole number from 1 to 1000"),
                           (lambda: queue.complete_many([], fetch=1), "needs profiles"),
                           (lambda: queue.complete_many([], fetch=-1, profiles="p"), "fetch must be a whole number")):
@@ -5142,8 +5147,10 @@ def test_a_long_job_gives_back_what_its_worker_claimed_ahead_and_earlier_outcome
     queue.add(early, slow, *later)
     wait_for_file(started)
     for task in later:
-        holder.wait_for(f"{task.identifier} count_execution held up by a long job; back to waiting", "err")
+        holder.wait_for(f"{task.identifier} count_execution held past the prefetch window; back to waiting", "err")
+    holder.wait_for(f"{early.identifier} count_execution finished", "err", timeout=2)
     assert queue.find(early.identifier).status is Status.FINISHED, "an outcome does not wait for the long job"
+    assert queue.find(slow.identifier).status is Status.RUNNING, "nor do its events and its log line"
     running(dsn, "worker", "ahead", "--name", "bystander")
     wait_until(lambda: all(queue.find(task.identifier).status is Status.FINISHED for task in later))
     assert queue.find(slow.identifier).status is Status.RUNNING, "the others ran while the long job did"
@@ -5158,9 +5165,9 @@ def test_a_stopping_worker_gives_back_what_it_claimed_ahead_as_it_was(queue, cap
     dispatcher = EventDispatcher()
     worker = Worker("w", queue, "p", dispatcher, prefetch=20)
     dispatcher.add_listener("task.executed", lambda event: worker.stop())
-    with caplog.at_level(logging.WARNING, "jobqueue.worker"):
+    with caplog.at_level(logging.DEBUG, "jobqueue.worker"):
         assert worker.consume() == 1
-    assert caplog.text.count("claimed but not started; back to waiting") == 9, "claimed ahead with the first outcome"
+    assert caplog.text.count("; back to waiting") == 9, "claimed ahead with the first outcome, given back at the stop"
     back = [queue.find(task.identifier) for task in tasks[1:]]
     assert all((task.status, task.attempts, task.worker) == (Status.WAITING, 0, None) for task in back)
     assert queue.fetch("p", timeout=0, lease=5).identifier == tasks[1].identifier, "back first, in their order"
