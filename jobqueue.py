@@ -3178,6 +3178,7 @@ class RedisQueue(Queue):
             except self._exceptions.ResponseError as error:
                 if not self._repair(error, base):
                     raise
+                wait_first = None  # the wait, if any, has returned: the call alone goes again
         raise BackendUnavailable(f"{self.describe()} keeps losing the jobqueue library")
 
     def _direct(self, command: tuple, first: tuple | None = None) -> Any:
@@ -3199,9 +3200,14 @@ class RedisQueue(Queue):
         except IndexError:
             connection = self._pool.get_connection()
         commands = [command] if first is None else [first, command]
+
+        def retrying(error: Exception) -> None:
+            # Sent again, ``first`` (a wait) may have returned already, its wake taken: wait no more.
+            connection.disconnect()
+            commands[:] = [command]
+
         try:
-            reply = connection.retry.call_with_retry(
-                lambda: self._exchange(connection, commands), lambda error: connection.disconnect())
+            reply = connection.retry.call_with_retry(lambda: self._exchange(connection, commands), retrying)
         except self._exceptions.ResponseError:
             if first is None:  # one command, one (error) reply: nothing left to read
                 self._keep_connection(connection)
@@ -3401,7 +3407,8 @@ class RedisQueue(Queue):
             if self._block_limit:
                 block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
             keys = [f"{self._base(profile)}:wake" for profile in profiles]
-            if len(profiles) > 1 or self._pool is None or "clock" in self.__dict__:
+            if len(profiles) > 1 or self._pool is None or "clock" in self.__dict__ or \
+                    type(self).clock is not RedisQueue.clock:
                 self._block_on_wake(keys, max(block, 0.01))
                 continue
             # The claim rides behind the wait (it reads the server's clock when it runs): no round trip
@@ -4828,6 +4835,7 @@ if name in ("__main__", "jobqueue"):  # by its path: the very file the worker ru
     spec = importlib.util.spec_from_file_location("jobqueue", path)
     module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module._answer_to_import_names()
 else:
     module = importlib.import_module(name)
 module._serve_isolated(level, int(sys.argv[5]))
@@ -7619,7 +7627,9 @@ def _answer_to_import_names() -> None:
 _IMPORTED_BOOT = """\
 import importlib.util, os, sys
 path = sys.argv.pop(1)
-sys.argv[0], sys.path[0] = path, os.path.dirname(path)
+sys.argv[0] = path
+if sys.path and sys.path[0] == "":  # a script's folder comes first, as it did (unless -I or -P said not)
+    sys.path[0] = os.path.dirname(path)
 spec = importlib.util.spec_from_file_location("jobqueue", path)
 module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
@@ -7639,6 +7649,8 @@ def _run_again_imported() -> None:
     import subprocess
 
     options = subprocess._args_from_interpreter_flags()  # -O, -X, -W...: what multiprocessing passes on too
+    if getattr(sys.stdout, "write_through", False) and not os.environ.get("PYTHONUNBUFFERED"):
+        options.append("-u")
     os.execv(sys.executable, [sys.executable, *options, "-c", _IMPORTED_BOOT, os.path.abspath(__file__),
                               *sys.argv[1:]])
 

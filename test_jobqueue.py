@@ -2317,6 +2317,31 @@ def test_the_library_is_loaded_again_when_the_server_lost_it_and_runs_as_a_scrip
     assert older_server.complete(claimed) and queue.count(status="finished") == 1
 
 
+def test_an_idle_fetch_whose_claim_reply_is_lost_gets_its_task_at_once_under_a_live_lease(redis_server, monkeypatch):
+    """An idle worker sends its claim behind its wake BLPOP; if the reply is lost, the claim alone goes again."""
+    import redis
+
+    waiting, adder = RedisQueue(redis_server.client(), prefix="lost-reply"), RedisQueue(redis_server.client(),
+                                                                                     prefix="lost-reply")
+    exchange, lost = RedisQueue._exchange, []
+
+    def losing_the_first_claim_reply(connection, commands):
+        reply = exchange(connection, commands)
+        if len(commands) == 2 and not lost:
+            lost.append(reply)
+            raise redis.ConnectionError("the reply was lost")
+        return reply
+
+    monkeypatch.setattr(RedisQueue, "_exchange", staticmethod(losing_the_first_claim_reply))
+    task = Task("p", RecordingJob)
+    threading.Timer(0.3, lambda: adder.add(task)).start()
+    started = time.monotonic()
+    claimed = waiting.fetch("p", timeout=10, worker="w", lease=3)
+    assert claimed.identifier == task.identifier and "tasks" in json.loads(lost[0]), "claimed behind the wait"
+    assert time.monotonic() - started < 1.5, "sent again without waiting for another wake"
+    assert adder.recover() == [] and adder.find(task.identifier).attempts == 1, "one claim, its lease alive"
+
+
 def test_workers_with_skewed_clocks_judge_leases_on_the_servers_clock(redis_server, monkeypatch):
     ahead, behind = (RedisQueue(redis_server.client(), prefix="clocks") for _ in range(2))
     ahead._local_clock = lambda: time.time() + 600
@@ -4958,8 +4983,8 @@ def test_cli_worker_fails_a_job_outside_the_allow_list_without_importing_it(dsn,
     assert queue.find(inside.identifier).result == 3
 
 
-@pytest.mark.parametrize("how", ["script", "module"])
-def test_cli_a_copy_vendored_in_a_package_has_one_job_class(tmp_path, how):
+@pytest.mark.parametrize("how, isolation", [("script", "thread"), ("module", "thread"), ("script", "process")])
+def test_cli_a_copy_vendored_in_a_package_has_one_job_class(tmp_path, how, isolation):
     vendor = tmp_path / "vendor"
     vendor.mkdir()
     (vendor / "__init__.py").write_text("")
@@ -4974,8 +4999,8 @@ def test_cli_a_copy_vendored_in_a_package_has_one_job_class(tmp_path, how):
     queue.add(*tasks)
     command = ["vendor/jobqueue.py"] if how == "script" else ["-m", "vendor.jobqueue"]
     env = {**backend_env(str(database)), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, *command, "worker", "v", "--burst"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, *command, "worker", "v", "--burst", "--isolation", isolation],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert [queue.find(task.identifier).result for task in tasks] == ["pong", "pong"], result.stderr
 
