@@ -7826,8 +7826,11 @@ async function api(method, path, body) {
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (response.status === 401) {
-    state.locked = true;
-    $("token-form").hidden = false;
+    // A request sent before the token was given answers 401 after it: only a refusal of the current token asks.
+    if (sessionStorage.getItem(TOKEN) === token) {
+      state.locked = true;
+      $("token-form").hidden = false;
+    }
     throw new Error("This server needs an API token.");
   }
   const data = response.status === 204 ? null : await response.json();
