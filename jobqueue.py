@@ -2041,15 +2041,18 @@ end
 
 -- Ready tasks: priority 0 in the FIFO list QUEUE (pushed left, popped right), any other priority in a list
 -- of its own, QUEUE .. ':' .. priority; LEVELS holds those priorities, scored -priority (highest first).
--- ready() is the one way a waiting task becomes ready; head (a recovered task) puts it before its equals.
+-- ready_list() names the list of a priority, noting the priority in LEVELS; ready() is the one way a waiting
+-- task becomes ready (an add pushes its ids there by the thousand); head (a recovered task, one given back)
+-- puts it before its equals.
+local function ready_list(priority)
+  if priority == 0 then return QUEUE end
+  redis.call('ZADD', LEVELS, -priority, priority)
+  return QUEUE .. ':' .. priority
+end
+
 local function ready(id, priority, head)
   priority = tonumber(priority) or tonumber(redis.call('HGET', task_key(id), 'priority')) or 0
-  local list = QUEUE
-  if priority ~= 0 then
-    list = QUEUE .. ':' .. priority
-    redis.call('ZADD', LEVELS, -priority, priority)
-  end
-  redis.call(head and 'RPUSH' or 'LPUSH', list, id)
+  redis.call(head and 'RPUSH' or 'LPUSH', ready_list(priority), id)
 end
 
 -- The next ready id (false if none): highest priority first, oldest first among equals.
@@ -2391,19 +2394,6 @@ local function chunked(command, key, items)
   return total
 end
 
--- What ready() does for each id (keep the two alike), for the ids of one add at once:
--- ids_by_priority is {priority = {id...}}.
-local function ready_all(ids_by_priority)
-  for priority, ids in pairs(ids_by_priority) do
-    local list = QUEUE
-    if priority ~= 0 then
-      list = QUEUE .. ':' .. priority
-      redis.call('ZADD', LEVELS, -priority, priority)
-    end
-    chunked('LPUSH', list, ids)
-  end
-end
-
 -- Each task comes as its stored fields, a JSON object of strings; a field at its default is left out.
 -- The indexes every task joins (the waiting set, the ready lists) take the whole call's ids in one command.
 H.add = change({'now', '...tasks'}, function(a)
@@ -2446,7 +2436,7 @@ H.add = change({'now', '...tasks'}, function(a)
     end
   end
   if #waiting > 0 then chunked('ZADD', status_key('waiting'), waiting) end
-  ready_all(ready_ids)
+  for priority, ids in pairs(ready_ids) do chunked('LPUSH', ready_list(priority), ids) end
   -- A delayed task wakes one idle worker too, so that it learns the new due time.
   if ready_count + delayed > 0 then wake(math.max(ready_count, 1)) end
   return {dependent and hold(tasks, now) == 1 and 2 or 1, existing}
@@ -5286,7 +5276,7 @@ class _Watchdog:
         """Ask the queue which runs were cancelled, and which held ones are gone; stop those still in hand, once."""
         running = [run.task for run in runs if self._runs.get(id(run)) is run]
         held = [run.task for run in runs if self._held.get(id(run.task)) is run]
-        try:
+        try:  # an empty list reads nothing: held tasks rarely live to a check (given back after 10 ms)
             cancelled = self.worker.queue.cancelled(running) | self.worker.queue.gone(held)
         except Exception as error:  # noqa: BLE001 - the watchdog must outlive any backend error
             self.worker.logger.debug("Cancellations not checked: %s", error)
