@@ -2963,6 +2963,14 @@ def _score_pairs(reply: Any) -> list[tuple]:
     return [(float(score), _text(member)) for member, score in reply]
 
 
+def _positions_by_profile(tasks: Sequence[Task]) -> dict[str, list[int]]:
+    """Where each profile's tasks are in ``tasks``, in order: a call per profile, each on the profile's slot."""
+    positions: dict[str, list[int]] = {}
+    for position, task in enumerate(tasks):
+        positions.setdefault(task.profile, []).append(position)
+    return positions
+
+
 class _Waker:
     """Waits on the wake lists of several profiles of a Redis Cluster: a thread per list, each blocking in
     BLPOP (at most 1 s at a time) while someone waits on that list. A token taken when nobody waits any more
@@ -3140,7 +3148,8 @@ class RedisQueue(Queue):
         from this thread with the same values (``now`` aside), it reuses its
         token, so the server answers with the first run's reply.
         ``wait_first``, a blocking command on the same slot, goes just before
-        it on the same connection: the server runs the call when that returns.
+        it on the same connection (see ``_claims_behind_wait``): the server
+        runs the call when that returns.
         """
         remembered, names, rest = _REDIS_HANDLERS[handler]
         ordered = [values[name] for name in names]
@@ -3154,8 +3163,6 @@ class RedisQueue(Queue):
         base = self._base(profile)
         for _ in range(3):
             try:
-                if wait_first is not None and (self.replicas or self._pool is None):
-                    self.client.execute_command(*wait_first)
                 if self.replicas:
                     reply = self._acknowledged(base, arguments)
                 elif self._pool is not None:
@@ -3298,22 +3305,22 @@ class RedisQueue(Queue):
 
     def _add(self, tasks: Sequence[Task], now: float) -> dict[int, Task]:
         where = self._dependencies(tasks)
-        batches: dict[str, list[tuple]] = {}
-        for index, task in enumerate(tasks):
+        payloads = []
+        for task in tasks:
             encoded = _encode_task(task)
             if task.depends_on:
                 encoded["waits"] = json.dumps({dependency: where[dependency] for dependency in task.depends_on})
-            batches.setdefault(task.profile, []).append((index, _flat_json(encoded)))
+            payloads.append(_flat_json(encoded))
         existing: dict[int, Task] = {}
         news: set[str] = set()
-        for profile, entries in batches.items():
+        for profile, positions in _positions_by_profile(tasks).items():
             self._register(profile)
-            posted, redundant = self._call(profile, "add", now=repr(now), tasks=[encoded for _, encoded in entries])
+            posted, redundant = self._call(profile, "add", now=repr(now), tasks=[payloads[p] for p in positions])
             if posted == 2:
                 news.add(profile)
+            given = {task.identifier: task for task in tasks} if redundant else {}
             for position, holder, fields in redundant or ():
-                given = next((task for task in tasks if task.identifier == holder), None)
-                existing[entries[position][0]] = given or self._task(fields)  # type: ignore[assignment]
+                existing[positions[position]] = given.get(holder) or self._task(fields)  # type: ignore[assignment]
         if news:
             self._deliver(news)
         return existing
@@ -3382,14 +3389,18 @@ class RedisQueue(Queue):
                count: int = 1) -> list[Task]:
         """Claim from each profile in turn; idle, block on their wake lists until a token or the next due time."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        behind_wait = self._claims_behind_wait(profiles)
+        due: float | None = None  # when the claim sent behind the last wait says the next task is due
         while True:
-            now, due = self.clock(), math.inf
-            for profile in profiles:
-                claimed = self._claim_reply(profile, self._call(profile, "claim", now=repr(now), worker=worker,
-                                                                lease=repr(lease), count=count))
-                if isinstance(claimed, list):
-                    return claimed
-                due = min(due, math.inf if claimed is None else claimed)
+            now = self.clock()
+            if due is None:
+                due = math.inf
+                for profile in profiles:
+                    claimed = self._claim_reply(profile, self._call(profile, "claim", now=repr(now), worker=worker,
+                                                                    lease=repr(lease), count=count))
+                    if isinstance(claimed, list):
+                        return claimed
+                    due = min(due, math.inf if claimed is None else claimed)
             remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 return []
@@ -3397,9 +3408,9 @@ class RedisQueue(Queue):
             if self._block_limit:
                 block = min(block, max(self._block_limit - 1.0, self._block_limit / 2))
             keys = [f"{self._base(profile)}:wake" for profile in profiles]
-            if len(profiles) > 1 or self._pool is None or "clock" in self.__dict__ or \
-                    type(self).clock is not RedisQueue.clock:
+            if not behind_wait:
                 self._block_on_wake(keys, max(block, 0.01))
+                due = None
                 continue
             # The claim rides behind the wait (it reads the server's clock when it runs): no round trip
             # between a wake and the claim, which is most of the time from an add to its start.
@@ -3408,6 +3419,13 @@ class RedisQueue(Queue):
                 lease=repr(lease), count=count))
             if isinstance(claimed, list):
                 return claimed
+            due = math.inf if claimed is None else claimed
+
+    def _claims_behind_wait(self, profiles: list[str]) -> bool:
+        """Whether an idle fetch sends its claim behind its wait, in one write: one profile, a connection held
+        here (not a cluster's, no replicas to wait for), and the server's clock (not one a test put in)."""
+        return (len(profiles) == 1 and self._pool is not None and not self.replicas
+                and "clock" not in self.__dict__ and type(self).clock is RedisQueue.clock)
 
     def _block_on_wake(self, keys: list[str], block: float) -> None:
         """Block until a wake token on one of ``keys``, or ``block`` seconds.
@@ -3454,9 +3472,7 @@ class RedisQueue(Queue):
                        profile: str | None) -> tuple:
         """One call per profile of the outcomes; the claims ride with those of ``profile`` (its slot's), last,
         so that no call that fails after them can leave tasks claimed that the caller never hears of."""
-        groups: dict[str, list[int]] = {}
-        for position, task in enumerate(tasks):
-            groups.setdefault(task.profile, []).append(position)
+        groups = _positions_by_profile(tasks)
         if count and profile is not None:
             groups[profile] = groups.pop(profile, [])
         recorded, claimed = [False] * len(tasks), []
@@ -3554,11 +3570,8 @@ class RedisQueue(Queue):
         return [tuple(None if value is None else _text(value) for value in reply) for reply in replies]
 
     def _give_back(self, tasks: Sequence[Task], now: float) -> list[bool]:
-        groups: dict[str, list[int]] = {}
-        for position, task in enumerate(tasks):
-            groups.setdefault(task.profile, []).append(position)
         given = [False] * len(tasks)
-        for profile, positions in groups.items():
+        for profile, positions in _positions_by_profile(tasks).items():
             held = [value for p in positions for value in (tasks[p].identifier, tasks[p].attempts)]
             for position, result in zip(positions, self._call(profile, "give_back", now=repr(now), held=held) or ()):
                 given[position] = bool(result)
@@ -4208,12 +4221,13 @@ class SQLiteQueue(Queue):
         """Promote due delayed tasks, then claim up to ``count`` of the oldest ready ones, the limits allowing
         (inside the caller's transaction)."""
         self._promote(connection, profile, now)
-        if count > 1 and connection.execute("SELECT 1 FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone():
+        limits = connection.execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
+        if limits is not None:
             count = 1  # a limit counts tasks as they start, and a task claimed ahead starts later
         claimed: list[Task] = []
         claim = {"profile": profile, "now": now, "worker": worker, "lease": lease}
         while len(claimed) < count:
-            counting = self._limited(connection, profile, now)
+            counting = limits is not None and self._limited(connection, limits, now)
             if counting is None:
                 break
             row = connection.execute(_SQLITE_CLAIM, claim).fetchone()
@@ -4236,11 +4250,10 @@ class SQLiteQueue(Queue):
         self._settle(connection, row["identifier"], Status.FAILED, now)
         return True
 
-    def _limited(self, connection: sqlite3.Connection, profile: str, now: float) -> bool | None:
-        """None if the profile's limits hold every task back now, else whether its starts are counted (a rate)."""
-        limits = connection.execute("SELECT * FROM jobqueue_limits WHERE profile = ?", (profile,)).fetchone()
-        if limits is None:
-            return False
+    @staticmethod
+    def _limited(connection: sqlite3.Connection, limits: dict, now: float) -> bool | None:
+        """None if the profile's limits (its row) hold every task back now, else whether its starts are counted."""
+        profile = limits["profile"]
         if limits["concurrency"] is not None and connection.execute(
                 "SELECT COUNT(*) AS n FROM jobqueue_tasks WHERE profile = ? AND status_rank = 1",
                 (profile,)).fetchone()["n"] >= limits["concurrency"]:
@@ -4818,16 +4831,21 @@ class _JobAbandoned(BaseException):
     """The worker stops at once (a second interrupt): the task in hand goes back to the queue."""
 
 
-_CHILD_BOOT = """\
-import importlib, importlib.util, json, sys
-name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-if name in ("__main__", "jobqueue"):  # by its path: the very file the worker runs, whatever sys.path finds
+# The start of a Python process that loads this very file (by its path, whatever sys.path would find) as
+# the module jobqueue, answering to every name a job may import it by.
+_LOAD_BY_PATH = """\
+import importlib, importlib.util, json, os, sys
+def load(path):
     spec = importlib.util.spec_from_file_location("jobqueue", path)
     module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module._answer_to_import_names()
-else:
-    module = importlib.import_module(name)
+    return module
+"""
+
+_CHILD_BOOT = _LOAD_BY_PATH + """\
+name, path, sys.path[:], level = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+module = load(path) if name in ("__main__", "jobqueue") else importlib.import_module(name)
 module._serve_isolated(level, int(sys.argv[5]))
 """
 
@@ -7614,17 +7632,12 @@ def _answer_to_import_names() -> None:
 
 
 # Runs this file as a module named jobqueue: argv[1] is its path, the rest the command line.
-_IMPORTED_BOOT = """\
-import importlib.util, os, sys
+_IMPORTED_BOOT = _LOAD_BY_PATH + """\
 path = sys.argv.pop(1)
 sys.argv[0] = path
 if sys.path and sys.path[0] == "":  # a script's folder comes first, as it did (unless -I or -P said not)
     sys.path[0] = os.path.dirname(path)
-spec = importlib.util.spec_from_file_location("jobqueue", path)
-module = sys.modules["jobqueue"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module._answer_to_import_names()
-sys.exit(module.main())
+sys.exit(load(path).main())
 """
 
 
